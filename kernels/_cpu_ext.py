@@ -1,0 +1,68 @@
+"""Build (once, cached) and load the compiled CPU selective-scan extension.
+
+The C++ source is JIT-compiled with torch's cpp_extension on first use and cached under
+``$MEDMAMBA_EXT_DIR`` (default ``~/.cache/medmamba/ext``). The cache key covers the source, the
+torch version and the host CPU's instruction-set flags, because the code is built for
+``-march=native``. If the build fails (no compiler, no ninja), :func:`load` returns ``None`` and
+:func:`load_error` says why; callers fall back to the vectorised PyTorch path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_name() -> str:
+    key = "|".join([_SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_signature()])
+    return "medmamba_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def load() -> ModuleType | None:
+    """The compiled extension, building it on first call; None if it cannot be built."""
+    with _lock:
+        if "module" not in _state:
+            try:
+                from torch.utils.cpp_extension import load as build
+
+                build_dir = Path(os.environ.get("MEDMAMBA_EXT_DIR", Path.home() / ".cache/medmamba/ext"))
+                name = _build_name()
+                (build_dir / name).mkdir(parents=True, exist_ok=True)
+                _state["module"] = build(
+                    name=name,
+                    sources=[str(_SOURCE)],
+                    extra_cflags=_FLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir / name),
+                    verbose=False,
+                )
+            except Exception as exc:  # a compiler, ninja or the headers are missing
+                _state["module"] = None
+                _state["error"] = f"{type(exc).__name__}: {exc}".strip()[:500]
+        return _state["module"]  # type: ignore[return-value]
+
+
+def load_error() -> str | None:
+    """Why the extension could not be built (None if it was, or was never tried)."""
+    return _state.get("error")  # type: ignore[return-value]

@@ -1,0 +1,27 @@
+"""SS2D's four scan directions: row-major, column-major, and both reversed."""
+from __future__ import annotations
+
+from torch import Tensor
+import torch
+
+
+def cross_scan(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 4, C, H*W): row-major, column-major, row-major flipped, column-major flipped."""
+    if x.dim() != 4:
+        raise ValueError(f"cross_scan: x has shape {tuple(x.shape)}, expected (batch, channels, H, W)")
+    rows = x.flatten(2)
+    cols = x.transpose(2, 3).flatten(2)
+    both = torch.stack([rows, cols], dim=1)
+    return torch.cat([both, both.flip(-1)], dim=1)
+
+
+def cross_merge(y: Tensor, H: int, W: int) -> Tensor:
+    """(B, 4, C, H*W) -> (B, C, H*W): map each direction back to row-major order and sum them."""
+    if y.dim() != 4 or y.shape[1] != 4 or y.shape[3] != H * W:
+        raise ValueError(
+            f"cross_merge: y has shape {tuple(y.shape)}, expected (batch, 4, channels, {H * W}) for H={H}, W={W}"
+        )
+    batch, _, channels, L = y.shape
+    rows = y[:, 0] + y[:, 2].flip(-1)
+    cols = (y[:, 1] + y[:, 3].flip(-1)).view(batch, channels, W, H).transpose(2, 3).reshape(batch, channels, L)
+    return rows + cols

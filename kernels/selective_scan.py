@@ -1,0 +1,202 @@
+"""Selective scan (Mamba's S6) with mamba-ssm's API, dispatched to the fastest available path.
+
+Backends:
+- ``"mamba"``: mamba-ssm's CUDA kernel (CUDA tensors, ``pip install medmamba[gpu]``).
+- ``"cpu"``: our compiled C++ kernel (CPU tensors; JIT-built on first use, see ``_cpu_ext``).
+- ``"torch"``: a chunked, vectorised PyTorch formulation that runs on any device; used on a GPU
+  without mamba-ssm and on a CPU where the extension cannot be built.
+- ``"ref"``: the per-step reference (tests and benchmarks only; never chosen automatically).
+
+``"auto"`` picks mamba on CUDA when importable, the compiled kernel on CPU, and otherwise
+``"torch"`` with a one-time warning that names why.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from . import _cpu_ext
+from .reference import selective_scan_ref
+from .validation import check_scan_inputs, compute_dtype
+
+BACKENDS = ("auto", "mamba", "cpu", "torch", "ref")
+CPU_CHUNK = 64  # steps between saved states in the compiled kernel's forward
+TORCH_CHUNK = 8  # steps per block of the chunked PyTorch path (cost grows with it; 8 measured best)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=1)
+def _mamba_scan():
+    """mamba-ssm's selective_scan_fn, or None when mamba-ssm (or its CUDA build) is missing."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:
+        return None
+    return selective_scan_fn
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    """The backend that ``selective_scan_fn`` uses for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {backend!r}, expected one of {BACKENDS}")
+    if backend == "mamba":
+        if device.type != "cuda":
+            raise ValueError(f"selective_scan: backend 'mamba' needs CUDA tensors, got {device}")
+        if _mamba_scan() is None:
+            raise RuntimeError("selective_scan: mamba-ssm is not importable; install medmamba[gpu]")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"selective_scan: backend 'cpu' needs CPU tensors, got {device}")
+        if _cpu_ext.load() is None:
+            raise RuntimeError(f"selective_scan: the CPU kernel could not be built: {_cpu_ext.load_error()}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if _mamba_scan() is not None:
+            return "mamba"
+        _warn_once("cuda", "selective_scan: mamba-ssm is not installed (pip install medmamba[gpu]); "
+                   "CUDA tensors use the slower chunked PyTorch scan")
+        return "torch"
+    if device.type == "cpu":
+        if _cpu_ext.load() is not None:
+            return "cpu"
+        _warn_once("cpu", "selective_scan: the compiled CPU kernel could not be built "
+                   f"({_cpu_ext.load_error()}); using the slower chunked PyTorch scan")
+    return "torch"
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """y = selective_scan(u, delta, A, B, C) with mamba-ssm's semantics and shapes.
+
+    u, delta, z: (batch, D, L); A: (D, N); B, C: (D, N), (batch, N, L) or (batch, G, N, L) with
+    D divisible by G; D, delta_bias: (D,). Computes ``x_l = exp(dt_l A) x_{l-1} + dt_l B_l u_l``,
+    ``y_l = C_l x_l + D u_l``, times ``silu(z_l)`` when z is given, where ``dt = delta +
+    delta_bias`` (softplus'd if ``delta_softplus``). Returns y (batch, D, L) in u's dtype (computed
+    in fp32 for half inputs, fp64 for fp64) and, with ``return_last_state``, the final state
+    (batch, D, N) in the compute dtype. Differentiable in every tensor argument except through the
+    last state.
+    """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(u.device, backend)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "mamba":
+        return _mamba_scan()(*args)
+    if name == "ref":
+        return selective_scan_ref(*args)
+    # Our paths run the bare recurrence; the elementwise parts are vectorised torch ops around it.
+    ct = compute_dtype(u)
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    core = _CpuScan.apply if name == "cpu" else _chunked_scan
+    y, last = core(u.to(ct), dt, A.to(ct), B.to(ct), C.to(ct))
+    if D is not None:
+        y = y + u.to(ct) * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(u.dtype)
+    return (y, last) if return_last_state else y
+
+
+# ------------------------------------------------------------------------- compiled CPU kernel
+def _kernel_layout(M: Tensor) -> Tensor:
+    """B or C as the kernel reads them: fixed (D, N), variable (batch, G, L, N)."""
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    if M.dim() == 4:
+        M = M.transpose(-1, -2)
+    return M.contiguous()
+
+
+def _from_kernel_layout(dM: Tensor, ndim: int) -> Tensor:
+    """A gradient in the kernel layout back to the layout of a B or C with ``ndim`` dims."""
+    if ndim >= 3:
+        dM = dM.transpose(-1, -2)
+    return dM.squeeze(1) if ndim == 3 else dM
+
+
+class _CpuScan(torch.autograd.Function):
+    """The compiled recurrence y_l = C_l x_l, x_l = exp(dt_l A) x_{l-1} + dt_l B_l u_l."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        tensors = (u.contiguous(), dt.contiguous(), A.contiguous(), _kernel_layout(B), _kernel_layout(C))
+        save = any(ctx.needs_input_grad)
+        y, last, ckpt = _cpu_ext.load().fwd(*tensors, CPU_CHUNK, save)
+        ctx.mark_non_differentiable(last)
+        if save:
+            ctx.save_for_backward(*tensors, ckpt)
+            ctx.ndims = (B.dim(), C.dim())
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        *tensors, ckpt = ctx.saved_tensors
+        du, ddt, dA, dB, dC = _cpu_ext.load().bwd(*tensors, CPU_CHUNK, ckpt, dy.contiguous())
+        return du, ddt, dA, _from_kernel_layout(dB, ctx.ndims[0]), _from_kernel_layout(dC, ctx.ndims[1])
+
+
+# ------------------------------------------------------------------------- chunked PyTorch path
+def _expand_states(M: Tensor, batch: int, dim: int) -> Tensor:
+    """B or C of one chunk as (batch, D, k, N) views (fixed (D, N) broadcasts)."""
+    if M.dim() == 2:
+        return M[None, :, None, :]
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    g = M.shape[1]
+    M = M.transpose(-1, -2).unsqueeze(2)  # (batch, G, 1, k, N)
+    return M.expand(batch, g, dim // g, *M.shape[-2:]).reshape(batch, dim, *M.shape[-2:])
+
+
+def _chunk(x0: Tensor, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """Scan k steps at once: x_l = sum_{j<=l} exp(S_l - S_j) dt_j B_j u_j + exp(S_l) x0."""
+    batch, dim, k = u.shape
+    S = torch.cumsum(dt.unsqueeze(-1) * A[:, None, :], dim=2)  # (batch, D, k, N)
+    drive = (dt * u).unsqueeze(-1) * _expand_states(B, batch, dim)
+    causal = torch.ones(k, k, dtype=torch.bool, device=u.device).tril()[:, :, None]
+    decay = (S.unsqueeze(3) - S.unsqueeze(2)).masked_fill(~causal, float("-inf")).exp()
+    x = torch.einsum("bdljn,bdjn->bdln", decay, drive) + S.exp() * x0.unsqueeze(2)
+    y = (x * _expand_states(C, batch, dim)).sum(-1)
+    return y, x[:, :, -1]
+
+
+def _chunked_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """The recurrence in blocks of TORCH_CHUNK steps; backward recomputes one block at a time."""
+    x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for l0 in range(0, u.shape[-1], TORCH_CHUNK):
+        steps = slice(l0, l0 + TORCH_CHUNK)
+        Bc = B if B.dim() == 2 else B[..., steps]
+        Cc = C if C.dim() == 2 else C[..., steps]
+        chunk_args = (x, dt[..., steps], u[..., steps], A, Bc, Cc)
+        if torch.is_grad_enabled():  # keep only block inputs for backward, not the decay tensors
+            y, x = checkpoint(_chunk, *chunk_args, use_reentrant=False)
+        else:
+            y, x = _chunk(*chunk_args)
+        ys.append(y)
+    return torch.cat(ys, dim=-1), x.detach()

@@ -1,0 +1,71 @@
+"""Shape, dtype and device checks shared by every selective-scan backend."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(u: Tensor) -> torch.dtype:
+    """fp64 inputs are scanned in fp64, everything else in fp32."""
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _fail(name: str, t: Tensor, expected: str) -> None:
+    raise ValueError(f"selective_scan: {name} has shape {tuple(t.shape)}, expected {expected}")
+
+
+def check_scan_inputs(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> None:
+    """Raise ValueError naming the first argument whose type, shape, dtype or device is wrong."""
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(
+                f"selective_scan: {name} has dtype {t.dtype} (shape {tuple(t.shape)}), "
+                "expected float16, bfloat16, float32 or float64 (complex A is not supported)"
+            )
+        if t.device != u.device:
+            raise ValueError(
+                f"selective_scan: {name} is on {t.device} (shape {tuple(t.shape)}), expected {u.device} like u"
+            )
+    if u.dim() != 3:
+        _fail("u", u, "(batch, dim, seqlen)")
+    batch, dim, L = u.shape
+    if L == 0:
+        _fail("u", u, "a sequence length of at least 1")
+    if delta.shape != u.shape:
+        _fail("delta", delta, f"{tuple(u.shape)} like u")
+    if A.dim() != 2 or A.shape[0] != dim:
+        _fail("A", A, f"({dim}, d_state)")
+    N = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        if M.dim() == 2 and M.shape != (dim, N):
+            _fail(name, M, f"({dim}, {N}) for a fixed {name}")
+        elif M.dim() == 3 and M.shape != (batch, N, L):
+            _fail(name, M, f"({batch}, {N}, {L}) = (batch, d_state, seqlen)")
+        elif M.dim() == 4:
+            if M.shape[0] != batch or M.shape[2:] != (N, L):
+                _fail(name, M, f"({batch}, groups, {N}, {L}) = (batch, groups, d_state, seqlen)")
+            if M.shape[1] == 0 or dim % M.shape[1]:
+                _fail(name, M, f"a number of groups that divides dim={dim}, got {M.shape[1]}")
+        elif M.dim() not in (2, 3, 4):
+            _fail(name, M, f"({dim}, {N}), ({batch}, {N}, {L}) or ({batch}, groups, {N}, {L})")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            _fail(name, t, f"({dim},)")
+    if z is not None and z.shape != u.shape:
+        _fail("z", z, f"{tuple(u.shape)} like u")
