@@ -106,31 +106,21 @@ def selective_scan_fn(
         return _mamba_scan()(*args)
     if name == "ref":
         return selective_scan_ref(*args)
-    # Our paths run the bare recurrence; the elementwise parts are vectorised torch ops around it.
-    ct = compute_dtype(u)
-    dt = delta.to(ct)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    core = _CpuScan.apply if name == "cpu" else _chunked_scan
-    y, last = core(u.to(ct), dt, A.to(ct), B.to(ct), C.to(ct))
-    if D is not None:
-        y = y + u.to(ct) * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(u.dtype)
-    return (y, last) if return_last_state else y
+    if name == "cpu":
+        out, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    else:
+        out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------- compiled CPU kernel
-def _kernel_layout(M: Tensor) -> Tensor:
+def _kernel_layout(M: Tensor, dtype: torch.dtype) -> Tensor:
     """B or C as the kernel reads them: fixed (D, N), variable (batch, G, L, N)."""
     if M.dim() == 3:
         M = M.unsqueeze(1)
     if M.dim() == 4:
         M = M.transpose(-1, -2)
-    return M.contiguous()
+    return M.to(dtype).contiguous()
 
 
 def _from_kernel_layout(dM: Tensor, ndim: int) -> Tensor:
@@ -141,24 +131,32 @@ def _from_kernel_layout(dM: Tensor, ndim: int) -> Tensor:
 
 
 class _CpuScan(torch.autograd.Function):
-    """The compiled recurrence y_l = C_l x_l, x_l = exp(dt_l A) x_{l-1} + dt_l B_l u_l."""
+    """The compiled kernel: the whole scan (bias, softplus, D skip and z gate included)."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C):
-        tensors = (u.contiguous(), dt.contiguous(), A.contiguous(), _kernel_layout(B), _kernel_layout(C))
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        ct = compute_dtype(u)
+        prep = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+        tensors = (prep(u), prep(delta), prep(A), _kernel_layout(B, ct), _kernel_layout(C, ct),
+                   prep(D), prep(z), prep(delta_bias))
         save = any(ctx.needs_input_grad)
-        y, last, ckpt = _cpu_ext.load().fwd(*tensors, CPU_CHUNK, save)
+        out, last, ckpt = _cpu_ext.load().fwd(*tensors, delta_softplus, CPU_CHUNK, save)
         ctx.mark_non_differentiable(last)
         if save:
             ctx.save_for_backward(*tensors, ckpt)
-            ctx.ndims = (B.dim(), C.dim())
-        return y, last
+            ctx.softplus = delta_softplus
+            ctx.meta = [None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias)]
+        return out.to(u.dtype), last
 
     @staticmethod
-    def backward(ctx, dy, _dlast):
+    def backward(ctx, dout, _dlast):
         *tensors, ckpt = ctx.saved_tensors
-        du, ddt, dA, dB, dC = _cpu_ext.load().bwd(*tensors, CPU_CHUNK, ckpt, dy.contiguous())
-        return du, ddt, dA, _from_kernel_layout(dB, ctx.ndims[0]), _from_kernel_layout(dC, ctx.ndims[1])
+        grads = list(_cpu_ext.load().bwd(*tensors, ctx.softplus, CPU_CHUNK, ckpt,
+                                         dout.to(tensors[0].dtype).contiguous()))
+        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+        grads = (du, ddelta, dA, _from_kernel_layout(dB, ctx.meta[3][1]),
+                 _from_kernel_layout(dC, ctx.meta[4][1]), dD, dz, dbias)
+        return (*(None if m is None else g.to(m[0]) for g, m in zip(grads, ctx.meta)), None)
 
 
 # ------------------------------------------------------------------------- chunked PyTorch path
@@ -185,18 +183,30 @@ def _chunk(x0: Tensor, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -
     return y, x[:, :, -1]
 
 
-def _chunked_scan(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """The recurrence in blocks of TORCH_CHUNK steps; backward recomputes one block at a time."""
-    x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
+    """The scan in blocks of TORCH_CHUNK steps; backward recomputes one block at a time."""
+    ct = compute_dtype(u)
+    dt = delta.to(ct)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    uc, A, B, C = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
+    x = uc.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for l0 in range(0, u.shape[-1], TORCH_CHUNK):
         steps = slice(l0, l0 + TORCH_CHUNK)
         Bc = B if B.dim() == 2 else B[..., steps]
         Cc = C if C.dim() == 2 else C[..., steps]
-        chunk_args = (x, dt[..., steps], u[..., steps], A, Bc, Cc)
+        chunk_args = (x, dt[..., steps], uc[..., steps], A, Bc, Cc)
         if torch.is_grad_enabled():  # keep only block inputs for backward, not the decay tensors
             y, x = checkpoint(_chunk, *chunk_args, use_reentrant=False)
         else:
             y, x = _chunk(*chunk_args)
         ys.append(y)
-    return torch.cat(ys, dim=-1), x.detach()
+    out = torch.cat(ys, dim=-1)
+    if D is not None:
+        out = out + uc * D.to(ct)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    return out.to(u.dtype), x.detach()

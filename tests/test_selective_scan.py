@@ -54,6 +54,19 @@ def test_every_option_combination(flags):
             assert rel_err(g, w) <= 1e-10
 
 
+@pytest.mark.parametrize("layout_b,layout_c", [("g2", "fixed"), ("fixed", "g4"), ("g4", "var"), ("var", "g2")])
+def test_mixed_b_and_c_layouts(layout_b, layout_c):
+    # B and C may have different layouts and group counts: forward tiles must respect both.
+    inputs = make_inputs(2, 24, 5, 70, layout_b, torch.float64)
+    inputs["C"] = make_inputs(2, 24, 5, 70, layout_c, torch.float64, seed=1)["C"]
+    got = _grads(selective_scan_fn, inputs, softplus=True)
+    want = _grads(selective_scan_ref, inputs, softplus=True)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-10, name
+    out = selective_scan_fn(**inputs, delta_softplus=True)
+    assert rel_err(out, selective_scan_ref(**inputs, delta_softplus=True)) <= 1e-10
+
+
 GRAD_SHAPES = list(itertools.product([1, 3], [4, 64], [1, 16], [1, 64, 513], ["fixed", "var", "g2"]))
 # The compiled kernel on the whole grid, the chunked PyTorch path (fallback and GPU) on a third.
 GRAD_CASES = [(i, "cpu") for i in range(len(GRAD_SHAPES))] + [(i, "torch") for i in range(0, len(GRAD_SHAPES), 3)]
