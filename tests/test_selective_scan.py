@@ -173,3 +173,15 @@ def test_forced_backends_that_cannot_run_here_say_why():
         selective_scan_fn(**inputs, backend="mamba")
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         selective_scan_fn(**inputs, backend="triton")
+
+
+def test_non_contiguous_inputs_and_large_state():
+    # Views (transposed u, sliced B) and N = 64 (larger than one SIMD vector) scan like contiguous copies.
+    inputs = make_inputs(2, 20, 64, 33, "g2", torch.float64)
+    inputs["u"] = inputs["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    inputs["B"] = torch.cat([inputs["B"], inputs["B"]], dim=-1)[..., ::2]
+    assert not inputs["u"].is_contiguous() and not inputs["B"].is_contiguous()
+    got = _grads(selective_scan_fn, inputs, softplus=True)
+    want = _grads(selective_scan_ref, inputs, softplus=True)
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-10, name

@@ -4,12 +4,12 @@
 //   x_l  = exp(dt_l A) x_{l-1} + dt_l B_l u_l  (state of N values per channel)
 //   y_l  = (C_l x_l + D u_l) * silu(z_l)       (D and z optional)
 //
-// One (batch, channel) row is scanned at a time with its N-value state in a small buffer that
-// stays in L1 cache; loops over N and the elementwise passes over a row are vectorised
-// (`omp simd`, with exp/log1p written so that GCC vectorises them); rows are spread over torch's
-// intra-op threads with at::parallel_for. Forward never forms a (B, D, L, N) tensor. When
-// gradients are needed, the forward saves the state at the start of every chunk of K steps; the
-// backward recomputes one chunk's states at a time and runs the adjoint recurrence in reverse.
+// Channels are scanned in tiles of W = 16, one channel per SIMD lane (`omp simd` loops; exp,
+// 2^x and log1p are written so that GCC vectorises them), with the tile's N x W states in a
+// small buffer that stays in cache. Tiles are spread over torch's intra-op threads with
+// at::parallel_for. Forward never forms a (B, D, L, N) tensor. When gradients are needed, the
+// forward saves the state at the start of every chunk of K steps; the backward recomputes one
+// chunk's states at a time and runs the adjoint recurrence in reverse.
 //
 // Layouts (all contiguous, one scalar type T = float or double, prepared by the Python side):
 //   u, delta, z, out       (Bt, D, L)
@@ -128,15 +128,6 @@ RowView<T> row_of(const T* m, bool variable, int64_t groups, const Shape& s, int
 template <typename T> struct Inputs {
   const T *u, *delta, *A, *B, *C, *Dskip, *z, *bias;
 };
-
-// dt of a whole row: delta + bias, softplus'd if asked.
-template <typename T> void row_dt(const Shape& s, const T* delta, T bias, T* dt) {
-#pragma omp simd
-  for (int64_t l = 0; l < s.len; ++l) {
-    const T v = delta[l] + bias;
-    dt[l] = s.softplus ? softplus_v(v) : v;
-  }
-}
 
 // ---------------------------------------------------------------- forward
 // The forward scans W channels of one batch element at once, one channel per SIMD lane, so the
