@@ -1,0 +1,60 @@
+"""Model registry: ``create_model("medmamba_t", num_classes=2, checkpoint=path)``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .model import VARIANTS, MedMamba, checkpoint_filter_fn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``create_model(name, **kwargs)`` call ``factory(**kwargs)``."""
+    _REGISTRY[name] = factory
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """A state dict from a checkpoint file: a bare state dict, or a dict holding one under
+    ``state_dict`` or ``model`` (our training checkpoints); published names are converted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state dict (expected tensors by name, or one under 'model'/'state_dict')")
+    return checkpoint_filter_fn(obj)
+
+
+def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
+    """Build a registered model; with ``checkpoint``, load its weights (ours or the published format)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if checkpoint is not None:
+        state = load_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {checkpoint} does not fit {name} with num_classes={num_classes}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    return model
+
+
+for _name, _cfg in VARIANTS.items():
+    register_model(_name, lambda _cfg=_cfg, **kw: MedMamba(**{**_cfg, **kw}))
