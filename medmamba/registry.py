@@ -45,14 +45,16 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | No
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     if checkpoint is not None:
-        state = load_state_dict(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit {name} with num_classes={num_classes}: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
+        state, own = load_state_dict(checkpoint), model.state_dict()
+        problems = [f"missing {k}" for k in own if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in own]
+        problems += [f"{k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}"
+                     for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"checkpoint {checkpoint} does not fit {name} with num_classes={num_classes}: "
+                             + "; ".join(problems[:5]) + more)
+        model.load_state_dict(state, strict=True)
     return model
 
 
