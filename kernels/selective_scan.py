@@ -3,8 +3,9 @@
 Backends:
 - ``"mamba"``: mamba-ssm's CUDA kernel (CUDA tensors, ``pip install medmamba[gpu]``).
 - ``"cpu"``: our compiled C++ kernel (CPU tensors; JIT-built on first use, see ``_cpu_ext``).
-- ``"torch"``: a chunked, vectorised PyTorch formulation that runs on any device; used on a GPU
-  without mamba-ssm and on a CPU where the extension cannot be built.
+- ``"torch"``: a chunked, vectorised PyTorch formulation that runs on any device, with a
+  backward that recomputes one chunk at a time; used on a GPU without mamba-ssm and on a CPU
+  where the extension cannot be built.
 - ``"ref"``: the per-step reference (tests and benchmarks only; never chosen automatically).
 
 ``"auto"`` picks mamba on CUDA when importable, the compiled kernel on CPU, and otherwise
@@ -18,7 +19,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from . import _cpu_ext
 from .reference import selective_scan_ref
@@ -180,33 +180,67 @@ def _chunk(x0: Tensor, dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -
     decay = (S.unsqueeze(3) - S.unsqueeze(2)).masked_fill(~causal, float("-inf")).exp()
     x = torch.einsum("bdljn,bdjn->bdln", decay, drive) + S.exp() * x0.unsqueeze(2)
     y = (x * _expand_states(C, batch, dim)).sum(-1)
-    return y, x[:, :, -1]
+    return y, x[:, :, -1].contiguous()  # a copy: a view would keep the whole block alive
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The bare recurrence in blocks of TORCH_CHUNK steps. Forward keeps only the state at each
+    block boundary; backward walks the blocks last to first, recomputing one block at a time."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        x = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        starts, ys = [], []
+        for steps in _blocks(u.shape[-1]):
+            starts.append(x)
+            y, x = _chunk(x, dt[..., steps], u[..., steps], A, _steps(B, steps), _steps(C, steps))
+            ys.append(y)
+        ctx.save_for_backward(u, dt, A, B, C, *starts)
+        ctx.mark_non_differentiable(x)
+        return torch.cat(ys, dim=-1), x
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        u, dt, A, B, C, *starts = ctx.saved_tensors
+        du, ddt = torch.empty_like(u), torch.empty_like(dt)
+        dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+        gx = torch.zeros_like(starts[0])  # dLoss/d(state after the block)
+        for x0, steps in reversed(list(zip(starts, _blocks(u.shape[-1])))):
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in
+                          (x0, dt[..., steps], u[..., steps], A, _steps(B, steps), _steps(C, steps))]
+                y, x = _chunk(*leaves)
+                gx, gdt, gu, gA, gB, gC = torch.autograd.grad((y, x), leaves, (dy[..., steps], gx))
+            ddt[..., steps], du[..., steps] = gdt, gu
+            dA += gA
+            for total, g, M in ((dB, gB, B), (dC, gC, C)):
+                if M.dim() == 2:
+                    total += g
+                else:
+                    total[..., steps] = g
+        return du, ddt, dA, dB, dC
+
+
+def _blocks(L: int) -> list[slice]:
+    return [slice(l0, min(L, l0 + TORCH_CHUNK)) for l0 in range(0, L, TORCH_CHUNK)]
+
+
+def _steps(M: Tensor, steps: slice) -> Tensor:
+    return M if M.dim() == 2 else M[..., steps]
 
 
 def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
-    """The scan in blocks of TORCH_CHUNK steps; backward recomputes one block at a time."""
+    """The scan on any device: elementwise parts in torch around the blocked recurrence."""
     ct = compute_dtype(u)
     dt = delta.to(ct)
     if delta_bias is not None:
         dt = dt + delta_bias.to(ct)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    uc, A, B, C = u.to(ct), A.to(ct), B.to(ct), C.to(ct)
-    x = uc.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for l0 in range(0, u.shape[-1], TORCH_CHUNK):
-        steps = slice(l0, l0 + TORCH_CHUNK)
-        Bc = B if B.dim() == 2 else B[..., steps]
-        Cc = C if C.dim() == 2 else C[..., steps]
-        chunk_args = (x, dt[..., steps], uc[..., steps], A, Bc, Cc)
-        if torch.is_grad_enabled():  # keep only block inputs for backward, not the decay tensors
-            y, x = checkpoint(_chunk, *chunk_args, use_reentrant=False)
-        else:
-            y, x = _chunk(*chunk_args)
-        ys.append(y)
-    out = torch.cat(ys, dim=-1)
+    uc = u.to(ct)
+    out, last = _ChunkedScan.apply(uc, dt, A.to(ct), B.to(ct), C.to(ct))
     if D is not None:
         out = out + uc * D.to(ct)[:, None]
     if z is not None:
         out = out * F.silu(z.to(ct))
-    return out.to(u.dtype), x.detach()
+    return out.to(u.dtype), last
