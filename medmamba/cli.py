@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import logging
+from pathlib import Path
+
+from .config import ConfigError, DataConfig, load_config
+from .data import DataError, build_datasets
 from .flops import complexity
 from .registry import create_model, list_models
 
@@ -19,6 +24,68 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracker(uri: str | None, experiment: str):
+    from .tracking import Tracker  # mlflow is slow to import; only runs that log need it
+
+    return Tracker(uri, experiment)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+
+    cfg = load_config(args.config, args.set)
+    if args.tracking_uri:
+        cfg.mlflow.tracking_uri = args.tracking_uri
+    tracker = None if args.no_mlflow else _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    data = build_datasets(cfg.data)
+    metrics = Trainer(cfg, data, args.output_dir, tracker=tracker).fit(resume=args.resume)
+    print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import evaluate, make_loader, resolve_device, write_metrics
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    data_cfg = DataConfig(**{**saved.get("data", {}), "augment": "none"})
+    data_cfg.name = args.dataset or data_cfg.name
+    data_cfg.root = args.data_root or data_cfg.root
+    data_cfg.size = args.size or data_cfg.size
+    data = build_datasets(data_cfg)
+    model_name = saved.get("model", {}).get("name", args.model)
+    model = create_model(model_name, num_classes=data.num_classes, checkpoint=args.checkpoint)
+    device = resolve_device(args.device)
+    loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
+    metrics = evaluate(model.to(device), loader, device, data.class_names)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    if not args.no_mlflow:
+        tracker = _tracker(args.tracking_uri, "medmamba-evaluate")
+        tracker.start(None, {"checkpoint": args.checkpoint, "dataset": data.name, "split": args.split},
+                      {"dataset_md5": data.checksum, "model": model_name})
+    write_metrics(metrics, out, tracker)
+    if tracker:
+        tracker.end()
+    print_metrics(metrics, f"{data.name} {args.split} split")
+    return 0
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"):
+        table.add_column(key)
+    table.add_row(*(f"{metrics[k]:.4f}" for k in ("accuracy", "precision", "sensitivity", "specificity", "f1",
+                                                   "auc", "loss")))
+    Console().print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmamba", description="MedMamba: models, training, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,12 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)
     info.set_defaults(func=_info)
+
+    train = sub.add_parser("train", help="train a model on one process (CPU or one GPU)")
+    train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); defaults when omitted")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--output-dir", type=Path, required=True)
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    train.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", help="MedMNIST flag or 'folder' (default: the checkpoint's)")
+    ev.add_argument("--data-root")
+    ev.add_argument("--size", type=int)
+    ev.add_argument("--model", default="medmamba_t", help="model name when the checkpoint has no config")
+    ev.add_argument("--split", choices=["train", "val", "test"], default="test")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output-dir", type=Path, required=True)
+    ev.add_argument("--tracking-uri")
+    ev.add_argument("--no-mlflow", action="store_true")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""Run configuration: YAML files with ``--set a.b=value`` overrides, checked against a schema.
+
+Every key has a default here; a YAML file and then the overrides replace them. Unknown keys and
+values of the wrong type are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "medmamba_t"
+    num_classes: int | None = None  # None: from the data
+    drop_path_rate: float = 0.1
+    d_state: int = 16
+
+
+@dataclass
+class DataConfig:
+    name: str = "pneumoniamnist"  # a MedMNIST 2D flag, or "folder"
+    root: str | None = None  # MedMNIST: default ~/.medmnist; folder: required
+    size: int = 28  # image side in pixels (MedMNIST: 28, 64, 128 or 224)
+    seed: int = 0  # for the folder split and k-fold
+    download: bool = True  # MedMNIST: download a missing file
+    allow_md5_mismatch: bool = False  # MedMNIST: accept a local file whose MD5 differs
+    split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])  # folder: train/val/test
+    num_folds: int = 5  # folder: k for k-fold cross-validation
+    fold: int | None = None  # folder: which fold is the test set (None: no k-fold)
+    skip_corrupt: bool = False  # folder: skip unreadable images (logged) instead of failing
+    augment: str = "none"  # "none" (the paper's setting) or "autoaugment" (MedMamba-X)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 128
+    seed: int = 0
+    deterministic: bool = False
+    monitor: str = "auc"  # validation metric for the best checkpoint and early stopping
+    early_stopping_patience: int | None = None  # epochs without improvement; None: off
+    amp: bool = True  # mixed precision, CUDA only
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adam, adamw or sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class SchedConfig:
+    milestones: list[int] = field(default_factory=lambda: [50, 75])  # MultiStepLR, in epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
+    experiment: str = "medmamba"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{"optim.lr": 0.001, ...}: every key with its value, for logging as params."""
+        return {f"{section}.{key}": value for section, keys in self.to_dict().items() for key, value in keys.items()}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """value if it fits annotation (ints are accepted for floats), else ConfigError naming key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"config key {key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections or not name:
+        raise ConfigError(f"unknown config key {key!r}; sections: {', '.join(sections)}")
+    target = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if name not in fields:
+        raise ConfigError(f"unknown config key {key!r}; {section} has: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(target))
+    setattr(target, name, _check_type(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); values are read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from exc
+    if isinstance(value, str):  # YAML reads 1e-3 as a string; numbers are numbers here
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ('a.b=value')."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, f"{section}.{key}", value)
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys and of allowed values."""
+    if cfg.optim.name not in ("adam", "adamw", "sgd"):
+        raise ConfigError(f"config key optim.name: expected adam, adamw or sgd, got {cfg.optim.name!r}")
+    if cfg.train.monitor not in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"):
+        raise ConfigError(f"config key train.monitor: expected a metric name, got {cfg.train.monitor!r}")
+    if cfg.data.augment not in ("none", "autoaugment"):
+        raise ConfigError(f"config key data.augment: expected none or autoaugment, got {cfg.data.augment!r}")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"config key optim.lr: must be > 0, got {cfg.optim.lr}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("config keys train.epochs and train.batch_size must be >= 1")
+    if len(cfg.data.split_ratios) != 3 or abs(sum(cfg.data.split_ratios) - 1) > 1e-6 or min(cfg.data.split_ratios) < 0:
+        raise ConfigError(f"config key data.split_ratios: three non-negative ratios summing to 1, got {cfg.data.split_ratios}")
+    if cfg.data.fold is not None and not 0 <= cfg.data.fold < cfg.data.num_folds:
+        raise ConfigError(f"config key data.fold: must be in [0, {cfg.data.num_folds}), got {cfg.data.fold}")
+    if sorted(cfg.sched.milestones) != cfg.sched.milestones:
+        raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

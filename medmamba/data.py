@@ -1,0 +1,219 @@
+"""Datasets: MedMNIST 2D through ``medmnist``, and image folders with splits and k-fold.
+
+``build_datasets(cfg.data)`` returns train/val/test datasets of (image tensor, int label) with
+the same transforms for both sources: RGB (grayscale repeated to 3 channels), resize to
+``data.size``, normalise to [-1, 1]; AutoAugment on the training split when asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import medmnist
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+               "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as configured (missing, corrupt, unknown, wrong shape)."""
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    class_names: list[str]
+    name: str
+    checksum: str  # MD5 of the MedMNIST file, or of the folder's sorted file list
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def image_transform(size: int, augment: str = "none") -> transforms.Compose:
+    steps = [transforms.Lambda(lambda im: im.convert("RGB")), transforms.Resize((size, size))]
+    if augment == "autoaugment":
+        steps.append(transforms.AutoAugment())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    return transforms.Compose(steps)
+
+
+def build_datasets(cfg: DataConfig) -> Datasets:
+    """The configured dataset's train, val and test splits."""
+    if cfg.name == "folder":
+        return _folder_datasets(cfg)
+    if cfg.name in MEDMNIST_2D:
+        return _medmnist_datasets(cfg)
+    known = ", ".join(MEDMNIST_2D)
+    raise DataError(f"unknown dataset {cfg.name!r}: expected 'folder' or a MedMNIST 2D flag ({known})")
+
+
+# ------------------------------------------------------------------------------------ MedMNIST
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def medmnist_file(flag: str, size: int, root: Path) -> tuple[Path, str, str]:
+    """(local path, expected MD5, download URL) of a MedMNIST file."""
+    info = medmnist.INFO[flag]
+    suffix = "" if size == 28 else f"_{size}"
+    return root / f"{flag}{suffix}.npz", info[f"MD5{suffix}"], info[f"url{suffix}"]
+
+
+def _label(target) -> int:
+    return int(np.asarray(target).ravel()[0])
+
+
+def _medmnist_datasets(cfg: DataConfig) -> Datasets:
+    flag, info = cfg.name, medmnist.INFO[cfg.name]
+    if info["task"] == "multi-label, binary-class":
+        raise DataError(f"{flag} is multi-label; single-label classification only (ChestMNIST is not supported)")
+    if cfg.size not in MEDMNIST_SIZES:
+        raise DataError(f"MedMNIST has sizes {MEDMNIST_SIZES}; data.size is {cfg.size}")
+    root = Path(cfg.root).expanduser() if cfg.root else Path.home() / ".medmnist"
+    path, md5, url = medmnist_file(flag, cfg.size, root)
+    if not path.is_file():
+        if not cfg.download:
+            raise DataError(f"{path} not found and data.download is false; get it from {url} (MD5 {md5})")
+        _download(flag, cfg.size, root, path, md5, url)
+    actual = md5sum(path)
+    if actual != md5:
+        if not cfg.allow_md5_mismatch:
+            raise DataError(f"{path} has MD5 {actual}, expected {md5} (medmnist.INFO); replace the file "
+                            "or set data.allow_md5_mismatch=true to use it anyway")
+        log.warning("%s has MD5 %s, expected %s: using it as data.allow_md5_mismatch is set", path, actual, md5)
+    # ordinal RetinaMNIST is treated as multi-class, like the paper
+    train_tf = image_transform(cfg.size, cfg.augment)
+    eval_tf = image_transform(cfg.size)
+    cls = getattr(medmnist, info["python_class"])
+    splits = {
+        s: cls(split=s, root=str(root), size=cfg.size, as_rgb=True, download=False,
+               transform=train_tf if s == "train" else eval_tf, target_transform=_label)
+        for s in SPLITS
+    }
+    names = [info["label"][str(i)] for i in range(len(info["label"]))]
+    return Datasets(**splits, class_names=names, name=flag, checksum=actual)
+
+
+def _download(flag: str, size: int, root: Path, path: Path, md5: str, url: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        getattr(medmnist, medmnist.INFO[flag]["python_class"])(split="train", root=str(root), size=size, download=True)
+    except Exception as exc:  # unreachable host, proxy, partial file
+        raise DataError(f"could not download {path.name} from {url} ({type(exc).__name__}: {exc}); "
+                        f"download it by hand and put it at {path} (MD5 {md5})") from exc
+    if not path.is_file():
+        raise DataError(f"download of {url} left no file at {path}; put it there by hand (MD5 {md5})")
+
+
+# ------------------------------------------------------------------------------------ folders
+class ImageFolderSplit(Dataset):
+    """Images from (path, label) pairs as (transformed image, label)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im), label
+
+
+def _scan_classes(root: Path) -> list[tuple[Path, str]]:
+    files = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return files
+
+
+def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path, str]]:
+    """Drop (skip=True, logged) or report (DataError listing them) images PIL cannot read."""
+    good, bad = [], []
+    for path, label in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            good.append((path, label))
+        except Exception as exc:
+            bad.append(f"{path} ({type(exc).__name__})")
+    if bad and not skip:
+        listed = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} unreadable images (set data.skip_corrupt=true to skip them):\n  {listed}")
+    for item in bad:
+        log.warning("skipping unreadable image %s", item)
+    return good
+
+
+def _folder_datasets(cfg: DataConfig) -> Datasets:
+    if not cfg.root:
+        raise DataError("data.root is required for data.name=folder")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    given = [s for s in SPLITS if (root / s).is_dir()]
+    if given and given != list(SPLITS):
+        raise DataError(f"{root} has split folders {given}; expected all of {list(SPLITS)} or none")
+    if given:
+        per_split = {s: _check_images(_scan_classes(root / s), cfg.skip_corrupt) for s in SPLITS}
+        classes = sorted({label for files in per_split.values() for _, label in files})
+    else:
+        files = _check_images(_scan_classes(root), cfg.skip_corrupt)
+        classes = sorted({label for _, label in files})
+        per_split = _split_files(files, cfg)
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folders with images; need at least 2 (root/<class>/*)")
+    for split, files in per_split.items():
+        if not files:
+            raise DataError(f"{root}: the {split} split is empty")
+        missing = set(classes) - {label for _, label in files}
+        if missing:
+            log.warning("%s split of %s has no images of %s", split, root, sorted(missing))
+    index = {c: i for i, c in enumerate(classes)}
+    listing = "\n".join(f"{p.relative_to(root)}\t{label}" for files in per_split.values() for p, label in files)
+    train_tf, eval_tf = image_transform(cfg.size, cfg.augment), image_transform(cfg.size)
+    splits = {
+        s: ImageFolderSplit([(p, index[label]) for p, label in files], train_tf if s == "train" else eval_tf)
+        for s, files in per_split.items()
+    }
+    return Datasets(**splits, class_names=classes, name=f"folder:{root.name}",
+                    checksum=hashlib.md5(listing.encode()).hexdigest())
+
+
+def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, list[tuple[Path, str]]]:
+    """Deterministic stratified train/val/test split (ratios), or fold ``cfg.fold`` of k as test."""
+    idx = np.arange(len(files))
+    labels = np.array([label for _, label in files])
+    train_r, val_r, test_r = cfg.split_ratios
+    if cfg.fold is not None:
+        folds = StratifiedKFold(n_splits=cfg.num_folds, shuffle=True, random_state=cfg.seed)
+        rest, test = list(folds.split(idx, labels))[cfg.fold]
+        rest, test = idx[rest], idx[test]
+    else:
+        rest, test = train_test_split(idx, test_size=test_r, stratify=labels, random_state=cfg.seed)
+    train, val = train_test_split(rest, test_size=val_r / (train_r + val_r), stratify=labels[rest],
+                                  random_state=cfg.seed)
+    return {name: [files[i] for i in sorted(part)] for name, part in (("train", train), ("val", val), ("test", test))}

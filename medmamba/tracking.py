@@ -1,0 +1,90 @@
+"""MLflow tracking through ``MlflowClient`` (no global active run, no environment changes).
+
+Default store: SQLite in the working directory (``sqlite:///mlruns.db``). A tracking server
+given by URI is checked before training starts, so an unreachable one fails in seconds.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless an http(s) tracking server answers its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise TrackingError(f"MLflow server {uri} answered {response.status} to /health")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}); start it or pass "
+                            "another --tracking-uri (default: sqlite:///mlruns.db)") from exc
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    """One MLflow run: params, per-epoch metrics, artifacts, final status. Resumable by run id."""
+
+    def __init__(self, uri: str | None, experiment: str):
+        self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id: str | None = None
+
+    def start(self, run_name: str | None, params: dict, tags: dict, run_id: str | None = None) -> str:
+        """Start a run, or continue ``run_id`` (after --resume) without re-logging its params."""
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={k: str(v) for k, v in tags.items()})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
+        """Log the scalar, finite entries of ``metrics`` (nested dicts and NaNs are skipped)."""
+        values = [Metric(prefix + k, float(v), 0, step or 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if values:
+            self.client.log_batch(self.run_id, metrics=values)
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)

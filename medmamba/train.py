@@ -1,0 +1,263 @@
+"""Training and evaluation: one loop serving the CLI, Ray Train workers and Flower clients.
+
+``train_one_epoch`` and ``evaluate`` are the building blocks; ``Trainer.fit`` runs the whole
+recipe of a config: epochs with MultiStepLR, validation each epoch, the best checkpoint by a
+validation metric, early stopping, a resumable ``last.pt``, the final test metrics of the best
+checkpoint in ``metrics.json``, and MLflow logging.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .config import Config, OptimConfig, SchedConfig, save_config
+from .data import Datasets
+from .flops import count_params
+from .metrics import classification_metrics
+from .registry import create_model
+from .tracking import Tracker, git_commit
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.name]
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig) -> torch.optim.lr_scheduler.MultiStepLR:
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                sampler=None) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, generator=generator, drop_last=False,
+                      persistent_workers=num_workers > 0)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, scaler: torch.amp.GradScaler | None = None, epoch: int = 0,
+                    progress: bool = True, proximal: tuple[float, list[torch.Tensor]] | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss.
+
+    ``proximal=(mu, reference_params)`` adds FedProx's (mu / 2) ||w - w_ref||^2 to the loss.
+    Raises FloatingPointError when the loss stops being finite.
+    """
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True)  # None: off without a TTY
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=scaler is not None):
+            loss = F.cross_entropy(model(x), y)
+        if proximal is not None:
+            mu, ref = proximal
+            loss = loss + mu / 2 * sum((p - r).pow(2).sum() for p, r in zip(model.parameters(), ref))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+                                     "lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, class probabilities, mean cross-entropy) over ``loader``."""
+    model.eval()
+    labels, probs, total = [], [], 0.0
+    for x, y in loader:
+        logits = model(x.to(device)).float()
+        total += F.cross_entropy(logits, y.to(device), reduction="sum").item()
+        labels.append(y.numpy())
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    y_all = np.concatenate(labels)
+    return y_all, np.concatenate(probs), total / max(len(y_all), 1)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, class_names: list[str]) -> dict:
+    """The paper's metrics of ``model`` on ``loader``."""
+    labels, probs, loss = predict(model, loader, device)
+    return classification_metrics(labels, probs, loss=loss, class_names=class_names)
+
+
+def _better(metric: str, new: float, best: float | None) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(new)
+    return new < best if metric == "loss" else new > best
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+
+
+class Trainer:
+    """Runs a config's recipe on ``data``, writing checkpoints and metrics under ``output_dir``."""
+
+    def __init__(self, cfg: Config, data: Datasets, output_dir: str | Path, tracker: Tracker | None = None,
+                 progress: bool = True):
+        self.cfg, self.data, self.tracker, self.progress = cfg, data, tracker, progress
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        num_classes = cfg.model.num_classes or data.num_classes
+        if num_classes != data.num_classes:
+            raise ValueError(f"model.num_classes is {num_classes} but {data.name} has {data.num_classes} classes")
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        self.model = create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                                  d_state=cfg.model.d_state).to(self.device)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = make_scheduler(self.optimizer, cfg.sched)
+        use_amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        t = cfg.train
+        self.loaders = {
+            "train": make_loader(data.train, t.batch_size, True, t.seed, cfg.data.num_workers),
+            "val": make_loader(data.val, t.batch_size, False, num_workers=cfg.data.num_workers),
+            "test": make_loader(data.test, t.batch_size, False, num_workers=cfg.data.num_workers),
+        }
+        self.epoch, self.best, self.best_epoch, self.history, self.run_id = 0, None, 0, [], None
+
+    def _checkpoint(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history,
+            "run_id": self.run_id, "config": self.cfg.to_dict(), "rng": torch.get_rng_state(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        self.history, self.run_id = state["history"], state["run_id"]
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from %s after epoch %d", path, self.epoch)
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train, keep the best checkpoint, and return the best checkpoint's test metrics."""
+        cfg, last = self.cfg, self.out / "last.pt"
+        if resume and last.is_file():
+            self._restore(last)
+        save_config(cfg, self.out / "config.yaml")
+        if self.tracker:
+            tags = {"git_commit": git_commit(), "dataset": self.data.name, "dataset_md5": self.data.checksum,
+                    "model": cfg.model.name, "parameters": count_params(self.model)}
+            self.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags, run_id=self.run_id)
+        try:
+            self._train_epochs(last)
+            metrics = self._test()
+        except KeyboardInterrupt:
+            if self.tracker:
+                self.tracker.end("KILLED")
+            raise
+        except Exception:
+            if self.tracker:
+                self.tracker.end("FAILED")
+            raise
+        if self.tracker:
+            self.tracker.end("FINISHED")
+        return metrics
+
+    def _train_epochs(self, last: Path) -> None:
+        cfg, monitor = self.cfg, self.cfg.train.monitor
+        patience = cfg.train.early_stopping_patience
+        while self.epoch < cfg.train.epochs:
+            if patience is not None and self.epoch - self.best_epoch >= patience:
+                log.info("early stopping: no better val %s for %d epochs", monitor, patience)
+                break
+            self.epoch += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            train_loss = train_one_epoch(self.model, self.loaders["train"], self.optimizer, self.device,
+                                         self.scaler, self.epoch, self.progress)
+            self.scheduler.step()
+            val = evaluate(self.model, self.loaders["val"], self.device, self.data.class_names)
+            row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss,
+                   **{f"val_{k}": v for k, v in val.items() if k in ("accuracy", "auc", "f1", "loss")}}
+            self.history.append(row)
+            improved = _better(monitor, val[monitor], self.best)
+            if improved:
+                self.best, self.best_epoch = val[monitor], self.epoch
+                _atomic_save({"model": self.model.state_dict(), "config": cfg.to_dict(),
+                              "class_names": self.data.class_names, "epoch": self.epoch, "val": val},
+                             self.out / "best.pt")
+            _atomic_save(self._checkpoint(), last)
+            if self.tracker:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
+            log.info("epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor,
+                     val[monitor], "  (best)" if improved else "")
+            if self.progress:
+                print(f"epoch {self.epoch:3d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
+                      f"val_acc {val['accuracy']:.4f}  val_auc {val['auc']:.4f}" + ("  *" if improved else ""))
+
+    def _test(self) -> dict:
+        best = self.out / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True)["model"])
+        metrics = evaluate(self.model, self.loaders["test"], self.device, self.data.class_names)
+        metrics["best_epoch"] = self.best_epoch
+        write_metrics(metrics, self.out, self.tracker, history=self.history)
+        return metrics
+
+
+def write_metrics(metrics: dict, out: Path, tracker: Tracker | None, history: list[dict] | None = None) -> None:
+    """metrics.json in ``out``, and to MLflow as test_* metrics with the file as an artifact."""
+    path = Path(out) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    if history is not None:
+        (Path(out) / "history.json").write_text(json.dumps(history, indent=2))
+    if tracker:
+        tracker.log_metrics(metrics, prefix="test_")
+        tracker.log_artifact(path)
+        for name in ("config.yaml", "history.json"):
+            if (Path(out) / name).is_file():
+                tracker.log_artifact(Path(out) / name)
