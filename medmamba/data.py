@@ -121,7 +121,8 @@ def _download(flag: str, size: int, root: Path, path: Path, md5: str, url: str) 
     try:
         getattr(medmnist, medmnist.INFO[flag]["python_class"])(split="train", root=str(root), size=size, download=True)
     except Exception as exc:  # unreachable host, proxy, partial file
-        raise DataError(f"could not download {path.name} from {url} ({type(exc).__name__}: {exc}); "
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(f"could not download {path.name} from {url} ({type(exc).__name__}: {reason}); "
                         f"download it by hand and put it at {path} (MD5 {md5})") from exc
     if not path.is_file():
         raise DataError(f"download of {url} left no file at {path}; put it there by hand (MD5 {md5})")
@@ -183,9 +184,10 @@ def _folder_datasets(cfg: DataConfig) -> Datasets:
     else:
         files = _check_images(_scan_classes(root), cfg.skip_corrupt)
         classes = sorted({label for _, label in files})
-        per_split = _split_files(files, cfg)
     if len(classes) < 2:
         raise DataError(f"{root}: found {len(classes)} class folders with images; need at least 2 (root/<class>/*)")
+    if not given:
+        per_split = _split_files(files, cfg)
     for split, files in per_split.items():
         if not files:
             raise DataError(f"{root}: the {split} split is empty")

@@ -1,0 +1,59 @@
+"""YAML configs with --set overrides: defaults, types, and errors that name the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medmamba.config import ConfigError, load_config, parse_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  name: sgd\n  lr: 0.01\nsched:\n  milestones: [3, 6]\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "train.epochs=7", "model.num_classes=4", "data.fold=null"])
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 7 and cfg.model.num_classes == 4 and cfg.data.fold is None
+    assert cfg.sched.milestones == [3, 6] and cfg.sched.gamma == 0.1  # untouched keys keep defaults
+    assert cfg.flat()["optim.lr"] == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'; optim has: name, lr"),
+    ("optimizer.lr=0.1", "unknown config key 'optimizer.lr'; sections: model, data"),
+    ("train.epochs=ten", "config key train.epochs: expected int, got 'ten'"),
+    ("sched.milestones=5", "config key sched.milestones: expected a list, got 5"),
+    ("sched.milestones=[5, 2]", "config key sched.milestones: must increase"),
+    ("optim.name=rmsprop", "config key optim.name: expected adam, adamw or sgd"),
+    ("train.monitor=kappa", "config key train.monitor: expected a metric name"),
+    ("data.split_ratios=[0.5, 0.5, 0.5]", "config key data.split_ratios"),
+    ("optim.lr", "override 'optim.lr' is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("optim: 3\n")
+    with pytest.raises(ConfigError, match="section 'optim' must be a mapping"):
+        load_config(bad)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("data.root=/a/b") == ("data.root", "/a/b")
+    assert parse_override("train.amp=false") == ("train.amp", False)
+    assert parse_override("sched.gamma=1e-2") == ("sched.gamma", 0.01)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)

@@ -1,0 +1,113 @@
+"""Datasets on the real files in ../shared/data: MedMNIST checks, folder splits, k-fold, bad input."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from medmamba.config import DataConfig
+from medmamba.data import DataError, build_datasets
+
+
+def test_breastmnist_official_splits(medmnist_root):
+    d = build_datasets(DataConfig(name="breastmnist", root=str(medmnist_root), size=28))
+    assert (len(d.train), len(d.val), len(d.test)) == (546, 78, 156)
+    assert d.class_names == ["malignant", "normal, benign"] and d.checksum == "750601b1f35ba3300ea97c75c52ff8f6"
+    image, label = d.train[0]
+    assert image.shape == (3, 28, 28) and image.dtype == torch.float32 and label in (0, 1)
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    assert torch.equal(image[0], image[1])  # grayscale repeated to 3 channels
+
+
+def test_resize_and_autoaugment(medmnist_root):
+    d = build_datasets(DataConfig(name="pneumoniamnist", root=str(medmnist_root), size=28, augment="autoaugment"))
+    assert d.train.transform is not d.test.transform
+    assert "AutoAugment" in repr(d.train.transform) and "AutoAugment" not in repr(d.test.transform)
+
+
+def test_md5_mismatch_and_override(medmnist_root, tmp_path):
+    data = dict(np.load(medmnist_root / "breastmnist.npz"))
+    data["train_labels"] = data["train_labels"].copy()
+    np.savez(tmp_path / "breastmnist.npz", **data)  # same content, different bytes
+    with pytest.raises(DataError, match=r"breastmnist.npz has MD5 [0-9a-f]{32}, expected 750601b1f35ba3300ea97c75c52ff8f6"):
+        build_datasets(DataConfig(name="breastmnist", root=str(tmp_path)))
+    d = build_datasets(DataConfig(name="breastmnist", root=str(tmp_path), allow_md5_mismatch=True))
+    assert len(d.train) == 546
+
+
+def test_missing_file_offline_names_file_md5_and_url(tmp_path):
+    with pytest.raises(DataError, match=r"breastmnist_64.npz not found.*zenodo.*MD5 [0-9a-f]{32}"):
+        build_datasets(DataConfig(name="breastmnist", root=str(tmp_path), size=64, download=False))
+
+
+def test_failed_download_says_where_to_put_the_file(tmp_path):
+    # The MedMNIST host is unreachable from these machines: the attempt must fail clearly.
+    with pytest.raises(DataError, match=r"could not download breastmnist.npz from .*put it at .*breastmnist.npz"):
+        build_datasets(DataConfig(name="breastmnist", root=str(tmp_path), download=True))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("imagenet", "unknown dataset 'imagenet'"),
+    ("chestmnist", "multi-label"),
+    ("organmnist3d", "unknown dataset"),
+])
+def test_unknown_and_unsupported_names(name, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        build_datasets(DataConfig(name=name, root=str(tmp_path)))
+
+
+def test_folder_stratified_split_is_deterministic(mednist_root):
+    cfg = DataConfig(name="folder", root=str(mednist_root), size=32, seed=3)
+    a, b = build_datasets(cfg), build_datasets(cfg)
+    assert a.class_names == ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+    assert (len(a.train), len(a.val), len(a.test)) == (287, 49, 144)  # 60/10/30 of 480
+    assert a.train.samples == b.train.samples and a.checksum == b.checksum
+    for split in (a.train, a.val, a.test):  # stratified: every class in every split, near 1/6 each
+        counts = np.bincount([label for _, label in split.samples], minlength=6)
+        assert counts.min() >= len(split) // 6 - 1
+    paths = [set(p for p, _ in s.samples) for s in (a.train, a.val, a.test)]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    assert a.test[0][0].shape == (3, 32, 32)
+
+
+def test_kfold_test_sets_partition_the_data(mednist_root):
+    tests = [build_datasets(DataConfig(name="folder", root=str(mednist_root), fold=k, num_folds=5)).test
+             for k in range(5)]
+    seen = [p for t in tests for p, _ in t.samples]
+    assert len(seen) == len(set(seen)) == 480 and all(len(t) == 96 for t in tests)
+
+
+def _copy_classes(src, dst, classes, per_class=10):
+    for c in classes:
+        (dst / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[:per_class]:
+            shutil.copy(f, dst / c / f.name)
+
+
+def test_given_split_folders_are_used(mednist_root, tmp_path):
+    for split in ("train", "val", "test"):
+        _copy_classes(mednist_root, tmp_path / split, ["CXR", "Hand"], per_class=4)
+    d = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    assert (len(d.train), len(d.val), len(d.test)) == (8, 8, 8) and d.class_names == ["CXR", "Hand"]
+
+
+def test_corrupt_images_are_listed_or_skipped(mednist_root, tmp_path):
+    _copy_classes(mednist_root, tmp_path, ["CXR", "Hand"], per_class=20)
+    (tmp_path / "CXR" / "broken.jpeg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "Hand" / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"(?s)2 unreadable images.*CXR/broken.jpeg.*\n.*Hand/empty.png"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    d = build_datasets(DataConfig(name="folder", root=str(tmp_path), skip_corrupt=True))
+    assert len(d.train) + len(d.val) + len(d.test) == 40
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="data.root is required"):
+        build_datasets(DataConfig(name="folder"))
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path / "nope")))
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DataError, match="found 0 class folders with images"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path)))
