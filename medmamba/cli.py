@@ -7,8 +7,9 @@ import sys
 import logging
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, load_config
-from .data import DataError, build_datasets
+from .config import DataConfig, load_config
+from .data import build_datasets
+from .errors import MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (MedMambaError, FileNotFoundError) as exc:
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

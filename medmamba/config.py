@@ -14,9 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from .config import DataConfig
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,6 @@ MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamn
 MEDMNIST_SIZES = (28, 64, 128, 224)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as configured (missing, corrupt, unknown, wrong shape)."""
 
 
 @dataclass

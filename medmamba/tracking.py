@@ -15,11 +15,9 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .errors import TrackingError
+
 DEFAULT_URI = "sqlite:///mlruns.db"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow tracking store cannot be used."""
 
 
 def resolve_uri(uri: str | None) -> str:

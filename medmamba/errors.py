@@ -1,0 +1,17 @@
+"""Errors for bad user input: the CLI reports them in one line and exits with status 2."""
+
+
+class MedMambaError(Exception):
+    """Input the user can fix: a config, a dataset, a tracking store."""
+
+
+class ConfigError(MedMambaError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+class DataError(MedMambaError, ValueError):
+    """A dataset that cannot be used as configured (missing, corrupt, unknown, wrong shape)."""
+
+
+class TrackingError(MedMambaError, RuntimeError):
+    """The MLflow tracking store cannot be used."""

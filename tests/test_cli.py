@@ -1,0 +1,85 @@
+"""The medmamba command: train, evaluate, bad input, and a real MLflow tracking server."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medmamba.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited during start-up")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 90 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _train_args(medmnist_root, out, *extra):
+    return ["train", "--config", "configs/quick.yaml", "--set", "data.name=breastmnist",
+            "--set", f"data.root={medmnist_root}", "--set", "train.epochs=1", "--output-dir", str(out), *extra]
+
+
+def test_train_to_a_tracking_server_then_evaluate(medmnist_root, mlflow_server, tmp_path, capsys):
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", mlflow_server)) == 0
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert run.info.status == "FINISHED" and "test_auc" in run.data.metrics
+    assert "accuracy" in capsys.readouterr().out
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "test",
+                 "--output-dir", str(tmp_path / "eval"), "--no-mlflow"]) == 0
+    trained = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated.keys() <= trained.keys() | {"best_epoch"}
+    assert evaluated["auc"] == pytest.approx(trained["auc"]) and evaluated["confusion_matrix"] == trained["confusion_matrix"]
+
+
+def test_unreachable_tracking_server_fails_before_training(medmnist_root, tmp_path, capsys):
+    start = time.time()
+    uri = f"http://127.0.0.1:{_free_port()}"
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", uri)) == 2
+    assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
+    assert time.time() - start < 30 and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bad_config_and_data_exit_2_with_the_reason(medmnist_root, tmp_path, capsys):
+    assert main(_train_args(medmnist_root, tmp_path, "--set", "optim.lrr=1", "--no-mlflow")) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert main(_train_args(medmnist_root, tmp_path, "--set", "data.name=cifar10", "--no-mlflow")) == 2
+    assert "unknown dataset 'cifar10'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)]) == 2
