@@ -1,6 +1,7 @@
 # Fresh-machine entry points: each target creates .venv and installs the project into it first.
-#   make demo   install, then run the main job (today: the selective-scan benchmark)
+#   make demo   install, then train MedMamba-T on PneumoniaMNIST with configs/quick.yaml
 #   make test   install, then run the test suite (what CI runs)
+#   make bench  the benchmarks (selective scan, training throughput)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,10 @@ PY := $(VENV)/bin/python
 # e.g. make test TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Where the demo finds PneumoniaMNIST: the shared copy beside the checkout when there is one,
+# else medmnist's default (~/.medmnist), downloading the file when it is missing.
+DATA_ROOT ?= $(if $(wildcard ../shared/data/medmnist/pneumoniamnist.npz),../shared/data/medmnist,)
+DEMO_OUT ?= outputs/demo
 
 .PHONY: install demo test test-all bench clean
 
@@ -21,7 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: install
+	$(VENV)/bin/medmamba train --config configs/quick.yaml --output-dir $(DEMO_OUT) \
+		$(if $(DATA_ROOT),--set data.root=$(DATA_ROOT))
+
+bench: install
 	$(PY) benchmarks/scan.py
+	$(PY) benchmarks/train_throughput.py
 
 test: install
 	$(PY) -m pytest -m "not slow"

@@ -47,7 +47,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import evaluate, make_loader, resolve_device, write_metrics
+    from .metrics import classification_metrics
+    from .train import make_loader, predict, resolve_device, write_report
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     saved = state.get("config", {}) if isinstance(state, dict) else {}
@@ -60,7 +61,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = create_model(model_name, num_classes=data.num_classes, checkpoint=args.checkpoint)
     device = resolve_device(args.device)
     loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
-    metrics = evaluate(model.to(device), loader, device, data.class_names)
+    labels, probs, loss = predict(model.to(device), loader, device)
+    metrics = classification_metrics(labels, probs, loss=loss, class_names=data.class_names)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tracker = None
@@ -68,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         tracker = _tracker(args.tracking_uri, "medmamba-evaluate")
         tracker.start(None, {"checkpoint": args.checkpoint, "dataset": data.name, "split": args.split},
                       {"dataset_md5": data.checksum, "model": model_name})
-    write_metrics(metrics, out, tracker)
+    write_report(metrics, labels, probs, data.class_names, out, tracker)
     if tracker:
         tracker.end()
     print_metrics(metrics, f"{data.name} {args.split} split")

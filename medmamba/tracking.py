@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -72,7 +73,8 @@ class Tracker:
 
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
         """Log the scalar, finite entries of ``metrics`` (nested dicts and NaNs are skipped)."""
-        values = [Metric(prefix + k, float(v), 0, step or 0) for k, v in metrics.items()
+        now = int(time.time() * 1000)
+        values = [Metric(prefix + k, float(v), now, step or 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         if values:
             self.client.log_batch(self.run_id, metrics=values)
@@ -82,6 +84,16 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model) -> None:
+        """The model as an MLflow PyTorch model under ``model`` in this run."""
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch", "medmamba"],
+                                     serialization_format="pickle")  # pt2 would trace the C++ scan
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -26,6 +26,7 @@ from .data import Datasets
 from .flops import count_params
 from .metrics import classification_metrics
 from .registry import create_model
+from .reports import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from .tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
@@ -243,21 +244,28 @@ class Trainer:
         best = self.out / "best.pt"
         if best.is_file():
             self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True)["model"])
-        metrics = evaluate(self.model, self.loaders["test"], self.device, self.data.class_names)
+        labels, probs, loss = predict(self.model, self.loaders["test"], self.device)
+        metrics = classification_metrics(labels, probs, loss=loss, class_names=self.data.class_names)
         metrics["best_epoch"] = self.best_epoch
-        write_metrics(metrics, self.out, self.tracker, history=self.history)
+        write_report(metrics, labels, probs, self.data.class_names, self.out, self.tracker, self.history)
+        if self.tracker:
+            self.tracker.log_model(self.model)
         return metrics
 
 
-def write_metrics(metrics: dict, out: Path, tracker: Tracker | None, history: list[dict] | None = None) -> None:
-    """metrics.json in ``out``, and to MLflow as test_* metrics with the file as an artifact."""
-    path = Path(out) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2))
-    if history is not None:
-        (Path(out) / "history.json").write_text(json.dumps(history, indent=2))
+def write_report(metrics: dict, labels: np.ndarray, probs: np.ndarray, class_names: list[str], out: Path,
+                 tracker: Tracker | None, history: list[dict] | None = None) -> None:
+    """metrics.json and the figures in ``out``; to MLflow as test_* metrics and artifacts."""
+    out = Path(out)
+    files = [out / "metrics.json"]
+    files[0].write_text(json.dumps(metrics, indent=2))
+    files.append(plot_confusion_matrix(metrics["confusion_matrix"], class_names, out / "confusion_matrix.png"))
+    files.append(plot_roc_curves(labels, probs, class_names, out / "roc.png"))
+    if history:
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        files += [out / "history.json", plot_training_curves(history, out / "training_curves.png")]
     if tracker:
         tracker.log_metrics(metrics, prefix="test_")
-        tracker.log_artifact(path)
-        for name in ("config.yaml", "history.json"):
-            if (Path(out) / name).is_file():
-                tracker.log_artifact(Path(out) / name)
+        for path in files + [out / "config.yaml"]:
+            if path.is_file():
+                tracker.log_artifact(path)

@@ -47,7 +47,9 @@ def test_breastmnist_learns_and_logs(medmnist_root, breast, tmp_path):
     assert run.data.params["optim.lr"] == "0.001" and run.data.tags["dataset_md5"] == breast.checksum
     assert run.data.metrics["test_auc"] == pytest.approx(metrics["auc"])
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 10
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "config.yaml", "history.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "metrics.json", "config.yaml", "history.json", "confusion_matrix.png", "roc.png", "training_curves.png"}
+    assert client.search_logged_models([run.info.experiment_id])  # the model, via mlflow.pytorch
 
 
 def test_resume_continues_the_same_run(medmnist_root, breast, tmp_path):

@@ -1,0 +1,79 @@
+"""Training and inference throughput: MedMamba-T vs torchvision ResNet-18 / ResNet-50.
+
+Images per second at 28, 64 and 224 px with the same batch size, threads and optimizer (AdamW,
+cross-entropy, 2 classes). Training = forward + backward + optimizer step; inference = forward
+under no_grad in eval mode. Medians over several steps after warm-up, all measured in this run.
+
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --sizes 224 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from medmamba import create_model
+
+MODELS = {
+    "medmamba_t": lambda: create_model("medmamba_t", num_classes=2),
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=2),
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=2),
+}
+# (size, the model MedMamba-T must at least match in training throughput)
+TARGETS = {28: "resnet18", 64: "resnet18", 224: "resnet50"}
+
+
+def images_per_second(name: str, size: int, batch: int, steps: int, train: bool) -> float:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train(train)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        start = time.perf_counter()
+        if train:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                model(x)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="28,64,224")
+    parser.add_argument("--batch", type=int, default=32, help="batch size at 28 and 64 px (half that at 224)")
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; median of {args.steps} steps")
+    print(f"{'size':>4} {'batch':>5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'train vs MedMamba-T':>20}")
+    verdicts = []
+    for size in map(int, args.sizes.split(",")):
+        batch = args.batch if size < 224 else max(1, args.batch // 2)
+        rows = {name: (images_per_second(name, size, batch, args.steps, True),
+                       images_per_second(name, size, batch, args.steps, False)) for name in MODELS}
+        ours = rows["medmamba_t"][0]
+        for name, (train, infer) in rows.items():
+            print(f"{size:4d} {batch:5d} {name:12} {train:12.1f} {infer:12.1f} {ours / train:19.2f}x")
+        rival = TARGETS.get(size)
+        if rival:
+            ratio = ours / rows[rival][0]
+            verdicts.append(f"  {size:3d} px: MedMamba-T trains at {ratio:.2f}x {rival}'s rate: "
+                            f"{'met' if ratio >= 1 else 'NOT met'}")
+    print("\nTarget: MedMamba-T training throughput >= ResNet-18's at 28 and 64 px, >= ResNet-50's at 224 px")
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()

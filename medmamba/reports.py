@@ -1,0 +1,59 @@
+"""Report figures as PNG: confusion matrix, ROC curves, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Path) -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true",
+           title="confusion matrix")
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    return _save(fig, path)
+
+
+def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """One-vs-rest ROC curve per class (the positive class only for binary tasks)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    for k in classes:
+        if 0 < (labels == k).sum() < len(labels):
+            fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
+            ax.plot(fpr, tpr, label=class_names[k])
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> Path:
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        loss_ax.plot(epochs, [row.get(key, np.nan) for row in history], label=key)
+    for key in ("val_accuracy", "val_auc", "val_f1"):
+        metric_ax.plot(epochs, [row.get(key, np.nan) for row in history], label=key)
+    loss_ax.set(xlabel="epoch", title="loss")
+    metric_ax.set(xlabel="epoch", title="validation")
+    loss_ax.legend()
+    metric_ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
