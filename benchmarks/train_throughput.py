@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; median of {args.steps} steps")
-    print(f"{'size':>4} {'batch':>5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'train vs MedMamba-T':>20}")
+    print(f"{'size':>4} {'batch':>5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'MedMamba-T train rate / this':>30}")
     verdicts = []
     for size in map(int, args.sizes.split(",")):
         batch = args.batch if size < 224 else max(1, args.batch // 2)
@@ -65,7 +65,7 @@ def main() -> None:
                        images_per_second(name, size, batch, args.steps, False)) for name in MODELS}
         ours = rows["medmamba_t"][0]
         for name, (train, infer) in rows.items():
-            print(f"{size:4d} {batch:5d} {name:12} {train:12.1f} {infer:12.1f} {ours / train:19.2f}x")
+            print(f"{size:4d} {batch:5d} {name:12} {train:12.1f} {infer:12.1f} {ours / train:29.2f}x")
         rival = TARGETS.get(size)
         if rival:
             ratio = ours / rows[rival][0]
