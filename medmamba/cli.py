@@ -11,6 +11,7 @@ from .config import DataConfig, load_config
 from .data import build_datasets
 from .errors import MedMambaError
 from .flops import complexity
+from .metrics import METRIC_KEYS
 from .registry import create_model, list_models
 
 
@@ -37,10 +38,28 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.tracking_uri:
         cfg.mlflow.tracking_uri = args.tracking_uri
+    if args.kfold:
+        return _cross_validate(cfg, args)
     tracker = None if args.no_mlflow else _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     data = build_datasets(cfg.data)
     metrics = Trainer(cfg, data, args.output_dir, tracker=tracker).fit(resume=args.resume)
     print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt)")
+    return 0
+
+
+def _cross_validate(cfg, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .train import cross_validate
+
+    factory = None if args.no_mlflow else (lambda: _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment))
+    summary = cross_validate(cfg, args.output_dir, factory, resume=args.resume)
+    table = Table(title=f"{cfg.data.num_folds}-fold cross-validation, test metrics (mean ± std)")
+    for key in summary["mean"]:
+        table.add_column(key)
+    table.add_row(*(f"{summary['mean'][k]:.4f} ± {summary['std'][k]:.4f}" for k in summary["mean"]))
+    Console().print(table)
     return 0
 
 
@@ -82,10 +101,9 @@ def print_metrics(metrics: dict, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for key in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"):
+    for key in METRIC_KEYS:
         table.add_column(key)
-    table.add_row(*(f"{metrics[k]:.4f}" for k in ("accuracy", "precision", "sensitivity", "specificity", "f1",
-                                                   "auc", "loss")))
+    table.add_row(*(f"{metrics[k]:.4f}" for k in METRIC_KEYS))
     Console().print(table)
 
 
@@ -106,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     train.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    train.add_argument("--kfold", action="store_true",
+                       help="image folders: train every fold of data.num_folds and report mean ± std")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")

@@ -83,3 +83,15 @@ def test_bad_config_and_data_exit_2_with_the_reason(medmnist_root, tmp_path, cap
     assert main(_train_args(medmnist_root, tmp_path, "--set", "data.name=cifar10", "--no-mlflow")) == 2
     assert "unknown dataset 'cifar10'" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)]) == 2
+
+
+def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, capsys):
+    args = ["train", "--config", "configs/quick.yaml", "--set", "data.name=folder", "--set", f"data.root={mednist_root}",
+            "--set", "data.num_folds=3", "--set", "train.epochs=1", "--set", "data.size=28",
+            "--output-dir", str(tmp_path), "--kfold", "--no-mlflow"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "kfold_metrics.json").read_text())
+    assert len(summary["folds"]) == 3 and all((tmp_path / f"fold_{k}" / "best.pt").is_file() for k in range(3))
+    accs = [f["accuracy"] for f in summary["folds"]]
+    assert summary["mean"]["accuracy"] == pytest.approx(sum(accs) / 3)
+    assert summary["std"]["accuracy"] >= 0 and "± " in capsys.readouterr().out
