@@ -111,3 +111,11 @@ def test_folder_errors(tmp_path):
     (tmp_path / "only").mkdir()
     with pytest.raises(DataError, match="found 0 class folders with images"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+
+
+def test_bad_size_and_partial_split_folders(medmnist_root, mednist_root, tmp_path):
+    with pytest.raises(DataError, match=r"MedMNIST has sizes \(28, 64, 128, 224\); data.size is 100"):
+        build_datasets(DataConfig(name="breastmnist", root=str(medmnist_root), size=100))
+    _copy_classes(mednist_root, tmp_path / "train", ["CXR", "Hand"], per_class=2)
+    with pytest.raises(DataError, match=r"has split folders \['train'\]; expected all of \['train', 'val', 'test'\]"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path)))

@@ -96,3 +96,10 @@ def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(medmnist_root, breas
 def test_num_classes_must_match_the_data(medmnist_root, breast, tmp_path):
     with pytest.raises(ValueError, match="model.num_classes is 3 but breastmnist has 2 classes"):
         Trainer(_cfg(medmnist_root, "model.num_classes=3"), breast, tmp_path, progress=False)
+
+
+def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="train.device is 'cuda' but CUDA is not available"):
+        Trainer(_cfg(medmnist_root, "train.device=cuda"), breast, tmp_path, progress=False)
