@@ -213,15 +213,16 @@ void forward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, T* out, T*
                   std::vector<T>& scratch) {
   const int64_t N = s.nstate, L = s.len, K = s.chunk, nchunks = (L + K - 1) / K;
   const int64_t row0 = t.b * s.dim + t.d0;
-  scratch.assign((4 * N + 3 * K + 2) * W, T(0));  // zeros: padded lanes stay inert
+  const int64_t kb = std::min(K, L);  // steps per chunk buffer
+  scratch.assign((4 * N + 3 * kb + 2) * W, T(0));  // zeros: padded lanes stay inert
   T* x = scratch.data();       // (N, W) the tile's states
   T* a2 = x + N * W;           // (N, W) A log2 e
   T* bt = a2 + N * W;          // (N, W) fixed B, per lane
   T* ct = bt + N * W;          // (N, W) fixed C, per lane
-  T* dtc = ct + N * W;         // (K, W) dt of the chunk
-  T* uc = dtc + K * W;         // (K, W) u of the chunk
-  T* yc = uc + K * W;          // (K, W) output of the chunk
-  T* dskip = yc + K * W;       // (W,)
+  T* dtc = ct + N * W;         // (kb, W) dt of the chunk
+  T* uc = dtc + kb * W;        // (kb, W) u of the chunk
+  T* yc = uc + kb * W;         // (kb, W) output of the chunk
+  T* dskip = yc + kb * W;      // (W,)
   T* bias = dskip + W;         // (W,)
   for (int64_t c = 0; c < t.width; ++c) {
     const int64_t d = t.d0 + c;
@@ -328,16 +329,22 @@ void backward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t p
                    const T* dout, const Grads<T>& g, std::vector<T>& scratch) {
   const int64_t N = s.nstate, L = s.len, K = s.chunk, nchunks = (L + K - 1) / K;
   const int64_t row0 = t.b * s.dim + t.d0;
-  scratch.assign(((8 + 4 * K + 1) * N + K * N / 2 + 9 * K + 6) * W, T(0));  // zeros: padded lanes stay inert
+  // Scratch: the tile's constants and accumulators (zeroed for every tile), then the chunk
+  // buffers, sized for min(K, L) steps. Those are zeroed only when allocated or when the tile is
+  // narrower than W: padded lanes must hold zeros so that they add nothing to the lane sums.
+  const int64_t kb = std::min(K, L), per_tile = (8 * N + 6) * W;
+  const int64_t size = per_tile + ((4 * kb + 1) * N + kb * N / 2 + 9 * kb) * W;
+  if (static_cast<int64_t>(scratch.size()) != size || t.width < W) scratch.assign(size, T(0));
+  std::fill(scratch.begin(), scratch.begin() + per_tile, T(0));
   T* p = scratch.data();
   auto take = [&](int64_t n) { T* q = p; p += n * W; return q; };
   T *a2 = take(N), *a = take(N), *bt = take(N), *ct = take(N);         // per lane constants
   T *hc = take(N), *dA = take(N), *dbf = take(N), *dcf = take(N);      // per lane accumulators
-  T *xs = take((K + 1) * N), *ea = take(K * N);                        // the chunk's states, exp(dt A)
-  T *gb = take(K * N), *gc = take(K * N), *tmp = take(K * N / 2);  // lane terms of variable dB, dC
-  T *dtc = take(K), *uc = take(K), *gyc = take(K), *dyc = take(K), *zc = take(K), *sgc = take(K);
-  T *yc = take(K), *duc = take(K), *ddtc = take(K);
   T *dskip = take(1), *bias = take(1), *dD = take(1), *dbias = take(1), *du = take(1), *ddt = take(1);
+  T *xs = take((kb + 1) * N), *ea = take(kb * N);                      // the chunk's states, exp(dt A)
+  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N / 2);   // lane terms of variable dB, dC
+  T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
+  T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
   for (int64_t c = 0; c < t.width; ++c) {
     const int64_t d = t.d0 + c;
     for (int64_t n = 0; n < N; ++n) {
