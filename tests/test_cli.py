@@ -95,3 +95,29 @@ def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, c
     accs = [f["accuracy"] for f in summary["folds"]]
     assert summary["mean"]["accuracy"] == pytest.approx(sum(accs) / 3)
     assert summary["std"]["accuracy"] >= 0 and "± " in capsys.readouterr().out
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(medmnist_root, tmp_path):
+    """SIGKILL mid-training, then --resume: finished epochs are kept, the same MLflow run finishes."""
+    import torch
+
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db"
+    args = _train_args(medmnist_root, out, "--tracking-uri", uri)
+    args[args.index("train.epochs=1")] = "train.epochs=3"
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert (out / "last.pt").is_file(), "no checkpoint was written before the kill"
+    done = torch.load(out / "last.pt", weights_only=False)["epoch"]
+    assert done < 3
+    assert main(args + ["--resume"]) == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
