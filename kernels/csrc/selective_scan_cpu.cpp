@@ -182,6 +182,25 @@ std::vector<Tile> make_tiles(const Shape& s) {
   return tiles;
 }
 
+// Per-lane constants of a tile, (N, W) or (W,): A log2 e (and A itself when `a` is given), fixed
+// B and C, D and delta_bias. Padded lanes (c >= width) keep the zeros they were allocated with.
+template <typename T>
+void load_lane_constants(const Shape& s, const Inputs<T>& in, const Tile& t, T* a2, T* bt, T* ct,
+                         T* dskip, T* bias, T* a = nullptr) {
+  const int64_t N = s.nstate;
+  for (int64_t c = 0; c < t.width; ++c) {
+    const int64_t d = t.d0 + c;
+    for (int64_t n = 0; n < N; ++n) {
+      a2[n * W + c] = in.A[d * N + n] * kLog2e<T>;
+      if (a) a[n * W + c] = in.A[d * N + n];
+      if (!s.var_b) bt[n * W + c] = in.B[d * N + n];
+      if (!s.var_c) ct[n * W + c] = in.C[d * N + n];
+    }
+    dskip[c] = in.Dskip ? in.Dskip[d] : T(0);
+    bias[c] = in.bias ? in.bias[d] : T(0);
+  }
+}
+
 // One time step for all W lanes: every state n of every lane, and the lane's output. The
 // output sums live in a local array of W values, which the compiler keeps in registers across n.
 // Variable B/C (VB/VC) hold one value per n for all lanes; fixed ones one value per lane.
@@ -224,16 +243,7 @@ void forward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, T* out, T*
   T* yc = uc + kb * W;         // (kb, W) output of the chunk
   T* dskip = yc + kb * W;      // (W,)
   T* bias = dskip + W;         // (W,)
-  for (int64_t c = 0; c < t.width; ++c) {
-    const int64_t d = t.d0 + c;
-    for (int64_t n = 0; n < N; ++n) {
-      a2[n * W + c] = in.A[d * N + n] * kLog2e<T>;
-      if (!s.var_b) bt[n * W + c] = in.B[d * N + n];
-      if (!s.var_c) ct[n * W + c] = in.C[d * N + n];
-    }
-    dskip[c] = in.Dskip ? in.Dskip[d] : T(0);
-    bias[c] = in.bias ? in.bias[d] : T(0);
-  }
+  load_lane_constants(s, in, t, a2, bt, ct, dskip, bias);
   const RowView<T> Bv = row_of(in.B, s.var_b, s.groups_b, s, t.b, t.d0);
   const RowView<T> Cv = row_of(in.C, s.var_c, s.groups_c, s, t.b, t.d0);
 
@@ -345,17 +355,7 @@ void backward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t p
   T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N / 2);   // lane terms of variable dB, dC
   T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
   T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
-  for (int64_t c = 0; c < t.width; ++c) {
-    const int64_t d = t.d0 + c;
-    for (int64_t n = 0; n < N; ++n) {
-      a[n * W + c] = in.A[d * N + n];
-      a2[n * W + c] = in.A[d * N + n] * kLog2e<T>;
-      if (!VB) bt[n * W + c] = in.B[d * N + n];
-      if (!VC) ct[n * W + c] = in.C[d * N + n];
-    }
-    dskip[c] = in.Dskip ? in.Dskip[d] : T(0);
-    bias[c] = in.bias ? in.bias[d] : T(0);
-  }
+  load_lane_constants(s, in, t, a2, bt, ct, dskip, bias, a);
   const RowView<T> Bv = row_of(in.B, VB, s.groups_b, s, t.b, t.d0);
   const RowView<T> Cv = row_of(in.C, VC, s.groups_c, s, t.b, t.d0);
   auto partial = [&](T* buf, int64_t groups) {  // this task's (L, N) slice for the tile's group
