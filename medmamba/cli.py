@@ -64,24 +64,21 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
+    from .registry import read_checkpoint
+    from .train import make_loader, predict_metrics, resolve_device, write_report
 
-    from .metrics import classification_metrics
-    from .train import make_loader, predict, resolve_device, write_report
-
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    state = read_checkpoint(args.checkpoint)  # read once: its config and its weights
+    saved = state.get("config", {})
     data_cfg = DataConfig(**{**saved.get("data", {}), "augment": "none"})
     data_cfg.name = args.dataset or data_cfg.name
     data_cfg.root = args.data_root or data_cfg.root
     data_cfg.size = args.size or data_cfg.size
     data = build_datasets(data_cfg)
     model_name = saved.get("model", {}).get("name", args.model)
-    model = create_model(model_name, num_classes=data.num_classes, checkpoint=args.checkpoint)
+    model = create_model(model_name, num_classes=data.num_classes, checkpoint=state)
     device = resolve_device(args.device)
     loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
-    labels, probs, loss = predict(model.to(device), loader, device)
-    metrics = classification_metrics(labels, probs, loss=loss, class_names=data.class_names)
+    metrics, labels, probs = predict_metrics(model.to(device), loader, device, data.class_names)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tracker = None

@@ -15,3 +15,7 @@ class DataError(MedMambaError, ValueError):
 
 class TrackingError(MedMambaError, RuntimeError):
     """The MLflow tracking store cannot be used."""
+
+
+class CheckpointError(MedMambaError, ValueError):
+    """A checkpoint file that cannot be read or does not fit the model."""

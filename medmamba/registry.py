@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import CheckpointError, ConfigError
 from .model import VARIANTS, MedMamba, checkpoint_filter_fn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -21,28 +22,40 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_state_dict(path: str | Path) -> dict:
-    """A state dict from a checkpoint file: a bare state dict, or a dict holding one under
-    ``state_dict`` or ``model`` (our training checkpoints); published names are converted."""
+def read_checkpoint(path: str | Path) -> dict:
+    """The object saved in a checkpoint file (tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def load_state_dict(checkpoint: str | Path | dict) -> dict:
+    """A state dict from a checkpoint (a path, or what ``read_checkpoint`` returned): a bare state
+    dict, or a dict holding one under ``state_dict`` or ``model`` (our training checkpoints);
+    published names are converted."""
+    path = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint"
+    obj = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict (expected tensors by name, or one under 'model'/'state_dict')")
+        raise CheckpointError(f"{path} holds no state dict (expected tensors by name, or one under 'model'/'state_dict')")
     return checkpoint_filter_fn(obj)
 
 
-def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
-    """Build a registered model; with ``checkpoint``, load its weights (ours or the published format)."""
+def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | dict | None = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; with ``checkpoint`` (a path, or what ``read_checkpoint`` returned),
+    load its weights (ours or the published format)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     model = _REGISTRY[name](num_classes=num_classes, **kwargs)
     if checkpoint is not None:
         state, own = load_state_dict(checkpoint), model.state_dict()
@@ -52,7 +65,8 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | No
                      for k, v in state.items() if k in own and v.shape != own[k].shape]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ValueError(f"checkpoint {checkpoint} does not fit {name} with num_classes={num_classes}: "
+            where = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint"
+            raise CheckpointError(f"checkpoint {where} does not fit {name} with num_classes={num_classes}: "
                              + "; ".join(problems[:5]) + more)
         model.load_state_dict(state, strict=True)
     return model

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .config import Config, OptimConfig, SchedConfig, save_config
 from .data import Datasets
+from .errors import ConfigError
 from .flops import count_params
 from .metrics import METRIC_KEYS, classification_metrics
 from .registry import create_model
@@ -37,7 +38,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available")
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
     return device
 
 
@@ -119,10 +120,16 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return y_all, np.concatenate(probs), total / max(len(y_all), 1)
 
 
+def predict_metrics(model: nn.Module, loader: DataLoader, device: torch.device,
+                    class_names: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(the paper's metrics, labels, class probabilities) of ``model`` on ``loader``."""
+    labels, probs, loss = predict(model, loader, device)
+    return classification_metrics(labels, probs, loss=loss, class_names=class_names), labels, probs
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, class_names: list[str]) -> dict:
     """The paper's metrics of ``model`` on ``loader``."""
-    labels, probs, loss = predict(model, loader, device)
-    return classification_metrics(labels, probs, loss=loss, class_names=class_names)
+    return predict_metrics(model, loader, device, class_names)[0]
 
 
 def _better(metric: str, new: float, best: float | None) -> bool:
@@ -148,7 +155,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         num_classes = cfg.model.num_classes or data.num_classes
         if num_classes != data.num_classes:
-            raise ValueError(f"model.num_classes is {num_classes} but {data.name} has {data.num_classes} classes")
+            raise ConfigError(f"model.num_classes is {num_classes} but {data.name} has {data.num_classes} classes")
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.model = create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
                                   d_state=cfg.model.d_state).to(self.device)
@@ -244,8 +251,8 @@ class Trainer:
         best = self.out / "best.pt"
         if best.is_file():
             self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True)["model"])
-        labels, probs, loss = predict(self.model, self.loaders["test"], self.device)
-        metrics = classification_metrics(labels, probs, loss=loss, class_names=self.data.class_names)
+        metrics, labels, probs = predict_metrics(self.model, self.loaders["test"], self.device,
+                                                 self.data.class_names)
         metrics["best_epoch"] = self.best_epoch
         write_report(metrics, labels, probs, self.data.class_names, self.out, self.tracker, self.history)
         if self.tracker:
