@@ -84,6 +84,8 @@ def _label(target) -> int:
 
 def _medmnist_datasets(cfg: DataConfig) -> Datasets:
     flag, info = cfg.name, medmnist.INFO[cfg.name]
+    if cfg.fold is not None:
+        raise DataError(f"data.fold selects a k-fold split of an image folder; {flag} has official splits")
     if info["task"] == "multi-label, binary-class":
         raise DataError(f"{flag} is multi-label; single-label classification only (ChestMNIST is not supported)")
     if cfg.size not in MEDMNIST_SIZES:

@@ -121,3 +121,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(medmnist_root, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+
+
+def test_evaluate_reports_an_unreadable_checkpoint(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "junk.pt"), "--output-dir", str(tmp_path)]) == 2
+    assert "junk.pt is not a readable checkpoint" in capsys.readouterr().err

@@ -57,3 +57,14 @@ def test_override_values_are_yaml():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=0", "config key optim.lr: must be > 0"),
+    ("train.epochs=0", "train.epochs and train.batch_size must be >= 1"),
+    ("data.augment=randaugment", "config key data.augment: expected none or autoaugment"),
+    ("data.fold=5", r"config key data.fold: must be in \[0, 5\), got 5"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

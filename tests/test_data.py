@@ -119,3 +119,8 @@ def test_bad_size_and_partial_split_folders(medmnist_root, mednist_root, tmp_pat
     _copy_classes(mednist_root, tmp_path / "train", ["CXR", "Hand"], per_class=2)
     with pytest.raises(DataError, match=r"has split folders \['train'\]; expected all of \['train', 'val', 'test'\]"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+
+
+def test_fold_on_medmnist_is_refused(medmnist_root):
+    with pytest.raises(DataError, match="data.fold selects a k-fold split of an image folder; breastmnist has official splits"):
+        build_datasets(DataConfig(name="breastmnist", root=str(medmnist_root), fold=0))

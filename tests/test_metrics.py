@@ -48,3 +48,8 @@ def test_single_class_labels_give_nan_auc_and_bad_shapes_fail():
     assert math.isnan(m["auc"]) and m["accuracy"] == 0.5
     with pytest.raises(ValueError, match=r"probs has shape \(2,\), expected \(3, num_classes\)"):
         classification_metrics([0, 1, 1], np.array([0.2, 0.8]))
+
+
+def test_class_names_must_match_the_probabilities():
+    with pytest.raises(ValueError, match="3 class names for 2 classes"):
+        classification_metrics([0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), class_names=["a", "b", "c"])

@@ -114,3 +114,14 @@ def test_bad_names_and_checkpoints_fail_clearly(tmp_path):
         create_model("medmamba_t", checkpoint=tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="unexpected key"):
         convert_official({"layers.0.blocks.0.conv33conv33conv11.3.weight": torch.zeros(1)})
+
+
+def test_unrecognised_state_dicts_and_checkpoint_contents(tmp_path):
+    with pytest.raises(ValueError, match="not a MedMamba state dict"):
+        infer_config({"fc.weight": torch.zeros(2, 2)})
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt holds a list, not a checkpoint dict"):
+        create_model("medmamba_t", checkpoint=tmp_path / "list.pt")
+    torch.save({"epoch": 3}, tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match="meta.pt holds no state dict"):
+        create_model("medmamba_t", checkpoint=tmp_path / "meta.pt")

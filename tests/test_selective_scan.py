@@ -173,6 +173,8 @@ def test_forced_backends_that_cannot_run_here_say_why():
         selective_scan_fn(**inputs, backend="mamba")
     with pytest.raises(ValueError, match="unknown backend 'triton'"):
         selective_scan_fn(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors, got meta"):
+        resolve_backend(torch.device("meta"), "cpu")
 
 
 def test_non_contiguous_inputs_and_large_state():
