@@ -8,11 +8,12 @@ import logging
 from pathlib import Path
 
 from .config import DataConfig, load_config
-from .data import build_datasets
 from .errors import MedMambaError
 from .flops import complexity
-from .metrics import METRIC_KEYS
 from .registry import create_model, list_models
+
+# Data, metrics, training and MLflow are imported inside the commands that use them: importing
+# medmnist, scikit-learn and mlflow costs seconds that `medmamba info` does not need.
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -33,6 +34,7 @@ def _tracker(uri: str | None, experiment: str):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .data import build_datasets
     from .train import Trainer
 
     cfg = load_config(args.config, args.set)
@@ -64,6 +66,7 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .data import build_datasets
     from .registry import read_checkpoint
     from .train import make_loader, predict_metrics, resolve_device, write_report
 
@@ -96,6 +99,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from .metrics import METRIC_KEYS
 
     table = Table(title=title)
     for key in METRIC_KEYS:
