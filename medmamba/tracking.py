@@ -79,6 +79,10 @@ class Tracker:
         if values:
             self.client.log_batch(self.run_id, metrics=values)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which this run already holds metric ``key``."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
     def set_tags(self, tags: dict) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

@@ -201,6 +201,7 @@ class Trainer:
             tags = {"git_commit": git_commit(), "dataset": self.data.name, "dataset_md5": self.data.checksum,
                     "model": cfg.model.name, "parameters": count_params(self.model)}
             self.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags, run_id=self.run_id)
+            self._backfill_metrics()
         try:
             self._train_epochs(last)
             metrics = self._test()
@@ -215,6 +216,13 @@ class Trainer:
         if self.tracker:
             self.tracker.end("FINISHED")
         return metrics
+
+    def _backfill_metrics(self) -> None:
+        """Log the restored epochs that a kill between checkpoint and MLflow call left unlogged."""
+        logged = self.tracker.logged_steps("train_loss") if self.history else set()
+        for row in self.history:
+            if row["epoch"] not in logged:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
     def _train_epochs(self, last: Path) -> None:
         cfg, monitor = self.cfg, self.cfg.train.monitor

@@ -123,6 +123,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(medmnist_root, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
 
 
+def test_resume_logs_checkpointed_epochs_that_mlflow_never_received(medmnist_root, tmp_path):
+    """Epochs in last.pt but not in MLflow (a kill between the two writes) are logged on resume."""
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db"
+    assert main(_train_args(medmnist_root, out, "--no-mlflow")) == 0
+    args = _train_args(medmnist_root, out, "--tracking-uri", uri, "--resume")
+    args[args.index("train.epochs=1")] = "train.epochs=2"
+    assert main(args) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+
 def test_evaluate_reports_an_unreadable_checkpoint(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "junk.pt"), "--output-dir", str(tmp_path)]) == 2
