@@ -7,7 +7,7 @@ import sys
 import logging
 from pathlib import Path
 
-from .config import DataConfig, load_config
+from .config import DataConfig, load_config, validate
 from .errors import MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
@@ -42,10 +42,42 @@ def _train(args: argparse.Namespace) -> int:
         cfg.mlflow.tracking_uri = args.tracking_uri
     if args.kfold:
         return _cross_validate(cfg, args)
+    if args.workers is not None:
+        return _train_distributed(cfg, args)
     tracker = None if args.no_mlflow else _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     data = build_datasets(cfg.data)
     metrics = Trainer(cfg, data, args.output_dir, tracker=tracker).fit(resume=args.resume)
     print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt)")
+    return 0
+
+
+def _train_distributed(cfg, args: argparse.Namespace) -> int:
+    from medmamba.orchestrator.train import train_distributed
+
+    from .tracking import resolve_uri
+
+    cfg.ray.num_workers = args.workers
+    if args.gpus_per_worker is not None:
+        cfg.ray.gpus_per_worker = args.gpus_per_worker
+    validate(cfg)
+    uri = None if args.no_mlflow else resolve_uri(cfg.mlflow.tracking_uri)
+    metrics = train_distributed(cfg, args.output_dir, uri, resume=args.resume)
+    print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt), "
+                           f"{cfg.ray.num_workers} Ray Train workers")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from medmamba.orchestrator.sweep import run_sweep
+
+    from .tracking import resolve_uri
+
+    cfg = load_config(args.config, args.set)
+    uri = None if args.no_mlflow else resolve_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
+    summary = run_sweep(cfg, args.output_dir, uri, resume=args.resume)
+    print(f"best {cfg.tune.metric} {summary['best_value']:.4f} with {summary['best_params']}; "
+          f"config: {args.output_dir}/best_config.yaml")
+    print_metrics(summary["test_metrics"], f"test metrics of the best trial ({args.output_dir}/best.pt)")
     return 0
 
 
@@ -128,7 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     train.add_argument("--kfold", action="store_true",
                        help="image folders: train every fold of data.num_folds and report mean ± std")
+    train.add_argument("--workers", type=int, metavar="N",
+                       help="data-parallel training on N Ray Train workers (ray.num_workers)")
+    train.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per Ray Train worker")
     train.set_defaults(func=_train)
+
+    tune = sub.add_parser("tune", help="a Ray Tune + Optuna + ASHA sweep over the config's tune.space")
+    tune.add_argument("--config", type=Path, required=True, help="sweep config (configs/sweep_*.yaml)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tune.add_argument("--output-dir", type=Path, required=True)
+    tune.add_argument("--resume", action="store_true", help="continue the sweep in OUTPUT_DIR")
+    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    tune.add_argument("--no-mlflow", action="store_true")
+    tune.set_defaults(func=_tune)
 
     ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
     ev.add_argument("--checkpoint", required=True)

@@ -75,6 +75,32 @@ class MlflowConfig:
 
 
 @dataclass
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local cluster
+    storage_path: str | None = None  # Ray checkpoints and results; None: OUTPUT_DIR/ray (shared storage on multi-node)
+    num_workers: int = 1  # Ray Train data-parallel workers (`medmamba train --workers`)
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0
+    max_failures: int = 2  # restarts of the worker group (Train) or of a trial (Tune) after a failure
+
+
+@dataclass
+class TuneConfig:
+    metric: str = "val_auc"  # a per-epoch key: val_accuracy, val_auc, val_f1, val_loss, train_loss
+    mode: str = "max"
+    num_samples: int = 16
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA
+    seed: int = 0  # Optuna's TPE sampler
+    # {config key: {choice: [...]} | {loguniform: [low, high]} | {uniform: [low, high]} | {randint: [low, high]}};
+    # sched.milestones takes choices of comma-separated fractions of train.epochs, e.g. "0.5,0.75"
+    space: dict = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -82,6 +108,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,6 +140,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key}: expected a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is dict and not isinstance(value, dict):
+        raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
@@ -119,7 +149,7 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _apply(cfg: Config, key: str, value: Any) -> None:
+def set_key(cfg: Config, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections or not name:
@@ -149,26 +179,46 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` ('a.b=value')."""
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    """(key, value) pairs of a config file; a top-level ``base: other.yaml`` (relative to the file)
+    is read first, so a sweep or federated config extends a training recipe."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files include each other")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    pairs = []
+    if "base" in raw:
+        pairs = _read_yaml(path.parent / str(raw.pop("base")), seen + (path.resolve(),))
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        pairs += [(f"{section}.{key}", value) for key, value in values.items()]
+    return pairs
+
+
+def config_from_dict(raw: dict) -> Config:
+    """The Config that ``Config.to_dict()`` wrote (e.g. in a checkpoint or a Ray task), checked."""
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            for key, value in values.items():
-                _apply(cfg, f"{section}.{key}", value)
+    for section, values in raw.items():
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (after its ``base``), then ``overrides`` ('a.b=value')."""
+    cfg = Config()
+    for key, value in _read_yaml(Path(path)) if path is not None else []:
+        set_key(cfg, key, value)
     for text in overrides:
-        _apply(cfg, *parse_override(text))
+        set_key(cfg, *parse_override(text))
     validate(cfg)
     return cfg
 
@@ -189,6 +239,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key data.split_ratios: three non-negative ratios summing to 1, got {cfg.data.split_ratios}")
     if cfg.data.fold is not None and not 0 <= cfg.data.fold < cfg.data.num_folds:
         raise ConfigError(f"config key data.fold: must be in [0, {cfg.data.num_folds}), got {cfg.data.fold}")
+    if cfg.ray.num_workers < 1 or cfg.ray.cpus_per_worker < 1 or cfg.ray.gpus_per_worker < 0:
+        raise ConfigError("config keys ray.num_workers and ray.cpus_per_worker must be >= 1, "
+                          "ray.gpus_per_worker >= 0")
+    if cfg.tune.mode not in ("min", "max"):
+        raise ConfigError(f"config key tune.mode: expected min or max, got {cfg.tune.mode!r}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:
         raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
 

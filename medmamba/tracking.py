@@ -22,7 +22,12 @@ DEFAULT_URI = "sqlite:///mlruns.db"
 
 
 def resolve_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The URI to use; a relative SQLite path is made absolute (Ray workers run in other directories)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -13,12 +13,16 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .config import Config, OptimConfig, SchedConfig, save_config
@@ -31,6 +35,13 @@ from .reports import plot_confusion_matrix, plot_roc_curves, plot_training_curve
 from .tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -103,12 +114,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         total += loss.item() * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / count:.4f}")
+    if world()[1] > 1:  # the mean over every rank's examples
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, class probabilities, mean cross-entropy) over ``loader``."""
+    """(labels, class probabilities, mean cross-entropy) over ``loader``.
+
+    Under torch.distributed each rank passes its shard of the data and all ranks receive the
+    predictions of the whole set, so metrics such as AUC are computed over every example.
+    """
     model.eval()
     labels, probs, total = [], [], 0.0
     for x, y in loader:
@@ -116,8 +135,16 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
         total += F.cross_entropy(logits, y.to(device), reduction="sum").item()
         labels.append(y.numpy())
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-    y_all = np.concatenate(labels)
-    return y_all, np.concatenate(probs), total / max(len(y_all), 1)
+    num_classes = probs[0].shape[1] if probs else 0
+    parts = [(np.concatenate(labels) if labels else np.zeros(0, np.int64),
+              np.concatenate(probs) if probs else np.zeros((0, num_classes), np.float32), total)]
+    if world()[1] > 1:
+        gathered: list = [None] * world()[1]
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    y_all = np.concatenate([p[0] for p in parts])
+    probs_all = np.concatenate([p[1] for p in parts if len(p[0])])
+    return y_all, probs_all, sum(p[2] for p in parts) / max(len(y_all), 1)
 
 
 def predict_metrics(model: nn.Module, loader: DataLoader, device: torch.device,
@@ -145,11 +172,19 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 
 class Trainer:
-    """Runs a config's recipe on ``data``, writing checkpoints and metrics under ``output_dir``."""
+    """Runs a config's recipe on ``data``, writing checkpoints and metrics under ``output_dir``.
+
+    Inside a torch.distributed process group (Ray Train workers) the model is wrapped in DDP,
+    each rank trains on its DistributedSampler shard of the train set (``train.batch_size`` stays
+    the global batch) and evaluates its shard of val/test; metrics are computed on the gathered
+    predictions of the whole split. Every rank keeps its own checkpoints (for resuming); only the
+    rank given a tracker logs. ``on_report(metrics)`` is called on every rank after each epoch's
+    ``last.pt`` is written, and once more with the ``test_*`` metrics when ``fit(test=True)``.
+    """
 
     def __init__(self, cfg: Config, data: Datasets, output_dir: str | Path, tracker: Tracker | None = None,
-                 progress: bool = True):
-        self.cfg, self.data, self.tracker, self.progress = cfg, data, tracker, progress
+                 progress: bool = True, on_report: Callable[[dict], None] | None = None):
+        self.cfg, self.data, self.tracker, self.progress, self.on_report = cfg, data, tracker, progress, on_report
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
@@ -163,12 +198,24 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.sched)
         use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
-        t = cfg.train
+        t, (rank, size) = cfg.train, world()
+        self.sampler = None
+        self.train_model: nn.Module = self.model
+        if size > 1:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.sampler = DistributedSampler(data.train, num_replicas=size, rank=rank, shuffle=True, seed=t.seed)
+        batch = math.ceil(t.batch_size / size)
+
+        def shard(dataset: Dataset) -> Dataset:
+            return dataset if size == 1 else Subset(dataset, range(rank, len(dataset), size))
+
         self.loaders = {
-            "train": make_loader(data.train, t.batch_size, True, t.seed, cfg.data.num_workers),
-            "val": make_loader(data.val, t.batch_size, False, num_workers=cfg.data.num_workers),
-            "test": make_loader(data.test, t.batch_size, False, num_workers=cfg.data.num_workers),
+            "train": make_loader(data.train, batch, True, t.seed, cfg.data.num_workers, sampler=self.sampler),
+            "val": make_loader(shard(data.val), batch, False, num_workers=cfg.data.num_workers),
+            "test": make_loader(shard(data.test), batch, False, num_workers=cfg.data.num_workers),
         }
+        self.is_main = rank == 0
         self.epoch, self.best, self.best_epoch, self.history, self.run_id = 0, None, 0, [], None
 
     def _checkpoint(self) -> dict:
@@ -191,12 +238,14 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         log.info("resumed from %s after epoch %d", path, self.epoch)
 
-    def fit(self, resume: bool = False) -> dict:
-        """Train, keep the best checkpoint, and return the best checkpoint's test metrics."""
+    def fit(self, resume: bool = False, test: bool = True) -> dict:
+        """Train, keep the best checkpoint, and return the best checkpoint's test metrics
+        (with ``test=False``: the last epoch's history row, and no test pass)."""
         cfg, last = self.cfg, self.out / "last.pt"
         if resume and last.is_file():
             self._restore(last)
-        save_config(cfg, self.out / "config.yaml")
+        if self.is_main:
+            save_config(cfg, self.out / "config.yaml")
         if self.tracker:
             tags = {"git_commit": git_commit(), "dataset": self.data.name, "dataset_md5": self.data.checksum,
                     "model": cfg.model.name, "parameters": count_params(self.model)}
@@ -204,7 +253,7 @@ class Trainer:
             self._backfill_metrics()
         try:
             self._train_epochs(last)
-            metrics = self._test()
+            metrics = self._test() if test else dict(self.history[-1] if self.history else {})
         except KeyboardInterrupt:
             if self.tracker:
                 self.tracker.end("KILLED")
@@ -233,7 +282,9 @@ class Trainer:
                 break
             self.epoch += 1
             lr = self.optimizer.param_groups[0]["lr"]
-            train_loss = train_one_epoch(self.model, self.loaders["train"], self.optimizer, self.device,
+            if self.sampler is not None:
+                self.sampler.set_epoch(self.epoch)
+            train_loss = train_one_epoch(self.train_model, self.loaders["train"], self.optimizer, self.device,
                                          self.scaler, self.epoch, self.progress)
             self.scheduler.step()
             val = evaluate(self.model, self.loaders["val"], self.device, self.data.class_names)
@@ -249,6 +300,8 @@ class Trainer:
             _atomic_save(self._checkpoint(), last)
             if self.tracker:
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
+            if self.on_report:
+                self.on_report(dict(row))
             log.info("epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor,
                      val[monitor], "  (best)" if improved else "")
             if self.progress:
@@ -262,9 +315,12 @@ class Trainer:
         metrics, labels, probs = predict_metrics(self.model, self.loaders["test"], self.device,
                                                  self.data.class_names)
         metrics["best_epoch"] = self.best_epoch
-        write_report(metrics, labels, probs, self.data.class_names, self.out, self.tracker, self.history)
+        if self.is_main:
+            write_report(metrics, labels, probs, self.data.class_names, self.out, self.tracker, self.history)
         if self.tracker:
             self.tracker.log_model(self.model)
+        if self.on_report:
+            self.on_report({"epoch": self.epoch, **{f"test_{k}": v for k, v in metrics.items() if k in METRIC_KEYS}})
         return metrics
 
 

@@ -1,0 +1,28 @@
+"""Connecting to Ray and checking that a request fits the cluster before anything starts."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from medmamba.errors import ConfigError
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS, which `ray job submit` sets); without
+    either, start a local one. Idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None,
+             configure_logging=False)
+
+
+def check_resources(cpus: float, gpus: float, what: str) -> None:
+    """ConfigError unless one unit of work (``what``) asking for ``cpus`` and ``gpus`` fits on
+    the cluster's total resources."""
+    total = ray.cluster_resources()
+    have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
+    if cpus > have_cpu or gpus > have_gpu:
+        raise ConfigError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
+                          f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all")

@@ -1,0 +1,324 @@
+"""Hyperparameter sweeps: Ray Tune with Optuna's TPE sampler and ASHA early stopping.
+
+The search space is data (``tune.space`` in the config). Every trial runs the single-process
+``Trainer`` with the trial's parameters applied to the base recipe and reports each epoch's
+validation metrics (and its output directory as a checkpoint) to Tune; ASHA stops weak trials
+early. The driver logs one MLflow parent run per sweep and one nested child run per trial,
+then writes the leaderboard, ``best_config.yaml``, Optuna's plots, and the best trial's test
+metrics. ``--resume`` restores the Tune experiment, Optuna's state included, and the MLflow runs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from medmamba.config import Config, config_from_dict, save_config, set_key, validate
+from medmamba.data import build_datasets
+from medmamba.errors import ConfigError
+from medmamba.registry import create_model
+from medmamba.tracking import Tracker, resolve_uri
+from medmamba.train import Trainer, make_loader, predict_metrics, resolve_device, write_report
+
+from .cluster import check_resources, init_ray
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "sweep.json"  # the parent MLflow run and the Tune experiment of an output directory
+EXPERIMENT = "sweep"
+MILESTONES = "sched.milestones"  # searched as fractions of train.epochs
+
+
+def _fractions(text: Any) -> list[float]:
+    try:
+        fractions = [float(part) for part in str(text).split(",")]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(f"tune.space.{MILESTONES}: each choice is a comma-separated list of fractions of "
+                          f"train.epochs in (0, 1], e.g. \"0.5,0.75\"; got {text!r}")
+    return fractions
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with a trial's parameters set (milestone fractions turned into epochs)."""
+    new = config_from_dict(cfg.to_dict())
+    for key, value in params.items():
+        if key == MILESTONES:
+            epochs = new.train.epochs
+            value = sorted({min(epochs, max(1, round(f * epochs))) for f in _fractions(value)})
+        set_key(new, key, value)
+    validate(new)
+    return new
+
+
+def _check_bounds(key: str, kind: str, bounds: Any) -> tuple[float, float]:
+    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+        raise ConfigError(f"tune.space.{key}: {kind} takes [low, high], got {bounds!r}")
+    low, high = bounds
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ConfigError(f"tune.space.{key}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, "
+                          f"got {bounds!r}")
+    return low, high
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune's search space from ``cfg.tune.space``; every value it can draw is checked against the
+    config schema first, so a bad space fails before any trial starts."""
+    space = cfg.tune.space
+    if not space:
+        raise ConfigError("tune.space is empty: give at least one key, e.g. optim.lr: {loguniform: [1.0e-5, 1.0e-2]}")
+    domains = {}
+    for key, spec in space.items():
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"tune.space.{key}: expected one of {{choice: [...]}}, {{loguniform: [low, high]}}, "
+                              f"{{uniform: [low, high]}}, {{randint: [low, high]}}; got {spec!r}")
+        (kind, arg), = spec.items()
+        if kind == "choice":
+            if not isinstance(arg, list) or not arg:
+                raise ConfigError(f"tune.space.{key}: choice takes a non-empty list, got {arg!r}")
+            samples, domain = arg, tune.choice(arg)
+        elif kind in ("loguniform", "uniform"):
+            low, high = _check_bounds(key, kind, arg)
+            samples, domain = [low, high], (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high)
+        elif kind == "randint":
+            low, high = _check_bounds(key, kind, arg)
+            samples, domain = [int(low), int(high) - 1], tune.randint(int(low), int(high))
+        else:
+            raise ConfigError(f"tune.space.{key}: unknown kind {kind!r}; use choice, loguniform, uniform or randint")
+        for value in samples:
+            try:
+                apply_params(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key} can draw {value!r}, which the config refuses: {exc}") from exc
+        domains[key] = domain
+    return domains
+
+
+def optuna_distributions(cfg: Config) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The search space in Optuna's terms, for its plots."""
+    dists = {}
+    for key, spec in cfg.tune.space.items():
+        (kind, arg), = spec.items()
+        if kind == "choice":
+            dists[key] = optuna.distributions.CategoricalDistribution(arg)
+        elif kind == "randint":
+            dists[key] = optuna.distributions.IntDistribution(int(arg[0]), int(arg[1]) - 1)
+        else:
+            dists[key] = optuna.distributions.FloatDistribution(arg[0], arg[1], log=kind == "loguniform")
+    return dists
+
+
+def run_trial(params: dict, base: dict) -> None:
+    """One trial: the base recipe with ``params``; each epoch reported to Tune with a checkpoint."""
+    cfg = apply_params(config_from_dict(base), params)
+    with tempfile.TemporaryDirectory(prefix="medmamba-trial-") as tmp:
+        out = Path(tmp)
+        checkpoint = tune.get_checkpoint()
+        if checkpoint:  # a retried or resumed trial continues from its last epoch
+            with checkpoint.as_directory() as saved:
+                shutil.copytree(saved, out, dirs_exist_ok=True)
+
+        def report(row: dict) -> None:
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(out))
+
+        Trainer(cfg, build_datasets(cfg.data), out, progress=False, on_report=report).fit(
+            resume=checkpoint is not None, test=False)
+
+
+class MlflowTrials(tune.Callback):
+    """One MLflow run per trial, nested under the sweep's parent run; found again after a resume."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, keys: list[str]):
+        self.uri, self.experiment, self.parent, self.keys = uri, experiment, parent_run_id, keys
+        self._trackers: dict[str, Tracker] = {}
+
+    def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; clients stay behind
+        return {**self.__dict__, "_trackers": {}}
+
+    def tracker(self, trial) -> Tracker:
+        if trial.trial_id not in self._trackers:
+            tracker = Tracker(self.uri, self.experiment)
+            found = tracker.client.search_runs(
+                [tracker.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.trial_id = '{trial.trial_id}'")
+            params = {k: trial.config[k] for k in self.keys if k in trial.config}
+            tags = {"mlflow.parentRunId": self.parent, "trial_id": trial.trial_id}
+            tracker.start(f"trial_{trial.trial_id}", params, tags, run_id=found[0].info.run_id if found else None)
+            self._trackers[trial.trial_id] = tracker
+        return self._trackers[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.tracker(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        row = {k: v for k, v in result.items() if k in ("lr", "train_loss") or k.startswith("val_")}
+        self.tracker(trial).log_metrics(row, step=int(result.get("epoch", result["training_iteration"])))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.tracker(trial).end("FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.tracker(trial).end("FAILED")
+
+
+def _trial_id(result: tune.Result) -> str:
+    return str(result.metrics.get("trial_id") or Path(result.path).name)
+
+
+def leaderboard(results: tune.ResultGrid, cfg: Config) -> list[dict]:
+    """One row per trial, best first: trial, its parameters, its best validation metric, epochs run."""
+    metric, keys, rows = cfg.tune.metric, list(cfg.tune.space), []
+    for result in results:
+        df = result.metrics_dataframe
+        reported = df is not None and metric in df and df[metric].notna().any()
+        value = (df[metric].max() if cfg.tune.mode == "max" else df[metric].min()) if reported else math.nan
+        epochs = int(df["epoch"].max()) if reported else 0
+        status = "error" if result.error else ("stopped early" if epochs < cfg.train.epochs else "complete")
+        rows.append({"trial": _trial_id(result), **{k: result.config.get(k) for k in keys},
+                     metric: float(value), "epochs": epochs, "status": status})
+    sign = -1 if cfg.tune.mode == "max" else 1
+    return sorted(rows, key=lambda r: (math.isnan(r[metric]), sign * (0 if math.isnan(r[metric]) else r[metric])))
+
+
+def _write_leaderboard(rows: list[dict], out: Path, title: str) -> Path:
+    import csv
+
+    from rich.console import Console
+    from rich.table import Table
+
+    path = out / "leaderboard.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)
+    return path
+
+
+def _optuna_plots(rows: list[dict], cfg: Config, out: Path) -> list[Path]:
+    """Optimisation history, parameter importances and parallel coordinates as PNG, drawn by
+    Optuna from the finished trials."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    metric, dists = cfg.tune.metric, optuna_distributions(cfg)
+    study = optuna.create_study(direction="maximize" if cfg.tune.mode == "max" else "minimize")
+    for row in rows:
+        if not math.isnan(row[metric]):
+            study.add_trial(optuna.trial.create_trial(params={k: row[k] for k in dists}, distributions=dists,
+                                                      value=row[metric]))
+    paths = []
+    for name, plot in (("optuna_history", ovm.plot_optimization_history),
+                       ("optuna_importances", ovm.plot_param_importances),
+                       ("optuna_parallel", ovm.plot_parallel_coordinate)):
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. too few finished trials for importances
+            log.warning("no %s plot: %s", name, exc)
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out / f"{name}.png")
+    return paths
+
+
+def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, tracker: Tracker | None) -> dict:
+    """The best trial's best epoch on the test split, written like a training run's output."""
+    with checkpoint.as_directory() as saved:
+        shutil.copy2(Path(saved) / "best.pt", out / "best.pt")
+    data = build_datasets(cfg.data)
+    device = resolve_device(cfg.train.device)
+    model = create_model(cfg.model.name, num_classes=data.num_classes, checkpoint=out / "best.pt").to(device)
+    loader = make_loader(data.test, cfg.train.batch_size, shuffle=False)
+    metrics, labels, probs = predict_metrics(model, loader, device, data.class_names)
+    write_report(metrics, labels, probs, data.class_names, out, tracker)
+    return metrics
+
+
+def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = None, resume: bool = False) -> dict:
+    """Run (or with ``resume``, continue) the sweep of ``cfg.tune`` into ``output_dir``; returns
+    ``{"best_params", "best_value", "test_metrics", "leaderboard"}``. ``tracking_uri=None``: no MLflow."""
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t = cfg.tune
+    space = search_space(cfg)
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # trials run in other directories
+    init_ray(cfg.ray.address)
+    check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)")
+    state_file = out / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state and not resume:
+        raise ConfigError(f"{out} already holds a sweep; continue it with --resume or choose another --output-dir")
+    if state is None:
+        state = {"storage_path": cfg.ray.storage_path or str(out / "ray"), "parent_run_id": None,
+                 "name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
+    parent = None
+    if tracking_uri is not None:
+        parent = Tracker(resolve_uri(tracking_uri), cfg.mlflow.experiment)
+        state["parent_run_id"] = parent.start(state["name"], cfg.flat(), {"kind": "sweep", "output_dir": out},
+                                              run_id=state["parent_run_id"])
+    state_file.write_text(json.dumps(state))
+    path = f"{state['storage_path']}/{EXPERIMENT}"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()),
+                                    {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
+    try:
+        if resume and tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            callbacks = [MlflowTrials(parent.uri, cfg.mlflow.experiment, state["parent_run_id"], list(space))] if parent else []
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent,
+                    search_alg=OptunaSearch(seed=t.seed),
+                    scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=t.grace_period,
+                                            reduction_factor=t.reduction_factor)),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=state["storage_path"], callbacks=callbacks,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        results = tuner.fit()
+        rows = leaderboard(results, cfg)
+        if math.isnan(rows[0][t.metric]):
+            raise ConfigError(f"no trial reported {t.metric}; see the trial errors above")
+        best_row = rows[0]
+        best = next(r for r in results if _trial_id(r) == best_row["trial"])
+        best_params = {k: best.config[k] for k in space}
+        best_cfg = apply_params(cfg, best_params)
+        save_config(best_cfg, out / "best_config.yaml")
+        files = [_write_leaderboard(rows, out, f"sweep: {len(rows)} trials, by best {t.metric}"),
+                 out / "best_config.yaml", *_optuna_plots(rows, cfg, out)]
+        test = _test_best(best_cfg, best.checkpoint, out, parent)
+    except BaseException:
+        if parent:
+            parent.end("FAILED")
+        raise
+    if parent:
+        parent.set_tags({"best_trial": best_row["trial"], **{f"best.{k}": v for k, v in best_params.items()}})
+        parent.log_metrics({f"best_{t.metric}": best_row[t.metric]})
+        for file in files:
+            parent.log_artifact(file)
+        for run in parent.client.search_runs(
+                [parent.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.trial_id = '{best_row['trial']}'"):
+            parent.client.set_tag(run.info.run_id, "best_trial", "true")
+        parent.end("FINISHED")
+    return {"best_params": best_params, "best_value": rows[0][t.metric], "test_metrics": test, "leaderboard": rows}
