@@ -287,6 +287,9 @@ class Trainer:
             train_loss = train_one_epoch(self.train_model, self.loaders["train"], self.optimizer, self.device,
                                          self.scaler, self.epoch, self.progress)
             self.scheduler.step()
+            if self.sampler is not None:  # BatchNorm statistics drift apart per rank: use rank 0's everywhere
+                for buffer in self.model.buffers():
+                    dist.broadcast(buffer, src=0)
             val = evaluate(self.model, self.loaders["val"], self.device, self.data.class_names)
             row = {"epoch": self.epoch, "lr": lr, "train_loss": train_loss,
                    **{f"val_{k}": v for k, v in val.items() if k in ("accuracy", "auc", "f1", "loss")}}
@@ -298,10 +301,10 @@ class Trainer:
                               "class_names": self.data.class_names, "epoch": self.epoch, "val": val},
                              self.out / "best.pt")
             _atomic_save(self._checkpoint(), last)
+            if self.on_report:  # before MLflow: an epoch is logged only once its checkpoint is persisted
+                self.on_report(dict(row))
             if self.tracker:
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
-            if self.on_report:
-                self.on_report(dict(row))
             log.info("epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor,
                      val[monitor], "  (best)" if improved else "")
             if self.progress:

@@ -14,8 +14,7 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None,
-             configure_logging=False)
+    ray.init(address=address, configure_logging=False)
 
 
 def check_resources(cpus: float, gpus: float, what: str) -> None:

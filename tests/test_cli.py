@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,20 +10,15 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port
 from medmamba.cli import main
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with a SQLite store."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
          "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
@@ -71,7 +65,7 @@ def test_train_to_a_tracking_server_then_evaluate(medmnist_root, mlflow_server, 
 
 def test_unreachable_tracking_server_fails_before_training(medmnist_root, tmp_path, capsys):
     start = time.time()
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", uri)) == 2
     assert f"MLflow tracking server {uri} is unreachable" in capsys.readouterr().err
     assert time.time() - start < 30 and not (tmp_path / "run" / "last.pt").exists()

@@ -1,0 +1,228 @@
+"""Ray Train and Ray Tune on a real local Ray cluster, logged to a real MLflow store."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from medmamba.cli import main
+from medmamba.config import load_config
+from medmamba.errors import ConfigError
+from medmamba.metrics import METRIC_KEYS
+from medmamba.orchestrator.sweep import apply_params, run_sweep, search_space
+from medmamba.orchestrator.train import train_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sweep_cfg(medmnist_root, *extra):
+    return load_config(ROOT / "configs/sweep_quick.yaml",
+                       [f"data.root={medmnist_root}", "tune.num_samples=4", "train.epochs=2", *extra])
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+# --- the search space, checked before anything starts (no Ray needed) ---------------------------
+
+@pytest.mark.parametrize("space, message", [
+    ({}, "tune.space is empty"),
+    ({"optim.name": {"choice": ["adam", "adagrad"]}}, "can draw 'adagrad'"),
+    ({"optim.lr": {"loguniform": [0, 1e-2]}}, "0 < low < high"),
+    ({"optim.lr": {"uniform": [1e-2, 1e-3]}}, "low < high"),
+    ({"optim.lr": {"normal": [0, 1]}}, "unknown kind 'normal'"),
+    ({"optim.lr": [1e-3, 1e-2]}, "expected one of"),
+    ({"optim.lrate": {"choice": [1e-3]}}, "unknown config key 'optim.lrate'"),
+    ({"sched.milestones": {"choice": ["0.5", "1.5"]}}, "fractions of train.epochs in (0, 1]"),
+    ({"sched.gamma": {"choice": []}}, "non-empty list"),
+])
+def test_a_bad_search_space_is_refused_with_the_key(space, message):
+    cfg = load_config(ROOT / "configs/sweep_quick.yaml")
+    cfg.tune.space = space
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        search_space(cfg)
+
+
+def test_milestone_fractions_become_epochs_and_other_keys_are_set():
+    cfg = load_config(ROOT / "configs/sweep_quick.yaml", ["train.epochs=10"])
+    new = apply_params(cfg, {"sched.milestones": "0.5,0.75", "optim.name": "sgd", "train.batch_size": 32})
+    assert new.sched.milestones == [5, 8] and new.optim.name == "sgd" and new.train.batch_size == 32
+    assert cfg.sched.milestones == [2] and cfg.optim.name == "adamw"  # the base is not changed
+    assert set(search_space(cfg)) == {"optim.name", "optim.lr", "sched.milestones", "sched.gamma",
+                                      "optim.weight_decay"}
+
+
+def test_the_sweep_config_extends_the_quick_recipe():
+    quick, sweep = load_config(ROOT / "configs/quick.yaml"), load_config(ROOT / "configs/sweep_quick.yaml")
+    assert sweep.model == quick.model and sweep.optim == quick.optim and sweep.sched == quick.sched
+    assert sweep.data.name == "breastmnist" and sweep.tune.num_samples >= 4
+
+
+# --- Ray Tune -------------------------------------------------------------------------------------
+
+def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, medmnist_root, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "sweep"
+    summary = run_sweep(_sweep_cfg(medmnist_root), out, uri)
+    board = summary["leaderboard"]
+    assert len(board) == 4 and all(row["status"] != "error" for row in board)
+    assert any(row["status"] == "stopped early" and row["epochs"] == 1 for row in board)  # ASHA
+    assert board[0]["val_auc"] == max(row["val_auc"] for row in board) == summary["best_value"]
+    best = load_config(out / "best_config.yaml")  # a config `medmamba train` accepts
+    assert best.optim.name == summary["best_params"]["optim.name"]
+    assert best.optim.lr == pytest.approx(summary["best_params"]["optim.lr"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(map(sum, metrics["confusion_matrix"])) == 156  # BreastMNIST's whole test split
+    assert metrics["auc"] == pytest.approx(summary["test_metrics"]["auc"])
+    for name in ("leaderboard.csv", "optuna_history.png", "optuna_importances.png", "optuna_parallel.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    client = MlflowClient(uri)
+    parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == board[0]["trial"]
+    assert parent.data.metrics["test_auc"] == pytest.approx(metrics["auc"])
+    assert {"leaderboard.csv", "best_config.yaml", "optuna_history.png"} <= {
+        a.path for a in client.list_artifacts(parent_id)}
+    children = _children(client, parent_id)
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(row["trial"] for row in board)
+    for child in children:
+        row = next(r for r in board if r["trial"] == child.data.tags["trial_id"])
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")]
+        assert steps == list(range(1, row["epochs"] + 1)) and child.info.status == "FINISHED"
+        assert float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
+    assert [c.data.tags.get("best_trial") for c in children].count("true") == 1
+
+    # the best trial's checkpoint is a normal one
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data-root", str(medmnist_root),
+                 "--output-dir", str(tmp_path / "eval"), "--no-mlflow"]) == 0
+    evaluated = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert evaluated["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
+
+    with pytest.raises(ConfigError, match="already holds a sweep"):  # never overwritten silently
+        run_sweep(_sweep_cfg(medmnist_root), out, uri)
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
+            "--set", f"data.root={medmnist_root}", "--set", "tune.num_samples=4", "--set", "train.epochs=2",
+            "--set", "tune.max_concurrent=1", "--output-dir", str(out), "--tracking-uri", uri]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_cluster["env"])
+    client, deadline, done = MlflowClient(uri), time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None:
+        state = out / "sweep.json"
+        if state.is_file():
+            parent_id = json.loads(state.read_text())["parent_run_id"]
+            done = [c for c in _children(client, parent_id) if c.info.status == "FINISHED"]
+            if done:
+                break
+        time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done, "no trial finished before the kill"
+    finished_before = {c.data.tags["trial_id"]: c.info.run_id for c in done}
+
+    assert main(args[3:] + ["--resume"]) == 0
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent_id)
+    assert len(children) == 4, "a trial was run twice or lost"
+    for trial_id, run_id in finished_before.items():  # finished trials kept their run and did not re-run
+        steps = [m.step for m in client.get_metric_history(run_id, "val_auc")]
+        assert steps == sorted(set(steps)), f"trial {trial_id} logged an epoch twice"
+    board = (out / "leaderboard.csv").read_text().splitlines()
+    assert len(board) == 1 + 4
+
+
+def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, medmnist_root, tmp_path):
+    with pytest.raises(ConfigError, match="asks for 64 CPUs .* cluster has 2 CPUs"):
+        run_sweep(_sweep_cfg(medmnist_root, "tune.cpus_per_trial=64"), tmp_path / "sweep", None)
+    assert not (tmp_path / "sweep/ray").exists()
+
+
+# --- Ray Train -----------------------------------------------------------------------------------
+
+def _train_cfg(medmnist_root, *extra):
+    return load_config(ROOT / "configs/quick.yaml", ["data.name=breastmnist", f"data.root={medmnist_root}",
+                                                     "ray.num_workers=2", *extra])
+
+
+def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster, medmnist_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "ddp"
+    metrics = train_distributed(_train_cfg(medmnist_root, "train.epochs=2"), out, uri)
+    for name in ("best.pt", "last.pt", "metrics.json", "history.json", "config.yaml", "roc.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(METRIC_KEYS) | {"confusion_matrix", "per_class", "best_epoch"} == set(saved)
+    assert sum(map(sum, saved["confusion_matrix"])) == 156  # every test image once, gathered from 2 ranks
+    assert saved["auc"] == pytest.approx(metrics["auc"]) and 0.5 < saved["auc"] <= 1
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert run.data.metrics["test_auc"] == pytest.approx(saved["auc"])
+
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data-root", str(medmnist_root),
+                 "--output-dir", str(tmp_path / "eval"), "--no-mlflow"]) == 0
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["auc"] == pytest.approx(saved["auc"], abs=1e-6)
+
+
+def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster, medmnist_root, tmp_path):
+    from ray.util.state import list_actors
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "medmamba.cli", "train", "--config", str(ROOT / "configs/quick.yaml"),
+            "--set", "data.name=breastmnist", "--set", f"data.root={medmnist_root}", "--set", "train.epochs=3",
+            "--workers", "2", "--output-dir", str(out), "--tracking-uri", uri]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ray_cluster["env"])
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        if list((out / "ray").glob("*/checkpoint_*")):  # epoch 1 is checkpointed
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                killed = workers[-1]["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    output, _ = proc.communicate(timeout=400)
+    assert killed is not None, "no worker to kill:\n" + output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+
+
+# --- a Ray job -----------------------------------------------------------------------------------
+
+def test_ray_job_submit_runs_a_sweep_and_reports_its_outcome(ray_cluster, medmnist_root, tmp_path):
+    out = tmp_path / "job"
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+           "--working-dir", str(ROOT), "--", "medmamba", "tune", "--config", "configs/sweep_quick.yaml",
+           "--set", f"data.root={medmnist_root}", "--set", "tune.num_samples=2", "--set", "train.epochs=1",
+           "--output-dir", str(out), "--no-mlflow"]
+    job = subprocess.run(cmd, capture_output=True, text=True, env=ray_cluster["env"], timeout=500)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "best val_auc" in job.stdout and "succeeded" in job.stdout
+    assert (out / "best_config.yaml").is_file() and (out / "metrics.json").is_file()
+    bad = subprocess.run(cmd[:7] + ["--", "medmamba", "tune", "--config", "configs/sweep_quick.yaml",
+                                    "--set", "optim.name=adagrad", "--output-dir", str(tmp_path / "bad")],
+                         capture_output=True, text=True, env=ray_cluster["env"], timeout=300)
+    assert bad.returncode != 0 and "optim.name" in bad.stdout + bad.stderr
