@@ -81,6 +81,24 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _federate(args: argparse.Namespace) -> int:
+    from medmamba.federated.simulation import run_federated
+
+    from .tracking import resolve_uri
+
+    cfg = load_config(args.config, args.set)
+    uri = None if args.no_mlflow else resolve_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
+    report = run_federated(cfg, args.output_dir, uri, resume=args.resume)
+    last = report["rounds"][-1]
+    print_metrics(last["global"], f"global model after round {last['round']} on the global test set "
+                                  f"({args.output_dir}/best.pt)")
+    if "centralized" in report:
+        print_metrics(report["centralized"], "centralised training on the pooled sites, same test set")
+    for failure in (f for row in report["rounds"] for f in row["failures"]):
+        print(f"failure: {failure}")
+    return 0
+
+
 def _cross_validate(cfg, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -173,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     tune.add_argument("--no-mlflow", action="store_true")
     tune.set_defaults(func=_tune)
+
+    fed = sub.add_parser("federate", help="a Flower simulation of multi-hospital training")
+    fed.add_argument("--config", type=Path, required=True, help="federated config (configs/federated_*.yaml)")
+    fed.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    fed.add_argument("--output-dir", type=Path, required=True)
+    fed.add_argument("--resume", action="store_true", help="continue after the last completed round")
+    fed.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    fed.add_argument("--no-mlflow", action="store_true")
+    fed.set_defaults(func=_federate)
 
     ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
     ev.add_argument("--checkpoint", required=True)

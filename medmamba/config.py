@@ -82,6 +82,7 @@ class RayConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0
     max_failures: int = 2  # restarts of the worker group (Train) or of a trial (Tune) after a failure
+    autoscaling: bool = False  # true: the cluster adds nodes on demand; skip the check against its current size
 
 
 @dataclass
@@ -101,6 +102,25 @@ class TuneConfig:
 
 
 @dataclass
+class FederatedConfig:
+    partition: str = "iid"  # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew) or quantity
+    num_sites: int = 3  # simulated partitions; natural: the number of site folders
+    alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
+    strategy: str = "fedavg"  # fedavg, fedprox or fedbn (BatchNorm layers stay local)
+    mu: float = 0.01  # fedprox proximal term
+    rounds: int = 3
+    local_epochs: int = 1
+    fraction_fit: float = 1.0  # share of the sites sampled to train each round
+    min_clients: int = 2  # sites that must train (and be available) each round
+    client_cpus: float = 1  # resources of one simulated site
+    client_gpus: float = 0
+    dp_clipping_norm: float | None = None  # client-side differential privacy: on when set
+    dp_noise_multiplier: float = 0.0
+    centralized_baseline: bool = False  # also train on the pooled sites for rounds x local_epochs epochs
+    round_timeout: float = 3600  # seconds the server waits for a round's replies
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -110,6 +130,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,6 +265,21 @@ def validate(cfg: Config) -> None:
                           "ray.gpus_per_worker >= 0")
     if cfg.tune.mode not in ("min", "max"):
         raise ConfigError(f"config key tune.mode: expected min or max, got {cfg.tune.mode!r}")
+    fed = cfg.federated
+    if fed.partition not in ("natural", "iid", "dirichlet", "quantity"):
+        raise ConfigError(f"config key federated.partition: expected natural, iid, dirichlet or quantity, "
+                          f"got {fed.partition!r}")
+    if fed.strategy not in ("fedavg", "fedprox", "fedbn"):
+        raise ConfigError(f"config key federated.strategy: expected fedavg, fedprox or fedbn, got {fed.strategy!r}")
+    if not fed.alpha > 0:
+        raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")
+    if fed.num_sites < 1 or fed.rounds < 1 or fed.local_epochs < 1 or fed.min_clients < 1:
+        raise ConfigError("config keys federated.num_sites, rounds, local_epochs and min_clients must be >= 1")
+    if fed.min_clients > fed.num_sites:
+        raise ConfigError(f"config key federated.min_clients is {fed.min_clients} but there are only "
+                          f"{fed.num_sites} sites (federated.num_sites)")
+    if not 0 < fed.fraction_fit <= 1:
+        raise ConfigError(f"config key federated.fraction_fit: must be in (0, 1], got {fed.fraction_fit}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:
         raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
 

@@ -15,7 +15,7 @@ import medmnist
 import numpy as np
 from PIL import Image
 from sklearn.model_selection import StratifiedKFold, train_test_split
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import transforms
 
 from .config import DataConfig
@@ -52,10 +52,11 @@ def image_transform(size: int, augment: str = "none") -> transforms.Compose:
     return transforms.Compose(steps)
 
 
-def build_datasets(cfg: DataConfig) -> Datasets:
-    """The configured dataset's train, val and test splits."""
+def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datasets:
+    """The configured dataset's train, val and test splits. ``classes`` fixes an image folder's
+    class list (and label indices), e.g. the same for every hospital of a federation."""
     if cfg.name == "folder":
-        return _folder_datasets(cfg)
+        return _folder_datasets(cfg, classes)
     if cfg.name in MEDMNIST_2D:
         return _medmnist_datasets(cfg)
     known = ", ".join(MEDMNIST_2D)
@@ -168,7 +169,18 @@ def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path,
     return good
 
 
-def _folder_datasets(cfg: DataConfig) -> Datasets:
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Every example's class index, without loading images (MedMNIST, image folders, Subset, ConcatDataset)."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if isinstance(dataset, ConcatDataset):
+        return np.concatenate([labels_of(d) for d in dataset.datasets])
+    if isinstance(dataset, ImageFolderSplit):
+        return np.array([label for _, label in dataset.samples], dtype=np.int64)
+    return np.asarray(dataset.labels).reshape(len(dataset), -1)[:, 0].astype(np.int64)  # medmnist
+
+
+def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datasets:
     if not cfg.root:
         raise DataError("data.root is required for data.name=folder")
     root = Path(cfg.root).expanduser()
@@ -179,12 +191,20 @@ def _folder_datasets(cfg: DataConfig) -> Datasets:
         raise DataError(f"{root} has split folders {given}; expected all of {list(SPLITS)} or none")
     if given:
         per_split = {s: _check_images(_scan_classes(root / s), cfg.skip_corrupt) for s in SPLITS}
-        classes = sorted({label for files in per_split.values() for _, label in files})
+        found = {label for files in per_split.values() for _, label in files}
     else:
         files = _check_images(_scan_classes(root), cfg.skip_corrupt)
-        classes = sorted({label for _, label in files})
-    if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class folders with images; need at least 2 (root/<class>/*)")
+        found = {label for _, label in files}
+    if classes is not None:
+        unknown = found - set(classes)
+        if unknown:
+            raise DataError(f"{root} has class folders {sorted(unknown)} that are not among {classes}")
+        missing = sorted(set(classes) - found)
+        if missing:
+            log.warning("%s has no images of %s", root, missing)
+    classes = classes if classes is not None else sorted(found)
+    if len(found) < 2:
+        raise DataError(f"{root}: found {len(found)} class folders with images; need at least 2 (root/<class>/*)")
     if not given:
         per_split = _split_files(files, cfg)
     for split, files in per_split.items():

@@ -57,3 +57,22 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_federated_curves(rounds: list[dict], sites: list[str], centralized: dict | None, path: Path) -> Path:
+    """Test AUC and accuracy per round: the global model on the global test set, each site's
+    model on its own test split, and the pooled (centralised) training as a reference line."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = [row["round"] for row in rounds]
+    for ax, key in zip(axes, ("auc", "accuracy")):
+        ax.plot(x, [row["global"][key] for row in rounds], "k-o", linewidth=2, label="global (global test)")
+        for name in sites:
+            points = [(row["round"], row["sites"][name][f"test_{key}"]) for row in rounds
+                      if f"test_{key}" in row["sites"].get(name, {})]
+            if points:
+                ax.plot(*zip(*points), "--.", label=f"{name} (site test)")
+        if centralized and key in centralized:
+            ax.axhline(centralized[key], color="tab:red", linestyle=":", label="centralised (pooled)")
+        ax.set(xlabel="round", ylabel=f"test {key}", title=f"test {key} per round")
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -77,8 +77,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig) -> torch.
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
                 sampler=None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    training = shuffle or sampler is not None
+    # a final training batch of one example breaks BatchNorm on 1x1 maps (28 px inputs): drop it
+    drop_last = training and len(sampler if sampler is not None else dataset) % batch_size == 1
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, generator=generator, drop_last=False,
+                      num_workers=num_workers, generator=generator, drop_last=drop_last,
                       persistent_workers=num_workers > 0)
 
 

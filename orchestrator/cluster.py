@@ -17,11 +17,13 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, configure_logging=False)
 
 
-def check_resources(cpus: float, gpus: float, what: str) -> None:
+def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = False) -> None:
     """ConfigError unless one unit of work (``what``) asking for ``cpus`` and ``gpus`` fits on
-    the cluster's total resources."""
+    the cluster's total resources (skipped on an autoscaling cluster, which grows on demand)."""
+    if autoscaling:
+        return
     total = ray.cluster_resources()
     have_cpu, have_gpu = total.get("CPU", 0), total.get("GPU", 0)
     if cpus > have_cpu or gpus > have_gpu:
         raise ConfigError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
-                          f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all")
+                          f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all (on an autoscaling cluster set ray.autoscaling=true)")

@@ -263,7 +263,8 @@ def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = No
     if cfg.data.root:
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # trials run in other directories
     init_ray(cfg.ray.address)
-    check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)")
+    check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)",
+                    cfg.ray.autoscaling)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not resume:
@@ -289,6 +290,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = No
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(
                     metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent,
+                    reuse_actors=True,  # no process start and imports per trial
                     search_alg=OptunaSearch(seed=t.seed),
                     scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=t.grace_period,
                                             reduction_factor=t.reduction_factor)),

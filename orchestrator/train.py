@@ -66,7 +66,7 @@ def train_distributed(cfg: Config, output_dir: str | Path, tracking_uri: str | N
     r = cfg.ray
     init_ray(r.address)
     check_resources(r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker,
-                    f"ray.num_workers={r.num_workers} workers")
+                    f"ray.num_workers={r.num_workers} workers", r.autoscaling)
     run_file = out / RUN_FILE
     if resume and run_file.is_file():
         run = json.loads(run_file.read_text())

@@ -103,3 +103,14 @@ def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="train.device is 'cuda' but CUDA is not available"):
         Trainer(_cfg(medmnist_root, "train.device=cuda"), breast, tmp_path, progress=False)
+
+
+def test_a_final_training_batch_of_one_is_dropped_but_never_in_evaluation():
+    from torch.utils.data import TensorDataset
+
+    from medmamba.train import make_loader
+
+    data = TensorDataset(torch.zeros(65, 3, 28, 28), torch.zeros(65, dtype=torch.long))
+    assert [len(y) for _, y in make_loader(data, 64, shuffle=True)] == [64]  # BatchNorm needs 2 per channel
+    assert [len(y) for _, y in make_loader(data, 64, shuffle=False)] == [64, 1]
+    assert [len(y) for _, y in make_loader(TensorDataset(torch.zeros(66, 1), torch.zeros(66)), 64, True)] == [64, 2]

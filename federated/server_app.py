@@ -1,0 +1,246 @@
+"""The Flower ServerApp: rounds of a strategy, the global model on the held-out test set, per-site
+metrics, a checkpoint and a report after every round, everything logged to MLflow.
+
+The strategy comes from ``federated.strategy``: FedAvg, FedProx (``federated.mu``) or FedBN
+(FedAvg on the server; each site keeps its BatchNorm layers, see client_app). With
+``federated.dp_clipping_norm`` it is wrapped in Flower's client-side fixed-clipping differential
+privacy. Failed sites are dropped from a round (their error, naming the site, is logged and kept
+in the report) as long as one site answers.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
+
+from medmamba.config import Config
+from medmamba.metrics import METRIC_KEYS
+from medmamba.reports import plot_federated_curves
+from medmamba.tracking import Tracker, git_commit
+from medmamba.train import make_loader, predict_metrics
+
+from .task import device_for, global_test_set, new_model, site_names
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "federated_state.pt"  # the global model and the report after the last completed round
+REPORT_FILE = "federated_report.json"
+SITE_KEYS = ("train_loss",) + tuple(f"{s}_{k}" for s in ("val", "test") for k in METRIC_KEYS)
+
+
+def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of every metric over the sites that have it (NaN, e.g. an AUC on a
+    site with one class, is left out rather than spreading to the mean)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])
+        for key, value in metrics.items():
+            if key in (weight_key, "site") or not math.isfinite(float(value)):
+                continue
+            sums[key] = sums.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    return MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
+
+
+class RoundRecorder:
+    """What the strategy heard from each site in each round, and which sites failed."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.sites: dict[int, dict[str, dict[str, float]]] = {}
+        self.failures: dict[int, list[str]] = {}
+
+    def record(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                self.failures.setdefault(server_round, []).append(self._describe_error(msg))
+                log.warning("round %d: %s", server_round, self.failures[server_round][-1])
+                continue
+            metrics = next(iter(msg.content.metric_records.values()))
+            name = self.names[int(metrics["site"])]
+            row = self.sites.setdefault(server_round, {}).setdefault(name, {})
+            row.update({k: float(v) for k, v in metrics.items() if k in SITE_KEYS})
+        return replies
+
+    def _describe_error(self, msg: Message) -> str:
+        reason = msg.error.reason
+        for i, name in enumerate(self.names):  # the client's SiteError names its index
+            marker = f"site {i} failed"
+            if marker in reason:
+                first, *rest = reason.split(marker, 1)[1].splitlines()
+                details = [line.strip() for line in itertools.takewhile(
+                    lambda line: line.startswith("  ") and "raise " not in line, rest)][:5]
+                return " ".join([f"site {name} failed{first}", *details])
+        return f"node {msg.metadata.src_node_id}: {reason.strip().splitlines()[-1] if reason.strip() else 'no reason'}"
+
+
+def _recording(base: type) -> type:
+    class Recording(base):
+        recorder: RoundRecorder
+
+        def aggregate_train(self, server_round, replies):
+            return super().aggregate_train(server_round, self.recorder.record(server_round, replies))
+
+        def aggregate_evaluate(self, server_round, replies):
+            return super().aggregate_evaluate(server_round, self.recorder.record(server_round, replies))
+
+    Recording.__name__ = base.__name__
+    return Recording
+
+
+def make_strategy(cfg: Config, recorder: RoundRecorder, num_sites: int):
+    fed = cfg.federated
+    common = dict(fraction_train=fed.fraction_fit, fraction_evaluate=1.0, min_train_nodes=fed.min_clients,
+                  min_evaluate_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
+                  train_metrics_aggr_fn=weighted_mean, evaluate_metrics_aggr_fn=weighted_mean)
+    if fed.strategy == "fedprox":
+        strategy = _recording(FedProx)(proximal_mu=fed.mu, **common)
+    else:  # fedavg; fedbn aggregates like FedAvg, its difference is on the clients
+        strategy = _recording(FedAvg)(**common)
+    strategy.recorder = recorder
+    if fed.dp_clipping_norm is not None:
+        sampled = max(fed.min_clients, int(num_sites * fed.fraction_fit))
+        return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=fed.dp_noise_multiplier,
+                                                          clipping_norm=fed.dp_clipping_norm,
+                                                          num_sampled_clients=sampled)
+    return strategy
+
+
+class FederatedRun:
+    """The server side of one experiment: evaluation, checkpoints, report and MLflow."""
+
+    def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
+        self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.names = site_names(cfg)
+        self.recorder = RoundRecorder(self.names)
+        test, self.class_names = global_test_set(cfg)
+        self.device = device_for(cfg)
+        self.test_loader = make_loader(test, cfg.train.batch_size, shuffle=False)
+        self.model = new_model(cfg, len(self.class_names)).to(self.device)
+        self.rounds: list[dict] = []
+        self.run_id = None
+        state_path = self.out / STATE_FILE
+        if resume and state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.rounds, self.run_id = state["rounds"], state["run_id"]
+            log.info("resuming after round %d", len(self.rounds))
+        self.done = len(self.rounds)
+
+    def start_tracking(self) -> None:
+        if self.tracker:
+            fed = self.cfg.federated
+            tags = {"kind": "federated", "git_commit": git_commit(), "sites": ",".join(self.names),
+                    "strategy": fed.strategy, "partition": fed.partition}
+            params = {**self.cfg.flat(), "federated.differential_privacy": fed.dp_clipping_norm is not None}
+            self.run_id = self.tracker.start(self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
+
+    def global_metrics(self, arrays: ArrayRecord) -> dict:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return predict_metrics(self.model, self.test_loader, self.device, self.class_names)[0]
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's server-side evaluation hook, called before round 1 and after every round."""
+        metrics = self.global_metrics(arrays)
+        scalars = {k: float(metrics[k]) for k in METRIC_KEYS}
+        if server_round == 0:
+            if self.done == 0 and self.tracker:
+                self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=0)
+            return MetricRecord(scalars)
+        number = self.done + server_round
+        row = {"round": number, "global": scalars, "sites": self.recorder.sites.get(server_round, {}),
+               "failures": self.recorder.failures.get(server_round, [])}
+        self.rounds.append(row)
+        self._save(metrics)
+        if self.tracker:
+            self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=number)
+            for name, site in row["sites"].items():
+                self.tracker.log_metrics({f"site/{name}/{k}": v for k, v in site.items()}, step=number)
+        return MetricRecord(scalars)
+
+    def _save(self, metrics: dict) -> None:
+        """The global model as best.pt (loadable by `medmamba evaluate`), the resumable state and the
+        report; each file replaced atomically."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        _atomic(torch.save, {"model": state, "config": self.cfg.to_dict(), "class_names": self.class_names,
+                             "round": len(self.rounds), "test": {k: metrics[k] for k in METRIC_KEYS}},
+                self.out / "best.pt")
+        _atomic(torch.save, {"model": state, "rounds": self.rounds, "run_id": self.run_id}, self.out / STATE_FILE)
+        self.write_report()
+
+    def write_report(self, centralized: dict | None = None) -> dict:
+        report = {"sites": self.names, "class_names": self.class_names, "config": self.cfg.to_dict(),
+                  "rounds": self.rounds}
+        if centralized is not None:
+            report["centralized"] = centralized
+        _atomic(lambda obj, path: Path(path).write_text(json.dumps(obj, indent=2, default=float)), report,
+                self.out / REPORT_FILE)
+        return report
+
+    def run(self, grid: Grid) -> None:
+        remaining = self.cfg.federated.rounds - self.done
+        if remaining <= 0:
+            return
+        strategy = make_strategy(self.cfg, self.recorder, len(self.names))
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        config = ConfigRecord({"round-offset": self.done})
+        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, train_config=config,
+                       evaluate_fn=self.evaluate_fn, timeout=self.cfg.federated.round_timeout)
+        if not self.rounds or len(self.rounds) < self.cfg.federated.rounds:
+            raise RuntimeError("the federation stopped before its last round")
+
+    def finish(self, centralized: dict | None) -> dict:
+        """The final report files and MLflow artifacts: per-site x round table, curves, comparison."""
+        report = self.write_report(centralized)
+        table = self.out / "federated_rounds.csv"
+        with table.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["round", "site", *SITE_KEYS])
+            writer.writeheader()
+            for row in self.rounds:
+                writer.writerow({"round": row["round"], "site": "global",
+                                 **{f"test_{k}": v for k, v in row["global"].items()}})
+                writer.writerows({"round": row["round"], "site": name, **site} for name, site in row["sites"].items())
+        curves = plot_federated_curves(self.rounds, self.names, centralized, self.out / "federated_curves.png")
+        if self.tracker:
+            if centralized:
+                self.tracker.log_metrics({f"centralized/{k}": v for k, v in centralized.items()
+                                          if k in METRIC_KEYS})
+            for path in (self.out / REPORT_FILE, table, curves):
+                self.tracker.log_artifact(path)
+        return report
+
+
+def _atomic(write, obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_server_app(run: FederatedRun, errors: list[BaseException]) -> ServerApp:
+    """A ServerApp whose main runs ``run`` (exceptions are kept in ``errors`` for the caller)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run.run(grid)
+        except BaseException as exc:  # the simulation engine would only log it
+            errors.append(exc)
+            raise
+
+    return app
+

@@ -1,0 +1,188 @@
+"""The federated task: sites' data, the model, and local training/evaluation with the shared loop.
+
+Sites are either natural (``data.root/<site>/<class>/*``: one image folder per hospital, each
+with its own split) or simulated from one dataset with a flwr-datasets partitioner (IID,
+Dirichlet label skew, quantity skew) over the official train + val splits, each site's share
+split into its own train/val/test by ``data.split_ratios``. The server's global test set is the
+official test split (simulated) or the union of the sites' test splits (natural).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from medmamba.config import Config, config_from_dict
+from medmamba.data import Datasets, build_datasets, labels_of
+from medmamba.errors import ConfigError, DataError
+from medmamba.registry import create_model
+from medmamba.train import (make_loader, make_optimizer, predict_metrics, resolve_device, seed_everything,
+                            train_one_epoch)
+
+log = logging.getLogger(__name__)
+
+
+def _partitioner(cfg: Config):
+    from flwr_datasets.partitioner import DirichletPartitioner, ExponentialPartitioner, IidPartitioner
+
+    fed = cfg.federated
+    if fed.partition == "iid":
+        return IidPartitioner(num_partitions=fed.num_sites)
+    if fed.partition == "dirichlet":
+        return DirichletPartitioner(num_partitions=fed.num_sites, partition_by="label", alpha=fed.alpha,
+                                    min_partition_size=2, self_balancing=False, seed=cfg.data.seed)
+    return ExponentialPartitioner(num_partitions=fed.num_sites)  # quantity skew: sizes grow as e^site
+
+
+def _site_split(pool: Dataset, indices: np.ndarray, labels: np.ndarray, cfg: Config, name: str,
+                class_names: list[str]) -> Datasets:
+    train_r, val_r, test_r = cfg.data.split_ratios
+    if len(indices) < 3:
+        raise DataError(f"site {name} received {len(indices)} examples; it needs at least 3 for train/val/test "
+                        "(raise federated.alpha or lower federated.num_sites)")
+    y = labels[indices]
+    counts = np.bincount(y, minlength=len(class_names))
+    missing = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        log.warning("site %s has no examples of %s", name, missing)
+    stratify = y if counts[counts > 0].min() >= 3 else None  # a class with < 3 examples cannot be stratified
+    rest, test = train_test_split(indices, test_size=test_r, stratify=stratify, random_state=cfg.data.seed)
+    rest_y = labels[rest] if stratify is not None else None
+    train, val = train_test_split(rest, test_size=val_r / (train_r + val_r), stratify=rest_y,
+                                  random_state=cfg.data.seed)
+    return Datasets(Subset(pool, sorted(train)), Subset(pool, sorted(val)), Subset(pool, sorted(test)),
+                    class_names, name, checksum="")
+
+
+def site_names(cfg: Config) -> list[str]:
+    """The sites' names: natural partition: the folders under data.root; else site_0, site_1, ..."""
+    fed = cfg.federated
+    if fed.partition != "natural":
+        return [f"site_{i}" for i in range(fed.num_sites)]
+    if cfg.data.name != "folder" or not cfg.data.root:
+        raise ConfigError("federated.partition=natural needs data.name=folder and data.root with one folder per site")
+    root = Path(cfg.data.root).expanduser()
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not names:
+        raise DataError(f"{root}: expected one folder per site (root/<site>/<class>/*)")
+    if len(names) < fed.min_clients:
+        raise ConfigError(f"{root} has {len(names)} site folders but federated.min_clients is {fed.min_clients}")
+    return names
+
+
+def _natural_classes(root: Path) -> list[str]:
+    """Every class folder name of every site (with or without train/val/test folders)."""
+    classes = set()
+    for site in (p for p in root.iterdir() if p.is_dir()):
+        parents = [site / s for s in ("train", "val", "test") if (site / s).is_dir()] or [site]
+        classes |= {c.name for parent in parents for c in parent.iterdir() if c.is_dir()}
+    return sorted(classes)
+
+
+@functools.lru_cache(maxsize=2)
+def _simulated(cfg_key: str) -> tuple[list[Datasets], Dataset, list[str]]:
+    from datasets import Dataset as HFDataset
+
+    cfg = config_from_dict(json.loads(cfg_key))
+    data = build_datasets(cfg.data)
+    pool = ConcatDataset([data.train, data.val])
+    labels = labels_of(pool)
+    partitioner = _partitioner(cfg)
+    partitioner.dataset = HFDataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
+    sites = [_site_split(pool, np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64), labels, cfg,
+                         f"site_{i}", data.class_names)
+             for i in range(cfg.federated.num_sites)]
+    return sites, data.test, data.class_names
+
+
+def _key(cfg: Config) -> str:
+    return json.dumps({"data": cfg.to_dict()["data"], "federated": cfg.to_dict()["federated"]}, sort_keys=True)
+
+
+def build_site(cfg: Config, index: int) -> Datasets:
+    """Site ``index``'s train/val/test splits (cached per process: simulated sites are long-lived
+    Ray actors). A natural site reads only its own folder."""
+    if cfg.federated.partition != "natural":
+        return _simulated(_key(cfg))[0][index]
+    return _natural_site(_key(cfg), site_names(cfg)[index])
+
+
+@functools.lru_cache(maxsize=8)
+def _natural_site(cfg_key: str, name: str) -> Datasets:
+    cfg = config_from_dict(json.loads(cfg_key))
+    root = Path(cfg.data.root).expanduser()
+    site = build_datasets(replace(cfg.data, root=str(root / name)), classes=_natural_classes(root))
+    return replace(site, name=name)
+
+
+def global_test_set(cfg: Config) -> tuple[Dataset, list[str]]:
+    """The server's held-out test set and the class names. Natural sites: the union of the sites'
+    test splits (a site whose folder cannot be read is left out, with a warning)."""
+    if cfg.federated.partition != "natural":
+        _, test, classes = _simulated(_key(cfg))
+        return test, classes
+    tests = []
+    for i, name in enumerate(site_names(cfg)):
+        try:
+            tests.append(build_site(cfg, i).test)
+        except DataError as exc:
+            log.warning("site %s is left out of the global test set: %s", name, exc)
+    if not tests:
+        raise DataError(f"no site under {cfg.data.root} could be read")
+    return ConcatDataset(tests), _natural_classes(Path(cfg.data.root).expanduser())
+
+
+def new_model(cfg: Config, num_classes: int) -> nn.Module:
+    return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                        d_state=cfg.model.d_state)
+
+
+def is_batchnorm_key(model: nn.Module, key: str) -> bool:
+    """Whether state-dict entry ``key`` belongs to a BatchNorm layer (kept local under FedBN)."""
+    module_name = key.rsplit(".", 1)[0]
+    return isinstance(dict(model.named_modules()).get(module_name), nn.modules.batchnorm._BatchNorm)
+
+
+def round_lr(cfg: Config, server_round: int) -> float:
+    """The MultiStepLR learning rate at the first epoch of ``server_round`` (milestones count epochs
+    over all rounds, as in the pooled baseline with rounds x local_epochs epochs)."""
+    epoch = (server_round - 1) * cfg.federated.local_epochs
+    return cfg.optim.lr * cfg.sched.gamma ** sum(m <= epoch for m in cfg.sched.milestones)
+
+
+def local_train(model: nn.Module, site: Datasets, cfg: Config, server_round: int, device: torch.device,
+                proximal_mu: float = 0.0) -> float:
+    """``federated.local_epochs`` epochs of the shared training loop on the site's train split."""
+    seed_everything(cfg.train.seed + server_round)
+    optimizer = make_optimizer(model.parameters(), replace(cfg.optim, lr=round_lr(cfg, server_round)))
+    loader = make_loader(site.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + server_round,
+                         num_workers=cfg.data.num_workers)
+    proximal = None
+    if proximal_mu > 0:
+        proximal = (proximal_mu, [p.detach().clone() for p in model.parameters()])
+    loss = 0.0
+    for epoch in range(cfg.federated.local_epochs):
+        loss = train_one_epoch(model, loader, optimizer, device, epoch=epoch + 1, progress=False, proximal=proximal)
+    return loss
+
+
+def local_evaluate(model: nn.Module, site: Datasets, cfg: Config, device: torch.device) -> dict[str, float]:
+    """The paper's metrics of ``model`` on the site's val and test splits, as val_* and test_*."""
+    out = {}
+    for split in ("val", "test"):
+        loader = make_loader(getattr(site, split), cfg.train.batch_size, shuffle=False)
+        metrics = predict_metrics(model, loader, device, site.class_names)[0]
+        out.update({f"{split}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    return out
+
+
+def device_for(cfg: Config) -> torch.device:
+    return resolve_device(cfg.train.device)

@@ -1,0 +1,243 @@
+"""Federated learning: real Flower simulations on CPU with the real datasets, MLflow read back."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from mlflow.tracking import MlflowClient
+
+from medmamba.cli import main
+from medmamba.config import load_config
+from medmamba.data import labels_of
+from medmamba.errors import ConfigError
+from medmamba.federated.client_app import SiteError, make_client_app, only_parameters_and_metrics
+from medmamba.federated.simulation import run_federated
+from medmamba.federated.task import build_site, global_test_set, is_batchnorm_key, new_model, site_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(root, *extra):
+    return load_config(ROOT / "configs/federated_quick.yaml", [f"data.root={root}", *extra])
+
+
+def _natural_root(mednist_root, tmp_path, corrupt_site: str | None = None) -> Path:
+    """Three hospitals from the MedNIST sample: disjoint images, hospital_c without HeadCT."""
+    root = tmp_path / "hospitals"
+    classes = sorted(p.name for p in mednist_root.iterdir() if p.is_dir())
+    for c in classes:
+        files = sorted((mednist_root / c).iterdir())
+        for i, site in enumerate(("hospital_a", "hospital_b", "hospital_c")):
+            if site == "hospital_c" and c == "HeadCT":
+                continue
+            (root / site / c).mkdir(parents=True, exist_ok=True)
+            for f in files[i::3][:20]:
+                (root / site / c / f.name).symlink_to(f)
+    if corrupt_site:
+        (root / corrupt_site / classes[0] / "broken.jpeg").write_bytes(b"not an image")
+    return root
+
+
+# --- sites ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "quantity"])
+def test_simulated_sites_split_the_pool_without_overlap(medmnist_root, partition):
+    cfg = _cfg(medmnist_root, f"federated.partition={partition}")
+    sites = [build_site(cfg, i) for i in range(3)]
+    indices = [np.concatenate([s.train.indices, s.val.indices, s.test.indices]) for s in sites]
+    everything = np.concatenate(indices)
+    assert len(everything) == len(set(everything.tolist())) == 4708 + 524  # PneumoniaMNIST train + val
+    test, classes = global_test_set(cfg)
+    assert len(test) == 624 and classes == ["normal", "pneumonia"]
+    sizes = [len(i) for i in indices]
+    shares = [np.bincount(labels_of(s.train), minlength=2)[1] / len(s.train) for s in sites]
+    if partition == "quantity":
+        assert sizes[0] < sizes[1] < sizes[2]
+    if partition == "iid":
+        assert max(shares) - min(shares) < 0.05 and max(sizes) - min(sizes) <= 3
+    if partition == "dirichlet":  # label skew
+        assert max(shares) - min(shares) > 0.2
+    again = build_site(cfg, 1)
+    assert list(again.train.indices) == list(sites[1].train.indices)  # deterministic
+
+
+def test_natural_sites_share_one_class_list(mednist_root, tmp_path, caplog):
+    cfg = _cfg(_natural_root(mednist_root, tmp_path), "data.name=folder", "federated.partition=natural", "data.size=28")
+    assert site_names(cfg) == ["hospital_a", "hospital_b", "hospital_c"]
+    a, c = build_site(cfg, 0), build_site(cfg, 2)
+    assert a.class_names == c.class_names and len(c.class_names) == 6
+    assert "HeadCT" not in {c.class_names[y] for y in labels_of(c.train)}
+    assert "hospital_c has no images of ['HeadCT']" in caplog.text
+    test, classes = global_test_set(cfg)
+    assert len(test) == sum(len(build_site(cfg, i).test) for i in range(3))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("federated.min_clients=4", "min_clients is 4 but there are only 3 sites"),
+    ("federated.alpha=0", "federated.alpha: must be > 0"),
+    ("federated.strategy=fedsgd", "expected fedavg, fedprox or fedbn"),
+    ("federated.partition=pathological", "expected natural, iid, dirichlet or quantity"),
+])
+def test_bad_federated_configs_are_refused(medmnist_root, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        _cfg(medmnist_root, override)
+
+
+# --- what leaves a site --------------------------------------------------------------------------
+
+@pytest.fixture
+def as_a_flower_node(monkeypatch):
+    """Messages can be built outside a running Flower node once the process has a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+
+def _train_message(cfg, model) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"server-round": 1, "round-offset": 0})})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_flower_node):
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.local_epochs=1")
+    model = new_model(cfg, 2)
+    app = make_client_app(cfg.to_dict())
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    reply = app(_train_message(cfg, model), context)
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    assert list(content.array_records) == ["arrays"] and not content.config_records
+    sent = content["arrays"].to_torch_state_dict()
+    assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert any(not torch.equal(sent[k], v) for k, v in model.state_dict().items())  # it did train
+    (metrics,) = content.metric_records.values()
+    assert set(metrics) == {"train_loss", "num-examples", "site"}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    site = build_site(cfg, 0)
+    assert metrics["num-examples"] == len(site.train)
+
+    def leaky(msg, ctx):  # a reply that would carry file names out of the site
+        return Message(content=RecordDict({"arrays": msg.content["arrays"],
+                                           "config": ConfigRecord({"files": "a.png,b.png"})}), reply_to=msg)
+
+    with pytest.raises(SiteError, match="only arrays and metrics may leave a site"):
+        only_parameters_and_metrics(_train_message(cfg, model), context, leaky)
+
+
+def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
+    model = new_model(_cfg(medmnist_root), 2)
+    keys = [k for k in model.state_dict() if is_batchnorm_key(model, k)]
+    assert keys and all(any(s in k for s in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"))
+                        for k in keys)
+    assert not any(is_batchnorm_key(model, k) for k in model.state_dict() if "norm" in k and "ln" in k.lower())
+
+
+# --- real simulations -----------------------------------------------------------------------------
+
+def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    cfg = _cfg(medmnist_root, "federated.centralized_baseline=true")
+    report = run_federated(cfg, tmp_path / "fed", uri)
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[2]["global"]["auc"] > rounds[0]["global"]["auc"]
+    for row in rounds:
+        assert set(row["sites"]) == {"site_0", "site_1", "site_2"} and not row["failures"]
+        for site in row["sites"].values():
+            assert {"train_loss", "val_accuracy", "test_auc", "test_f1", "test_sensitivity",
+                    "test_specificity"} <= set(site)
+    saved = json.loads((tmp_path / "fed/federated_report.json").read_text())
+    assert saved["rounds"] == json.loads(json.dumps(rounds)) and "auc" in saved["centralized"]
+    for name in ("best.pt", "federated_rounds.csv", "federated_curves.png"):
+        assert (tmp_path / "fed" / name).stat().st_size > 0
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
+    for name in ("site_0", "site_1", "site_2"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"site/{name}/test_auc")] == [1, 2, 3]
+    assert run.data.metrics["centralized/auc"] == pytest.approx(saved["centralized"]["auc"])
+    assert {"federated_report.json", "federated_rounds.csv", "federated_curves.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # the final global model is a normal checkpoint
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "fed/best.pt"), "--data-root", str(medmnist_root),
+                 "--output-dir", str(tmp_path / "eval"), "--no-mlflow"]) == 0
+    evaluated = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert evaluated["auc"] == pytest.approx(rounds[-1]["global"]["auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedbn"])
+def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, strategy):
+    root = _natural_root(mednist_root, tmp_path)
+    cfg = load_config(ROOT / "configs/federated_quick.yaml",
+                      ["data.name=folder", f"data.root={root}", "federated.partition=natural",
+                       f"federated.strategy={strategy}", "federated.rounds=2", "federated.centralized_baseline=false",
+                       "train.batch_size=32"])
+    report = run_federated(cfg, tmp_path / "fed", None)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert set(report["rounds"][-1]["sites"]) == {"hospital_a", "hospital_b", "hospital_c"}
+    assert report["rounds"][-1]["global"]["accuracy"] > 1 / 6  # better than chance on 6 classes
+
+
+def test_a_failing_site_is_logged_by_name_and_the_others_go_on(mednist_root, tmp_path):
+    root = _natural_root(mednist_root, tmp_path, corrupt_site="hospital_b")
+    cfg = load_config(ROOT / "configs/federated_quick.yaml",
+                      ["data.name=folder", f"data.root={root}", "federated.partition=natural",
+                       "federated.rounds=2", "federated.centralized_baseline=false", "train.batch_size=32"])
+    report = run_federated(cfg, tmp_path / "fed", None)
+    for row in report["rounds"]:
+        assert set(row["sites"]) == {"hospital_a", "hospital_c"}
+        assert row["failures"] and all(re.match(r"site hospital_b failed to (train|evaluate): DataError", f) for f in row["failures"])
+        assert "broken.jpeg" in row["failures"][0]
+
+
+def test_differential_privacy_clips_and_noises_updates(medmnist_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.rounds=1", "federated.centralized_baseline=false",
+               "federated.dp_clipping_norm=5.0", "federated.dp_noise_multiplier=0.1", "federated.partition=iid")
+    report = run_federated(cfg, tmp_path / "fed", uri)
+    assert len(report["rounds"]) == 1 and len(report["rounds"][0]["sites"]) == 3
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.data.params["federated.dp_clipping_norm"] == "5.0"
+    assert run.data.params["federated.dp_noise_multiplier"] == "0.1"
+    assert run.data.params["federated.differential_privacy"] == "True"
+
+
+def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "fed"
+    args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
+            "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
+            "--output-dir", str(out), "--tracking-uri", uri]
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    done = len(torch.load(out / "federated_state.pt", weights_only=False)["rounds"])
+    assert 1 <= done < 3
+    assert main(args + ["--resume"]) == 0
+    report = json.loads((out / "federated_report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
