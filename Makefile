@@ -1,7 +1,7 @@
 # Fresh-machine entry points: each target creates .venv and installs the project into it first.
 #   make demo   install, then train MedMamba-T on PneumoniaMNIST with configs/quick.yaml
 #   make test   install, then run the test suite (what CI runs)
-#   make bench  the benchmarks (selective scan, training throughput)
+#   make bench  the benchmarks (selective scan, training throughput, ASHA sweep, federation)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -32,6 +32,8 @@ demo: install
 bench: install
 	$(PY) benchmarks/scan.py
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/federated.py
 
 test: install
 	$(PY) -m pytest -m "not slow"

@@ -7,7 +7,7 @@ All in one run on this machine, BreastMNIST at 28 px (configs/sweep_quick.yaml w
    run tune.max_concurrent at a time as in the sweep.
 Target: T_sweep <= 5 x T_one. Prints the best configuration found.
 
-    python benchmarks/sweep.py [--data-root ../shared/data/medmnist] [--epochs 12] [--trials 16]
+    python benchmarks/sweep.py [--data-root ../shared/data/medmnist] [--epochs 24] [--trials 16]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/medmnist"))
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--trials", type=int, default=16)
     args = parser.parse_args()
     cfg = load_config(ROOT / "configs/sweep_quick.yaml", [f"data.root={args.data_root}",

@@ -7,11 +7,14 @@ cannot leave the site through it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from medmamba.config import Config, config_from_dict
+from medmamba.data import Datasets
 
 from .task import build_site, device_for, is_batchnorm_key, local_evaluate, local_train, new_model
 
@@ -34,6 +37,19 @@ def _local_model(msg: Message, context: Context, cfg: Config, num_classes: int) 
 
 class SiteError(RuntimeError):
     """A site failed; the message names it (the server logs it and goes on without the site)."""
+
+
+@contextmanager
+def _named_failure(index: int, step: str):
+    try:
+        yield
+    except Exception as exc:
+        raise SiteError(f"site {index} failed to {step}: {type(exc).__name__}: {exc}") from exc
+
+
+def _site_and_model(msg: Message, context: Context, cfg: Config) -> tuple[Datasets, nn.Module]:
+    site = build_site(cfg, _site_index(context))
+    return site, _local_model(msg, context, cfg, len(site.class_names))
 
 
 def only_parameters_and_metrics(msg: Message, context: Context, call_next) -> Message:
@@ -70,15 +86,12 @@ def make_client_app(cfg_dict: dict) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         index = _site_index(context)
-        try:
-            site = build_site(cfg, index)
-            model = _local_model(msg, context, cfg, len(site.class_names))
-            mu = float(msg.content["config"].get("proximal-mu", 0.0))  # set by the FedProx strategy
+        with _named_failure(index, "train"):
+            site, model = _site_and_model(msg, context, cfg)
             config = msg.content["config"]
             server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # after a resume
+            mu = float(config.get("proximal-mu", 0.0))  # set by the FedProx strategy
             loss = local_train(model, site, cfg, server_round, device_for(cfg), mu)
-        except Exception as exc:
-            raise SiteError(f"site {index} failed to train: {type(exc).__name__}: {exc}") from exc
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if cfg.federated.strategy == "fedbn":
             context.state[LOCAL_BN] = ArrayRecord({k: v for k, v in state.items() if is_batchnorm_key(model, k)})
@@ -88,12 +101,9 @@ def make_client_app(cfg_dict: dict) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         index = _site_index(context)
-        try:
-            site = build_site(cfg, index)
-            model = _local_model(msg, context, cfg, len(site.class_names))
+        with _named_failure(index, "evaluate"):
+            site, model = _site_and_model(msg, context, cfg)
             metrics = local_evaluate(model, site, cfg, device_for(cfg))
-        except Exception as exc:
-            raise SiteError(f"site {index} failed to evaluate: {type(exc).__name__}: {exc}") from exc
         record = MetricRecord({**metrics, "num-examples": len(site.test), "site": index})
         return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 

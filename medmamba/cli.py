@@ -159,6 +159,18 @@ def print_metrics(metrics: dict, title: str) -> None:
     Console().print(table)
 
 
+def _run_command(sub, name: str, help: str, config_help: str, resume_help: str) -> argparse.ArgumentParser:
+    """A command that runs a config: --config, --set, --output-dir, --resume and MLflow options."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("--config", type=Path, required=name != "train", help=config_help)
+    cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    cmd.add_argument("--output-dir", type=Path, required=True)
+    cmd.add_argument("--resume", action="store_true", help=resume_help)
+    cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    cmd.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmamba", description="MedMamba: models, training, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,37 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--in-chans", type=int, default=3)
     info.set_defaults(func=_info)
 
-    train = sub.add_parser("train", help="train a model on one process (CPU or one GPU)")
-    train.add_argument("--config", type=Path, help="YAML config (configs/*.yaml); defaults when omitted")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    train.add_argument("--output-dir", type=Path, required=True)
-    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
-    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    train.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    train = _run_command(sub, "train", "train a model on one process (CPU or one GPU)",
+                         "YAML config (configs/*.yaml); defaults when omitted", "continue from OUTPUT_DIR/last.pt")
     train.add_argument("--kfold", action="store_true",
                        help="image folders: train every fold of data.num_folds and report mean ± std")
     train.add_argument("--workers", type=int, metavar="N",
                        help="data-parallel training on N Ray Train workers (ray.num_workers)")
     train.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per Ray Train worker")
     train.set_defaults(func=_train)
-
-    tune = sub.add_parser("tune", help="a Ray Tune + Optuna + ASHA sweep over the config's tune.space")
-    tune.add_argument("--config", type=Path, required=True, help="sweep config (configs/sweep_*.yaml)")
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    tune.add_argument("--output-dir", type=Path, required=True)
-    tune.add_argument("--resume", action="store_true", help="continue the sweep in OUTPUT_DIR")
-    tune.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    tune.add_argument("--no-mlflow", action="store_true")
-    tune.set_defaults(func=_tune)
-
-    fed = sub.add_parser("federate", help="a Flower simulation of multi-hospital training")
-    fed.add_argument("--config", type=Path, required=True, help="federated config (configs/federated_*.yaml)")
-    fed.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    fed.add_argument("--output-dir", type=Path, required=True)
-    fed.add_argument("--resume", action="store_true", help="continue after the last completed round")
-    fed.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    fed.add_argument("--no-mlflow", action="store_true")
-    fed.set_defaults(func=_federate)
+    _run_command(sub, "tune", "a Ray Tune + Optuna + ASHA sweep over the config's tune.space",
+                 "sweep config (configs/sweep_*.yaml)", "continue the sweep in OUTPUT_DIR").set_defaults(func=_tune)
+    _run_command(sub, "federate", "a Flower simulation of multi-hospital training",
+                 "federated config (configs/federated_*.yaml)",
+                 "continue after the last completed round").set_defaults(func=_federate)
 
     ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
     ev.add_argument("--checkpoint", required=True)

@@ -63,18 +63,20 @@ class Tracker:
         self.run_id: str | None = None
 
     def start(self, run_name: str | None, params: dict, tags: dict, run_id: str | None = None) -> str:
-        """Start a run, or continue ``run_id`` (after --resume) without re-logging its params."""
-        if run_id is not None:
-            self.run_id = run_id
+        """Start a run, or continue ``run_id`` (after --resume, or a run its caller created);
+        params are logged once per run, tags every time."""
+        if run_id is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        else:
             self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={k: str(v) for k, v in tags.items()})
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
-        return self.run_id
+        self.run_id = run_id
+        if params and not self.client.get_run(run_id).data.params:
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[i:i + 100])
+        if tags:
+            self.set_tags(tags)
+        return run_id
 
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
         """Log the scalar, finite entries of ``metrics`` (nested dicts and NaNs are skipped)."""

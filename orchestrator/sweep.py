@@ -318,9 +318,13 @@ def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = No
         parent.log_metrics({f"best_{t.metric}": best_row[t.metric]})
         for file in files:
             parent.log_artifact(file)
-        for run in parent.client.search_runs(
-                [parent.experiment_id],
-                f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.trial_id = '{best_row['trial']}'"):
-            parent.client.set_tag(run.info.run_id, "best_trial", "true")
+        trials = {row["trial"] for row in rows}
+        for run in parent.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
+            if run.data.tags.get("trial_id") == best_row["trial"]:
+                parent.client.set_tag(run.info.run_id, "best_trial", "true")
+            elif run.data.tags.get("trial_id") not in trials and run.info.status == "RUNNING":
+                # a trial started just before an interruption that the restored experiment never saved
+                parent.client.set_tag(run.info.run_id, "lost_in_interruption", "true")
+                parent.client.set_terminated(run.info.run_id, "KILLED")
         parent.end("FINISHED")
     return {"best_params": best_params, "best_value": rows[0][t.metric], "test_metrics": test, "leaderboard": rows}

@@ -51,6 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         trainer = Trainer(cfg, build_datasets(cfg.data), out, tracker=tracker, progress=rank == 0,
                           on_report=report)
+        trainer.run_id = config["run_id"]  # the driver's run: a group restarted from scratch logs to it too
         trainer.fit(resume=checkpoint is not None)
 
 
@@ -73,12 +74,14 @@ def train_distributed(cfg: Config, output_dir: str | Path, tracking_uri: str | N
     else:  # a fresh, unique name: Ray resumes any run whose name it finds in the storage path
         run = {"name": f"train-{time.strftime('%Y%m%d-%H%M%S')}", "storage_path": r.storage_path or str(out / "ray")}
         run_file.write_text(json.dumps(run))
-    if tracking_uri is not None:
+    if tracking_uri is not None:  # fails fast when unreachable; one run for every attempt of the worker group
         tracking_uri = resolve_uri(tracking_uri)
-        Tracker(tracking_uri, cfg.mlflow.experiment)  # fails fast when unreachable; creates the experiment once
+        run["mlflow_run_id"] = Tracker(tracking_uri, cfg.mlflow.experiment).start(
+            cfg.mlflow.run_name, {}, {"kind": "ray-train", "workers": r.num_workers}, run_id=run.get("mlflow_run_id"))
+        run_file.write_text(json.dumps(run))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri},
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "run_id": run.get("mlflow_run_id")},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}),
         run_config=RunConfig(name=run["name"], storage_path=run["storage_path"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -47,7 +48,9 @@ def test_top_level_folders_install_as_medmamba_subpackages(sub, tmp_path):
         f"print(u.find_spec('medmamba.{sub}').origin)\n"
         f"print(u.find_spec('{sub}') is None or u.find_spec('{sub}').origin)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # Ray/Flower runs earlier may have set it
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env=env)
     ours, top = out.stdout.splitlines()
     assert Path(ours).resolve() == ROOT / sub / "__init__.py"
     # We install no top-level module of that name: an unrelated PyPI package keeps it.
