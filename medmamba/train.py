@@ -270,11 +270,18 @@ class Trainer:
         return metrics
 
     def _backfill_metrics(self) -> None:
-        """Log the restored epochs that a kill between checkpoint and MLflow call left unlogged."""
-        logged = self.tracker.logged_steps("train_loss") if self.history else set()
+        """Log the restored epochs that a kill between checkpoint and MLflow call left unlogged,
+        and remember which epochs the run holds (an attempt restarted before its checkpoint was
+        registered, e.g. by Ray, must not log those epochs twice)."""
+        self._logged = self.tracker.logged_steps("train_loss")
         for row in self.history:
-            if row["epoch"] not in logged:
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            self._log_epoch(row)
+
+    def _log_epoch(self, row: dict) -> None:
+        if row["epoch"] in self._logged:
+            return
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        self._logged.add(row["epoch"])
 
     def _train_epochs(self, last: Path) -> None:
         cfg, monitor = self.cfg, self.cfg.train.monitor
@@ -307,7 +314,7 @@ class Trainer:
             if self.on_report:  # before MLflow: an epoch is logged only once its checkpoint is persisted
                 self.on_report(dict(row))
             if self.tracker:
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=self.epoch)
+                self._log_epoch(row)
             log.info("epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor,
                      val[monitor], "  (best)" if improved else "")
             if self.progress:

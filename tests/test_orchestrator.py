@@ -196,7 +196,7 @@ def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ray_cluster["env"])
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and killed is None:
-        if list((out / "ray").glob("*/checkpoint_*")):  # epoch 1 is checkpointed
+        if list((out / "ray").glob("*/checkpoint_manager_snapshot.json")):  # epoch 1's checkpoint is registered
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 killed = workers[-1]["pid"]
