@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from medmamba.config import Config, config_from_dict
-from medmamba.data import Datasets, build_datasets, labels_of
+from medmamba.data import Datasets, build_datasets, labels_of, stratified_split
 from medmamba.errors import ConfigError, DataError
 from medmamba.registry import create_model
 from medmamba.train import (make_loader, make_optimizer, predict_metrics, resolve_device, seed_everything,
@@ -53,11 +52,8 @@ def _site_split(pool: Dataset, indices: np.ndarray, labels: np.ndarray, cfg: Con
     missing = [class_names[c] for c in np.flatnonzero(counts == 0)]
     if missing:
         log.warning("site %s has no examples of %s", name, missing)
-    stratify = y if counts[counts > 0].min() >= 3 else None  # a class with < 3 examples cannot be stratified
-    rest, test = train_test_split(indices, test_size=test_r, stratify=stratify, random_state=cfg.data.seed)
-    rest_y = labels[rest] if stratify is not None else None
-    train, val = train_test_split(rest, test_size=val_r / (train_r + val_r), stratify=rest_y,
-                                  random_state=cfg.data.seed)
+    rest, test = stratified_split(indices, test_r, y, cfg.data.seed)
+    train, val = stratified_split(rest, val_r / (train_r + val_r), labels[rest], cfg.data.seed)
     return Datasets(Subset(pool, sorted(train)), Subset(pool, sorted(val)), Subset(pool, sorted(test)),
                     class_names, name, checksum="")
 

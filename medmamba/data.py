@@ -224,6 +224,16 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datas
                     checksum=hashlib.md5(listing.encode()).hexdigest())
 
 
+def stratified_split(idx: np.ndarray, size: float, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """train_test_split stratified by label; a class too small to stratify (e.g. one image)
+    makes it a plain random split, with a warning."""
+    try:
+        return train_test_split(idx, test_size=size, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        log.warning("split not stratified: %s", exc)
+        return train_test_split(idx, test_size=size, random_state=seed)
+
+
 def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, list[tuple[Path, str]]]:
     """Deterministic stratified train/val/test split (ratios), or fold ``cfg.fold`` of k as test."""
     idx = np.arange(len(files))
@@ -234,7 +244,6 @@ def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, li
         rest, test = list(folds.split(idx, labels))[cfg.fold]
         rest, test = idx[rest], idx[test]
     else:
-        rest, test = train_test_split(idx, test_size=test_r, stratify=labels, random_state=cfg.seed)
-    train, val = train_test_split(rest, test_size=val_r / (train_r + val_r), stratify=labels[rest],
-                                  random_state=cfg.seed)
+        rest, test = stratified_split(idx, test_r, labels, cfg.seed)
+    train, val = stratified_split(rest, val_r / (train_r + val_r), labels[rest], cfg.seed)
     return {name: [files[i] for i in sorted(part)] for name, part in (("train", train), ("val", val), ("test", test))}

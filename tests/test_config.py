@@ -68,3 +68,16 @@ def test_shipped_configs_load(path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_base_files_extend_each_other_and_loops_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain:\n  epochs: 7\n")
+    (tmp_path / "b.yaml").write_text("train:\n  epochs: 3\n  batch_size: 16\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (7, 16)  # the file wins over its base
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="'base' files include each other"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(tmp_path / "c.yaml")

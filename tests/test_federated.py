@@ -81,6 +81,25 @@ def test_natural_sites_share_one_class_list(mednist_root, tmp_path, caplog):
     assert len(test) == sum(len(build_site(cfg, i).test) for i in range(3))
 
 
+def test_natural_sites_are_checked_before_anything_trains(mednist_root, tmp_path):
+    from medmamba.errors import DataError
+
+    sets = ["data.name=folder", "federated.partition=natural", "data.size=28"]
+    with pytest.raises(ConfigError, match="needs data.name=folder"):
+        site_names(load_config(ROOT / "configs/federated_quick.yaml", ["federated.partition=natural"]))
+    with pytest.raises(DataError, match="expected one folder per site"):
+        site_names(_cfg(tmp_path / "nowhere", *sets))
+    root = _natural_root(mednist_root, tmp_path)
+    with pytest.raises(ConfigError, match="has 3 site folders but federated.min_clients is 3"
+                                          "|min_clients is 4 but there are only 3 sites"):
+        site_names(_cfg(root, *sets, "federated.min_clients=4"))
+    (root / "hospital_a" / "Ultrasound").mkdir()  # a class no other site has, and no images
+    (root / "hospital_b" / "Ultrasound").mkdir()
+    (root / "hospital_b" / "Ultrasound" / "x.jpeg").symlink_to(next((mednist_root / "CXR").iterdir()))
+    site = build_site(_cfg(root, *sets), 1)
+    assert "Ultrasound" in site.class_names and len(site.class_names) == 7
+
+
 @pytest.mark.parametrize("override, message", [
     ("federated.min_clients=4", "min_clients is 4 but there are only 3 sites"),
     ("federated.alpha=0", "federated.alpha: must be > 0"),

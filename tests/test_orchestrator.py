@@ -185,6 +185,13 @@ def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster,
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["auc"] == pytest.approx(saved["auc"], abs=1e-6)
 
 
+def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, medmnist_root, tmp_path):
+    with pytest.raises(ConfigError, match="ray.num_workers=8 workers asks for 8 CPUs .* has 2 CPUs"):
+        train_distributed(_train_cfg(medmnist_root, "ray.num_workers=8"), tmp_path / "ddp", None)
+    assert main(["train", "--config", str(ROOT / "configs/quick.yaml"), "--workers", "2", "--gpus-per-worker", "1",
+                 "--output-dir", str(tmp_path / "gpu"), "--no-mlflow"]) == 2  # no GPU in this cluster
+
+
 def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
