@@ -275,7 +275,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")
     if fed.num_sites < 1 or fed.rounds < 1 or fed.local_epochs < 1 or fed.min_clients < 1:
         raise ConfigError("config keys federated.num_sites, rounds, local_epochs and min_clients must be >= 1")
-    if fed.min_clients > fed.num_sites:
+    if fed.min_clients > fed.num_sites and fed.partition != "natural":  # natural: checked against the folders
         raise ConfigError(f"config key federated.min_clients is {fed.min_clients} but there are only "
                           f"{fed.num_sites} sites (federated.num_sites)")
     if not 0 < fed.fraction_fit <= 1:
