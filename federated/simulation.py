@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 from torch.utils.data import ConcatDataset
 
-from medmamba.config import Config
+from medmamba.config import Config, absolute_paths
 from medmamba.data import Datasets
 from medmamba.tracking import Tracker
 from medmamba.train import Trainer
@@ -44,8 +44,7 @@ def run_federated(cfg: Config, output_dir: str | Path, tracking_uri: str | None 
     """Run (or with ``resume``, continue) the federated experiment of ``cfg`` into ``output_dir``;
     returns the report (also in output_dir/federated_report.json)."""
     out = Path(output_dir).resolve()
-    if cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # clients run in other directories
+    absolute_paths(cfg)
     tracker = Tracker(tracking_uri, cfg.mlflow.experiment) if tracking_uri is not None else None
     run = FederatedRun(cfg, out, tracker, resume)
     run.start_tracking()

@@ -284,5 +284,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Make ``data.root`` absolute in place (Ray workers, trials and Flower clients run in other
+    working directories); returns ``cfg``."""
+    if cfg.data.root:
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    return cfg
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

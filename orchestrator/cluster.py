@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import ray
+from ray.train import Checkpoint
 
 from medmamba.errors import ConfigError
 
@@ -27,3 +30,12 @@ def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = Fal
     if cpus > have_cpu or gpus > have_gpu:
         raise ConfigError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
                           f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all (on an autoscaling cluster set ray.autoscaling=true)")
+
+
+def restore_into(checkpoint: Checkpoint | None, out: Path) -> bool:
+    """Copy a Ray Train/Tune checkpoint's files into ``out``; False when there is none."""
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as saved:
+        shutil.copytree(saved, out, dirs_exist_ok=True)
+    return True

@@ -23,14 +23,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from medmamba.config import Config, config_from_dict, save_config, set_key, validate
+from medmamba.config import Config, absolute_paths, config_from_dict, save_config, set_key, validate
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import create_model
 from medmamba.tracking import Tracker, resolve_uri
 from medmamba.train import Trainer, make_loader, predict_metrics, resolve_device, write_report
 
-from .cluster import check_resources, init_ray
+from .cluster import check_resources, init_ray, restore_into
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +125,13 @@ def run_trial(params: dict, base: dict) -> None:
     cfg = apply_params(config_from_dict(base), params)
     with tempfile.TemporaryDirectory(prefix="medmamba-trial-") as tmp:
         out = Path(tmp)
-        checkpoint = tune.get_checkpoint()
-        if checkpoint:  # a retried or resumed trial continues from its last epoch
-            with checkpoint.as_directory() as saved:
-                shutil.copytree(saved, out, dirs_exist_ok=True)
+        resumed = restore_into(tune.get_checkpoint(), out)  # a retried or resumed trial continues
 
         def report(row: dict) -> None:
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(out))
 
         Trainer(cfg, build_datasets(cfg.data), out, progress=False, on_report=report).fit(
-            resume=checkpoint is not None, test=False)
+            resume=resumed, test=False)
 
 
 class MlflowTrials(tune.Callback):
@@ -260,8 +257,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.tune
     space = search_space(cfg)
-    if cfg.data.root:
-        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())  # trials run in other directories
+    absolute_paths(cfg)
     init_ray(cfg.ray.address)
     check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)",
                     cfg.ray.autoscaling)

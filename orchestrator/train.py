@@ -19,12 +19,12 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device
 
-from medmamba.config import Config, config_from_dict
+from medmamba.config import Config, absolute_paths, config_from_dict
 from medmamba.data import build_datasets
 from medmamba.tracking import Tracker, resolve_uri
 from medmamba.train import Trainer
 
-from .cluster import check_resources, init_ray
+from .cluster import check_resources, init_ray, restore_into
 
 RUN_FILE = "ray_run.json"  # the Ray run name and storage of an output directory, for --resume
 
@@ -37,10 +37,7 @@ def train_loop_per_worker(config: dict) -> None:
         cfg.train.device = str(get_device())
     with tempfile.TemporaryDirectory(prefix="medmamba-worker-") as tmp:
         out = Path(tmp)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as saved:
-                shutil.copytree(saved, out, dirs_exist_ok=True)
+        resumed = restore_into(ray.train.get_checkpoint(), out)
         tracker = None
         if rank == 0 and config["tracking_uri"]:
             tracker = Tracker(config["tracking_uri"], cfg.mlflow.experiment)
@@ -52,7 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer = Trainer(cfg, build_datasets(cfg.data), out, tracker=tracker, progress=rank == 0,
                           on_report=report)
         trainer.run_id = config["run_id"]  # the driver's run: a group restarted from scratch logs to it too
-        trainer.fit(resume=checkpoint is not None)
+        trainer.fit(resume=resumed)
 
 
 def train_distributed(cfg: Config, output_dir: str | Path, tracking_uri: str | None = None,
@@ -64,6 +61,7 @@ def train_distributed(cfg: Config, output_dir: str | Path, tracking_uri: str | N
     """
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    absolute_paths(cfg)
     r = cfg.ray
     init_ray(r.address)
     check_resources(r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker,

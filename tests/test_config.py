@@ -81,3 +81,25 @@ def test_base_files_extend_each_other_and_loops_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.mode=maximum", "tune.mode: expected min or max"),
+    ("ray.num_workers=0", "ray.num_workers and ray.cpus_per_worker must be >= 1"),
+    ("ray.gpus_per_worker=-1", "ray.gpus_per_worker >= 0"),
+    ("federated.fraction_fit=0", "federated.fraction_fit: must be in \\(0, 1\\]"),
+    ("federated.rounds=0", "rounds, local_epochs and min_clients must be >= 1"),
+    ("tune.space=[1, 2]", "tune.space: expected a mapping"),
+])
+def test_bad_ray_tune_and_federated_keys_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_absolute_paths_makes_the_data_root_independent_of_the_working_directory(tmp_path, monkeypatch):
+    from medmamba.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config(None, ["data.root=data/medmnist"]))
+    assert cfg.data.root == str(tmp_path / "data/medmnist")
+    assert absolute_paths(load_config(None)).data.root is None
