@@ -233,9 +233,11 @@ def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(med
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert not rounds[0]["failures"] and set(rounds[0]["sites"]) == {"hospital_a", "hospital_b", "hospital_c"}
     failed = [f for r in rounds[1:] for f in r["failures"]]
-    assert failed and all(f.startswith("site hospital_b failed to train") for f in failed)
+    # (train or evaluate: the Ray actor that runs a site may change between rounds and re-read its folder)
+    assert failed and all(f.startswith(("site hospital_b failed to train", "site hospital_b failed to evaluate"))
+                          for f in failed)
     assert any(victim.name in f for f in failed)
-    assert "failure: site hospital_b failed to train" in output
+    assert "failure: site hospital_b failed to" in output
     assert all({"hospital_a", "hospital_c"} <= set(r["sites"]) for r in rounds)
 
 
