@@ -5,6 +5,8 @@ and sums), so each op's backward is the other op: no zero-filled gradient buffer
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,11 @@ def cross_merge(y: Tensor, H: int, W: int) -> Tensor:
             f"cross_merge: y has shape {tuple(y.shape)}, expected (batch, 4, channels, {H * W}) for H={H}, W={W}"
         )
     return _CrossMerge.apply(y, H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def scan_positions(H: int, W: int) -> Tensor:
+    """(4, H*W) int64: the row-major position that step l of each ``cross_scan`` direction reads."""
+    rows = torch.arange(H * W)
+    cols = rows.view(H, W).t().reshape(-1)
+    return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])

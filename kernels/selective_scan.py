@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpu_ext
+from .cross_scan import cross_merge, cross_scan, scan_positions
 from .reference import selective_scan_ref
-from .validation import check_scan_inputs, compute_dtype
+from .validation import check_cross_scan_inputs, check_scan_inputs, compute_dtype
 
 BACKENDS = ("auto", "mamba", "cpu", "torch", "ref")
 CPU_CHUNK = 64  # steps between saved states in the compiled kernel's forward
@@ -107,56 +108,101 @@ def selective_scan_fn(
     if name == "ref":
         return selective_scan_ref(*args)
     if name == "cpu":
-        out, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last = _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     else:
         out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last) if return_last_state else out
 
 
+def cross_selective_scan(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """SS2D's selective scan along the four ``cross_scan`` directions of a map, merged.
+
+    x: (batch, H, W, dim), channels-last; delta: (4, batch, H*W, dim); B, C: (batch, H*W, 4, N);
+    A: (4*dim, N); D, delta_bias: (4*dim,). Direction k has rows k*dim .. (k+1)*dim - 1 of A, D
+    and delta_bias, and its delta, B and C are stored by row-major position: its step l uses
+    position ``scan_positions(H, W)[k, l]``. Returns (batch, H, W, dim) in x's dtype, equal to
+    ``cross_merge(selective_scan_fn(cross_scan(x), ...))`` with delta, B and C in scan order.
+    The compiled CPU kernel reads every direction in place; other backends build the four
+    sequences.
+    """
+    check_cross_scan_inputs(x, delta, A, B, C, D, delta_bias)
+    name = resolve_backend(x.device, backend)
+    batch, H, W, dim = x.shape
+    ct = compute_dtype(x)
+    flat = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+    if name == "cpu":
+        bc = lambda t: t.to(ct) if t.stride(-1) == 1 else t.to(ct).contiguous()  # noqa: E731
+        out, _ = _CpuScan.apply(flat(x).view(batch, H * W, dim), flat(delta), flat(A), bc(B), bc(C), flat(D), None,
+                                flat(delta_bias), delta_softplus, scan_positions(H, W), False)
+        return out.view(batch, H, W, dim).to(x.dtype)
+    pos = scan_positions(H, W).to(x.device)
+    in_order = lambda t: torch.stack([t[k][:, pos[k]] for k in range(4)]).permute(1, 0, 3, 2)  # noqa: E731
+    u = cross_scan(x.permute(0, 3, 1, 2)).flatten(1, 2)
+    y = selective_scan_fn(u.to(ct), in_order(delta).flatten(1, 2).to(ct), A.to(ct),
+                          in_order(B.permute(2, 0, 1, 3)).to(ct), in_order(C.permute(2, 0, 1, 3)).to(ct),
+                          flat(D), delta_bias=flat(delta_bias), delta_softplus=delta_softplus, backend=name)
+    y = cross_merge(y.view(batch, 4, dim, H * W), H, W)
+    return y.transpose(1, 2).reshape(batch, H, W, dim).to(x.dtype)
+
+
 # ------------------------------------------------------------------------- compiled CPU kernel
-def _kernel_layout(M: Tensor, dtype: torch.dtype) -> Tensor:
-    """B or C as the kernel reads them: fixed (D, N), variable (batch, G, L, N)."""
-    if M.dim() == 3:
-        M = M.unsqueeze(1)
-    if M.dim() == 4:
-        M = M.transpose(-1, -2)
-    return M.to(dtype).contiguous()
-
-
-def _from_kernel_layout(dM: Tensor, ndim: int) -> Tensor:
-    """A gradient in the kernel layout back to the layout of a B or C with ``ndim`` dims."""
-    if ndim >= 3:
-        dM = dM.transpose(-1, -2)
-    return dM.squeeze(1) if ndim == 3 else dM
-
-
 class _CpuScan(torch.autograd.Function):
-    """The compiled kernel: the whole scan (bias, softplus, D skip and z gate included)."""
+    """The compiled kernel in its own layout (kernels/csrc/selective_scan_cpu.cpp): the whole
+    scan (bias, softplus, D skip and z gate included) along K scan orders of a channels-last u."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        ct = compute_dtype(u)
-        prep = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
-        tensors = (prep(u), prep(delta), prep(A), _kernel_layout(B, ct), _kernel_layout(C, ct),
-                   prep(D), prep(z), prep(delta_bias))
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions, want_last):
         save = any(ctx.needs_input_grad)
-        out, last, ckpt = _cpu_ext.load().fwd(*tensors, delta_softplus, CPU_CHUNK, save)
+        out, last, ckpt = _cpu_ext.load().fwd(u, delta, A, B, C, D, z, delta_bias, positions, delta_softplus,
+                                              CPU_CHUNK, save, want_last)
         ctx.mark_non_differentiable(last)
         if save:
-            ctx.save_for_backward(*tensors, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, positions, ckpt)
             ctx.softplus = delta_softplus
-            ctx.meta = [None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        return out.to(u.dtype), last
+        return out, last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        *tensors, ckpt = ctx.saved_tensors
-        grads = list(_cpu_ext.load().bwd(*tensors, ctx.softplus, CPU_CHUNK, ckpt,
-                                         dout.to(tensors[0].dtype).contiguous()))
-        du, ddelta, dA, dB, dC, dD, dz, dbias = grads
-        grads = (du, ddelta, dA, _from_kernel_layout(dB, ctx.meta[3][1]),
-                 _from_kernel_layout(dC, ctx.meta[4][1]), dD, dz, dbias)
-        return (*(None if m is None else g.to(m[0]) for g, m in zip(grads, ctx.meta)), None)
+        u, delta, A, B, C, D, z, bias, positions, ckpt = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _cpu_ext.load().bwd(
+            u, delta, A, B, C, D, z, bias, positions, ctx.softplus, CPU_CHUNK, ckpt, dout.contiguous())
+        return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
+                None if bias is None else dbias, None, None, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_order(L: int) -> Tensor:
+    """The positions of a plain sequence: one scan order, step l reads position l."""
+    return torch.arange(L).view(1, L)
+
+
+def _by_position(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """B or C as the kernel reads them: fixed (D, N), variable (batch, L, G, N)."""
+    M = M.to(dtype)
+    if M.dim() == 3:
+        M = M.unsqueeze(1)
+    return M.contiguous() if M.dim() == 2 else M.permute(0, 3, 1, 2).contiguous()
+
+
+def _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last) -> tuple[Tensor, Tensor]:
+    """selective_scan_fn on the compiled kernel: (batch, D, L) tensors turned channels-last."""
+    ct = compute_dtype(u)
+    lanes = lambda t: None if t is None else t.to(ct).transpose(1, 2).contiguous()[None]  # noqa: E731
+    flat = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+    out, last = _CpuScan.apply(lanes(u)[0], lanes(delta), flat(A), _by_position(B, ct), _by_position(C, ct),
+                               flat(D), lanes(z), flat(delta_bias), delta_softplus, _in_order(u.shape[-1]),
+                               want_last)
+    return out.transpose(1, 2).to(u.dtype), last
 
 
 # ------------------------------------------------------------------------- chunked PyTorch path

@@ -69,3 +69,34 @@ def check_scan_inputs(
             _fail(name, t, f"({dim},)")
     if z is not None and z.shape != u.shape:
         _fail("z", z, f"{tuple(u.shape)} like u")
+
+
+def check_cross_scan_inputs(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> None:
+    """Raise ValueError naming the first argument of ``cross_selective_scan`` that is wrong."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or 0 in x.shape:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"cross_selective_scan: x has shape {shape}, expected a non-empty (batch, H, W, dim)")
+    batch, H, W, dim = x.shape
+    L = H * W
+    N = A.shape[-1] if isinstance(A, Tensor) else -1
+    expected = {"delta": (4, batch, L, dim), "A": (4 * dim, N), "B": (batch, L, 4, N), "C": (batch, L, 4, N),
+                "D": (4 * dim,), "delta_bias": (4 * dim,)}
+    for name, t in {"delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}.items():
+        if t is None and name in ("D", "delta_bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"cross_selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"cross_selective_scan: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                             f"for x of shape {tuple(x.shape)}")
+        if t.dtype not in _FLOATS or t.device != x.device:
+            raise ValueError(f"cross_selective_scan: {name} is {t.dtype} on {t.device}, expected a floating "
+                             f"tensor on {x.device} like x")

@@ -1,8 +1,9 @@
 """Parameter and FLOP counts in the paper's convention and in full.
 
 The paper's GFLOPs (Table 1: 2.0 / 3.5 / 7.4 G for T / S / B at 224 px) count multiply-adds of
-convolutions and linear layers only, as thop does. The full count adds the SS2D projections
-written as einsums and the selective scan itself, which the paper leaves out.
+convolutions and linear layers only, as thop does. The full count adds SS2D's x/dt projections
+(parameter tensors applied with matmul/einsum, not nn.Linear layers) and the selective scan
+itself, which the paper leaves out.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SCAN_OPS_PER_STEP = 1
 class Complexity:
     params: int
     paper_macs: float  # convolution + linear multiply-adds (thop's convention)
-    einsum_macs: float  # SS2D's x/dt projections (batched matmuls)
+    einsum_macs: float  # SS2D's x/dt projections
     scan_macs: float  # the selective scan, counted as documented above
 
     @property
@@ -40,11 +41,11 @@ def count_params(model: nn.Module) -> int:
 def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int = 3) -> Complexity:
     """Count one image's multiply-adds with torch's FlopCounterMode, plus the scan's own cost."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    scans: list[tuple[int, int, int]] = []  # (channels, steps, states) of each SS2D call
+    scans: list[tuple[int, int, int, int]] = []  # (d_inner, steps, states, dt_rank) of each SS2D call
 
     def record(module: SS2D, args, _out) -> None:
         _, H, W, dim = args[0].shape
-        scans.append((4 * 2 * dim, H * W, module.d_state))
+        scans.append((2 * dim, H * W, module.d_state, module.dt_rank))
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, SS2D)]
     counter = FlopCounterMode(display=False)
@@ -58,11 +59,13 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans
         for hook in hooks:
             hook.remove()
     flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    macs = lambda *ops: sum(flops.get(op, 0) for op in ops) / 2  # noqa: E731  (FLOPs = 2 x MACs)
-    scan = sum(d * L * (n * SCAN_OPS_PER_STATE + SCAN_OPS_PER_STEP) for d, L, n in scans)
+    macs = sum(flops.get(op, 0) for op in ("aten.convolution", "aten.mm", "aten.addmm", "aten.bmm")) / 2
+    # per direction: x_proj (d -> dt_rank + 2 N) and dt_proj (dt_rank -> d) at every step
+    projections = sum(4 * L * (d * (r + 2 * n) + r * d) for d, L, n, r in scans)
+    scan = sum(4 * d * L * (n * SCAN_OPS_PER_STATE + SCAN_OPS_PER_STEP) for d, L, n, _ in scans)
     return Complexity(
         params=count_params(model),
-        paper_macs=macs("aten.convolution", "aten.mm", "aten.addmm"),
-        einsum_macs=macs("aten.bmm"),
+        paper_macs=macs - projections,
+        einsum_macs=float(projections),
         scan_macs=float(scan),
     )

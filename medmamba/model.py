@@ -5,7 +5,7 @@ average pool -> linear head. Each SS-Conv-SSM block splits its channels in two: 
 through a Conv branch (BN-Conv3x3-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1-ReLU), the other through an SSM
 branch (LayerNorm -> SS2D -> DropPath); the halves are concatenated, channel-shuffled (2 groups)
 and added to the block input. SS2D runs a selective scan along four directions of the feature
-map (``medmamba.kernels``).
+map (``medmamba.kernels.cross_selective_scan``).
 
 Numerically this is the published implementation (MedMamba.py): same layers, initialisation,
 LayerNorm eps (1e-5) and stochastic depth. Differences, both deliberate:
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import cross_merge, cross_scan, selective_scan_fn
+from .kernels import cross_selective_scan
 
 
 class DropPath(nn.Module):
@@ -101,24 +101,24 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def scan(self, x: Tensor) -> Tensor:
-        """(B, d_inner, H, W) -> (B, d_inner, H*W): the selective scan along all four directions."""
-        batch, _, H, W = x.shape
-        xs = cross_scan(x)  # (B, 4, d_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
-        y = selective_scan_fn(
-            xs.flatten(1, 2).float(), dts.flatten(1, 2).float(), -torch.exp(self.A_log.float()),
-            Bs.float(), Cs.float(), self.D.float(), delta_bias=self.dt_proj_bias.flatten().float(),
-            delta_softplus=True,
-        )
-        return cross_merge(y.view(batch, 4, -1, H * W), H, W)
+        """(B, H, W, d_inner) -> (B, H, W, d_inner): the selective scan along all four directions.
+
+        The projections are pointwise, so they run once on the map in row-major order (one
+        matmul for all four directions' x_proj); ``cross_selective_scan`` reads each direction's
+        order itself."""
+        batch, H, W, d_inner = x.shape
+        k = self.x_proj_weight.shape[0]
+        x_dbl = torch.matmul(x.reshape(batch, H * W, d_inner), self.x_proj_weight.flatten(0, 1).t())
+        dts, Bs, Cs = x_dbl.view(batch, H * W, k, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = torch.einsum("blkr,kdr->kbld", dts, self.dt_proj_weight)
+        return cross_selective_scan(x, dts, -torch.exp(self.A_log.float()), Bs, Cs, self.D.float(),
+                                    delta_bias=self.dt_proj_bias.flatten().float(), delta_softplus=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.dwconv(x.permute(0, 3, 1, 2).contiguous()))
-        y = self.scan(x).transpose(1, 2).reshape(batch, H, W, -1)
+        # channels-last memory: 2-5x faster depthwise conv, and the (B, H, W, C) view below is free
+        x = F.silu(self.dwconv(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)))
+        y = self.scan(x.permute(0, 2, 3, 1))
         y = self.out_norm(y.to(z.dtype)) * F.silu(z)
         return self.out_proj(y)
 
@@ -153,7 +153,7 @@ class SSConvSSM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv_in, ssm_in = x.chunk(2, dim=-1)
         ssm_out = self.drop_path(self.ssm(self.ssm_norm(ssm_in)))
-        conv_out = self.conv_branch(conv_in.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        conv_out = self.conv_branch(conv_in.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)  # NCHW: faster here
         return channel_shuffle(torch.cat([conv_out, ssm_out], dim=-1), groups=2) + x
 
 

@@ -1,23 +1,36 @@
-// Selective scan (Mamba's S6) for CPU tensors: forward and a hand-written backward.
+// Selective scan (Mamba's S6) for CPU tensors, forward and a hand-written backward, along one or
+// several scan orders of a channels-last sequence (SS2D's four directions in one call).
 //
 //   dt_l = softplus(delta_l + bias)            (softplus optional)
 //   x_l  = exp(dt_l A) x_{l-1} + dt_l B_l u_l  (state of N values per channel)
 //   y_l  = (C_l x_l + D u_l) * silu(z_l)       (D and z optional)
 //
+// Directions: K scans (K = 1 for a plain sequence, 4 for SS2D) read the same input u in their
+// own order: step l of direction k reads position pos[k][l]. Each direction has its own
+// parameters (rows k*D + d of A, D and bias) and its own delta, z, B and C, stored by position;
+// its outputs are added at the positions they were read from, so `out` is SS2D's merged result
+// and no permuted copy of any tensor is ever made.
+//
 // Channels are scanned in tiles of W = 16, one channel per SIMD lane (`omp simd` loops; exp,
 // 2^x and log1p are written so that GCC vectorises them), with the tile's N x W states in a
-// small buffer that stays in cache. Tiles are spread over torch's intra-op threads with
-// at::parallel_for. Forward never forms a (B, D, L, N) tensor. When gradients are needed, the
-// forward saves the state at the start of every chunk of K steps; the backward recomputes one
-// chunk's states at a time and runs the adjoint recurrence in reverse.
+// small buffer that stays in cache. Channels are the innermost dimension in memory, so a step's
+// W lanes are one contiguous load. Work is spread over torch's intra-op threads by ranges of
+// batch elements (and, in the forward, channel tiles); a task loads a tile's per-channel
+// constants once for its whole batch range. Forward never forms a (Bt, D, L, N) tensor. When
+// gradients are needed, it saves the state at the start of every chunk of `chunk` steps; the
+// backward recomputes one chunk's states at a time and runs the adjoint recurrence in reverse.
 //
-// Layouts (all contiguous, one scalar type T = float or double, prepared by the Python side):
-//   u, delta, z, out       (Bt, D, L)
-//   A                      (D, N)
-//   B, C  variable         (Bt, G, L, N)   -- L before N: one step's N values are contiguous
-//         fixed            (D, N)
-//   Dskip, bias            (D,) or empty
-//   ckpt                   (Bt, D, ceil(L / K), N)
+// Layouts (one scalar type T = float or double, prepared by the Python side; contiguous unless
+// said otherwise):
+//   u, out                 (Bt, L, D)
+//   delta, z               (K, Bt, L, D)
+//   A                      (K*D, N)
+//   Dskip, bias            (K*D,) or empty
+//   B, C  variable         (Bt, L, G, N)   any strides with N contiguous; row k*D + d reads
+//                                          group (k*D + d) / (K*D / G)
+//         fixed            (K*D, N)
+//   pos                    (K, L) int64
+//   ckpt                   (Bt, K, tiles, chunks, N, W)   lane layout
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -73,16 +86,15 @@ inline float log1p_unit_v(float e) {
 // 2 ulp; t is clamped to [-126, 126] (NaN passes through).
 #pragma omp declare simd notinbranch
 inline float exp2_v(float t) {
-  t = t < -126.0f ? -126.0f : t;
-  t = t > 126.0f ? 126.0f : t;
+  t = -126.0f > t ? -126.0f : t;  // one max and one min instruction each (NaN passes through)
+  t = 126.0f < t ? 126.0f : t;
   const float n = std::nearbyint(t), r = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * r + 1.339887440266574e-3f;
-  p = p * r + 9.618437357674640e-3f;
-  p = p * r + 5.550332471162809e-2f;
-  p = p * r + 2.402264791363012e-1f;
-  p = p * r + 6.931472028550421e-1f;
-  p = p * r + 1.0f;
+  // Estrin's scheme: the same polynomial as Horner's with half the dependent steps, which the
+  // scan's latency-bound inner loop needs more than the extra multiply.
+  const float r2 = r * r;
+  const float p01 = 6.931472028550421e-1f * r + 1.0f, p23 = 5.550332471162809e-2f * r + 2.402264791363012e-1f;
+  const float p45 = 1.339887440266574e-3f * r + 9.618437357674640e-3f;
+  const float p = (1.535336188319500e-4f * r2 + (p45)) * (r2 * r2) + (p23 * r2 + p01);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -105,99 +117,91 @@ template <typename T> inline T sigmoid_v(T x) { return T(1) / (T(1) + exp_v(-x))
 
 template <typename T> constexpr T kLog2e = T(1.44269504088896340736);
 
-struct Shape {
-  int64_t batch, dim, len, nstate, groups_b, groups_c, chunk;
-  bool var_b, var_c, softplus;
-};
 
-// Where one row's B (or C) values live: step l's N values start at base + l * step.
-template <typename T> struct RowView {
-  const T* base;
-  int64_t step;
-  const T* at(int64_t l) const { return base + l * step; }
-};
-
-template <typename T>
-RowView<T> row_of(const T* m, bool variable, int64_t groups, const Shape& s, int64_t b, int64_t d) {
-  if (!variable) return {m + d * s.nstate, 0};
-  const int64_t g = d / (s.dim / groups);
-  return {m + (b * groups + g) * s.len * s.nstate, s.nstate};
-}
-
-// The inputs of one scan, as raw pointers (optional ones may be null).
-template <typename T> struct Inputs {
-  const T *u, *delta, *A, *B, *C, *Dskip, *z, *bias;
-};
-
-// ---------------------------------------------------------------- forward
-// The forward scans W channels of one batch element at once, one channel per SIMD lane, so the
-// readout C x is a vertical sum over N (no horizontal reduction per step). A tile's channels
-// share their B and C rows (same group), which are then broadcast across lanes. Each chunk of K
-// steps of u and dt is transposed into a (K, W) buffer first.
 constexpr int64_t W = 16;
 
-// Moving a chunk between rows (channel-major, as in memory) and lanes (step-major, W per step).
-// dst[j * W + c] = src[(row0 + c) * L + l0 + j]: steps l0 .. l0 + kc of `width` rows, one per lane.
-template <typename T> void gather_lanes(const T* src, int64_t row0, int64_t width, int64_t L,
-                                        int64_t l0, int64_t kc, T* dst) {
-  const T* base = src + row0 * L + l0;
-  for (int64_t j = 0; j < kc; ++j) {
-#pragma omp simd
-    for (int64_t c = 0; c < width; ++c) dst[j * W + c] = base[c * L + j];
-  }
-}
+struct Shape {
+  int64_t batch, len, dim, dirs, nstate, chunk, nchunks, tiles, groups_b, groups_c;
+  bool var_b, var_c, softplus;
+  int64_t rows() const { return dirs * dim; }
+};
 
-// The inverse of gather_lanes: dst[(row0 + c) * L + l0 + j] = src[j * W + c]. Row by row:
-// contiguous stores measured faster than scatter instructions.
-template <typename T> void scatter_lanes(const T* src, int64_t row0, int64_t width, int64_t L,
-                                         int64_t l0, int64_t kc, T* dst) {
-  T* base = dst + row0 * L + l0;
-  for (int64_t c = 0; c < width; ++c)
-    for (int64_t j = 0; j < kc; ++j) base[c * L + j] = src[j * W + c];
-}
+// Variable B or C: step values at base + b * sb + g * sg + p * sl (N contiguous).
+template <typename T> struct StateMatrix {
+  const T* base;
+  int64_t sb, sl, sg, groups;
+};
 
-// Asks the cache for the next chunk of each lane's rows while this one is computed.
-template <typename T> void prefetch_chunk(const T* base, int64_t row0, int64_t width, int64_t L,
-                                          int64_t l0, int64_t kc) {
-  if (l0 < 0 || l0 >= L || !base) return;
-  constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t c = 0; c < width; ++c)
-    for (int64_t j = 0; j < std::min(kc, L - l0); j += line) __builtin_prefetch(base + (row0 + c) * L + l0 + j);
-}
+template <typename T> struct Inputs {
+  const T *u, *delta, *A, *Dskip, *z, *bias;
+  StateMatrix<T> B, C;  // base alone for fixed (K*D, N)
+  const int64_t* pos;
+};
 
 // Tiles of at most W channels that never straddle a group boundary of B or C.
 struct Tile {
-  int64_t b, d0, width;
+  int64_t d0, width;
 };
 
 std::vector<Tile> make_tiles(const Shape& s) {
-  const int64_t per_b = s.var_b ? s.dim / s.groups_b : s.dim;
-  const int64_t per_c = s.var_c ? s.dim / s.groups_c : s.dim;
-  const int64_t segment = std::gcd(per_b, per_c);
+  int64_t segment = s.dim;
+  if (s.var_b) segment = std::gcd(segment, s.rows() / s.groups_b);
+  if (s.var_c) segment = std::gcd(segment, s.rows() / s.groups_c);
   std::vector<Tile> tiles;
-  for (int64_t b = 0; b < s.batch; ++b)
-    for (int64_t seg0 = 0; seg0 < s.dim; seg0 += segment)
-      for (int64_t d0 = seg0; d0 < seg0 + segment; d0 += W)
-        tiles.push_back({b, d0, std::min(W, seg0 + segment - d0)});
+  for (int64_t seg0 = 0; seg0 < s.dim; seg0 += segment)
+    for (int64_t d0 = seg0; d0 < seg0 + segment; d0 += W) tiles.push_back({d0, std::min(W, seg0 + segment - d0)});
   return tiles;
 }
 
-// Per-lane constants of a tile, (N, W) or (W,): A log2 e (and A itself when `a` is given), fixed
-// B and C, D and delta_bias. Padded lanes (c >= width) keep the zeros they were allocated with.
+// Where the B or C row of (batch b, direction k, tile) lives: step values at at(pos).
+template <typename T> struct RowView {
+  const T* base;
+  int64_t step;
+  const T* at(int64_t p) const { return base + p * step; }
+};
+
+template <typename T> RowView<T> row_of(const StateMatrix<T>& m, const Shape& s, int64_t b, int64_t row) {
+  const int64_t g = row / (s.rows() / m.groups);
+  return {m.base + b * m.sb + g * m.sg, m.sl};
+}
+
+// Step j's lanes from channels-last rows: dst[j * W + c] = plane[pos[j] * D + c], c < width.
+template <typename T> void gather_steps(const T* plane, const int64_t* pos, int64_t kc, int64_t D,
+                                        int64_t width, T* dst) {
+  for (int64_t j = 0; j < kc; ++j) {
+    const T* src = plane + pos[j] * D;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) dst[j * W + c] = src[c];
+  }
+}
+
+// The inverse of gather_steps, adding to (ACCUMULATE) or overwriting the destination.
+template <bool ACCUMULATE, typename T> void scatter_steps(const T* src, const int64_t* pos, int64_t kc,
+                                                          int64_t D, int64_t width, T* plane) {
+  for (int64_t j = 0; j < kc; ++j) {
+    T* dst = plane + pos[j] * D;
+#pragma omp simd
+    for (int64_t c = 0; c < width; ++c) dst[c] = ACCUMULATE ? dst[c] + src[j * W + c] : src[j * W + c];
+  }
+}
+
+// Per-lane constants of the channels row0 .. row0 + width of all K*D rows, (N, W) or (W,):
+// A log2 e (and A itself when `a` is given), fixed B and C, D and delta_bias. Padded lanes
+// (c >= width) keep the zeros they were given.
 template <typename T>
-void load_lane_constants(const Shape& s, const Inputs<T>& in, const Tile& t, T* a2, T* bt, T* ct,
-                         T* dskip, T* bias, T* a = nullptr) {
+void load_lane_constants(const Shape& s, const Inputs<T>& in, int64_t row0, int64_t width, T* a2, T* bt,
+                         T* ct, T* dskip, T* bias, T* a = nullptr) {
   const int64_t N = s.nstate;
-  for (int64_t c = 0; c < t.width; ++c) {
-    const int64_t d = t.d0 + c;
+  for (int64_t c = 0; c < width; ++c) {
+    const int64_t r = row0 + c;
     for (int64_t n = 0; n < N; ++n) {
-      a2[n * W + c] = in.A[d * N + n] * kLog2e<T>;
-      if (a) a[n * W + c] = in.A[d * N + n];
-      if (!s.var_b) bt[n * W + c] = in.B[d * N + n];
-      if (!s.var_c) ct[n * W + c] = in.C[d * N + n];
+      a2[n * W + c] = in.A[r * N + n] * kLog2e<T>;
+      if (a) a[n * W + c] = in.A[r * N + n];
+      if (!s.var_b) bt[n * W + c] = in.B.base[r * N + n];
+      if (!s.var_c) ct[n * W + c] = in.C.base[r * N + n];
     }
-    dskip[c] = in.Dskip ? in.Dskip[d] : T(0);
-    bias[c] = in.bias ? in.bias[d] : T(0);
+    dskip[c] = in.Dskip ? in.Dskip[r] : T(0);
+    bias[c] = in.bias ? in.bias[r] : T(0);
   }
 }
 
@@ -227,53 +231,61 @@ inline void scan_step(int64_t N, const T* dt, const T* u, const T* a2, const T* 
   for (int64_t i = 0; i < W; ++i) y[i] = acc[i];
 }
 
+// The forward of one tile of channels, every direction, batch elements b0 .. b1.
 template <typename T, bool VB, bool VC>
-void forward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, T* out, T* last_state, T* ckpt,
-                  std::vector<T>& scratch) {
-  const int64_t N = s.nstate, L = s.len, K = s.chunk, nchunks = (L + K - 1) / K;
-  const int64_t row0 = t.b * s.dim + t.d0;
+void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t tile, int64_t b0, int64_t b1,
+                  T* out, T* last_state, T* ckpt, std::vector<T>& scratch) {
+  const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W;
   const int64_t kb = std::min(K, L);  // steps per chunk buffer
-  scratch.assign((4 * N + 3 * kb + 2) * W, T(0));  // zeros: padded lanes stay inert
+  scratch.assign((4 * N + 4 * kb + 2) * W, T(0));  // zeros: padded lanes stay inert
   T* x = scratch.data();       // (N, W) the tile's states
-  T* a2 = x + N * W;           // (N, W) A log2 e
-  T* bt = a2 + N * W;          // (N, W) fixed B, per lane
-  T* ct = bt + N * W;          // (N, W) fixed C, per lane
-  T* dtc = ct + N * W;         // (kb, W) dt of the chunk
+  T* a2 = x + NW;              // (N, W) A log2 e
+  T* bt = a2 + NW;             // (N, W) fixed B, per lane
+  T* ct = bt + NW;             // (N, W) fixed C, per lane
+  T* dtc = ct + NW;            // (kb, W) dt of the chunk
   T* uc = dtc + kb * W;        // (kb, W) u of the chunk
-  T* yc = uc + kb * W;         // (kb, W) output of the chunk
+  T* zc = uc + kb * W;         // (kb, W) z of the chunk
+  T* yc = zc + kb * W;         // (kb, W) output of the chunk
   T* dskip = yc + kb * W;      // (W,)
   T* bias = dskip + W;         // (W,)
-  load_lane_constants(s, in, t, a2, bt, ct, dskip, bias);
-  const RowView<T> Bv = row_of(in.B, s.var_b, s.groups_b, s, t.b, t.d0);
-  const RowView<T> Cv = row_of(in.C, s.var_c, s.groups_c, s, t.b, t.d0);
-
-  for (int64_t ci = 0; ci < nchunks; ++ci) {
-    const int64_t l0 = ci * K, kc = std::min(K, L - l0);
-    if (ckpt)
-      for (int64_t c = 0; c < t.width; ++c)
-        for (int64_t n = 0; n < N; ++n) ckpt[((row0 + c) * nchunks + ci) * N + n] = x[n * W + c];
-    for (const T* next : {in.delta, in.u}) prefetch_chunk(next, row0, t.width, L, l0 + K, K);
-    gather_lanes(in.delta, row0, t.width, L, l0, kc, dtc);
-    gather_lanes(in.u, row0, t.width, L, l0, kc, uc);
-    for (int64_t j = 0; j < kc; ++j) {
+  for (int64_t k = 0; k < s.dirs; ++k) {
+    const int64_t row0 = k * D + t.d0;
+    load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(x, x + NW, T(0));
+      const T* u = in.u + b * L * D + t.d0;
+      const T* delta = in.delta + (k * s.batch + b) * L * D + t.d0;
+      const T* z = in.z ? in.z + (k * s.batch + b) * L * D + t.d0 : nullptr;
+      T* o = out + b * L * D + t.d0;
+      const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
+      const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{ct, 0};
+      T* saved = ckpt ? ckpt + ((b * s.dirs + k) * s.tiles + tile) * s.nchunks * NW : nullptr;
+      for (int64_t ci = 0; ci < s.nchunks; ++ci) {
+        const int64_t l0 = ci * K, kc = std::min(K, L - l0);
+        const int64_t* pos = in.pos + k * L + l0;
+        if (saved) std::copy(x, x + NW, saved + ci * NW);
+        gather_steps(delta, pos, kc, D, t.width, dtc);
+        gather_steps(u, pos, kc, D, t.width, uc);
+        for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
-      for (int64_t i = 0; i < W; ++i) dtc[j * W + i] = s.softplus ? softplus_v(dtc[j * W + i] + bias[i])
-                                                                  : dtc[j * W + i] + bias[i];
-    }
-    for (int64_t j = 0; j < kc; ++j)
-      scan_step<T, VB, VC>(N, dtc + j * W, uc + j * W, a2, VB ? Bv.at(l0 + j) : bt,
-                           VC ? Cv.at(l0 + j) : ct, dskip, x, yc + j * W);
-    scatter_lanes(yc, row0, t.width, L, l0, kc, out);
-    if (in.z)
-      for (int64_t c = 0; c < t.width; ++c) {
-        T* o = out + (row0 + c) * L + l0;
-        const T* z = in.z + (row0 + c) * L + l0;
+          for (int64_t i = 0; i < W; ++i) dtc[j * W + i] = s.softplus ? softplus_v(dtc[j * W + i] + bias[i])
+                                                                      : dtc[j * W + i] + bias[i];
+        }
+        for (int64_t j = 0; j < kc; ++j)
+          scan_step<T, VB, VC>(N, dtc + j * W, uc + j * W, a2, VB ? Bv.at(pos[j]) : bt, VC ? Cv.at(pos[j]) : ct,
+                               dskip, x, yc + j * W);
+        if (z) {
+          gather_steps(z, pos, kc, D, t.width, zc);
 #pragma omp simd
-        for (int64_t j = 0; j < kc; ++j) o[j] *= z[j] * sigmoid_v(z[j]);
+          for (int64_t i = 0; i < kc * W; ++i) yc[i] *= zc[i] * sigmoid_v(zc[i]);
+        }
+        scatter_steps<true>(yc, pos, kc, D, t.width, o);
       }
+      if (last_state)
+        for (int64_t c = 0; c < t.width; ++c)
+          for (int64_t n = 0; n < N; ++n) last_state[(b * s.rows() + row0 + c) * N + n] = x[n * W + c];
+    }
   }
-  for (int64_t c = 0; c < t.width; ++c)
-    for (int64_t n = 0; n < N; ++n) last_state[(row0 + c) * N + n] = x[n * W + c];
 }
 
 // ---------------------------------------------------------------- backward
@@ -281,14 +293,15 @@ void forward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, T* out, T*
 // the saved one, then runs the adjoint recurrence h_l = C_l dy_l + exp(dt_{l+1} A) h_{l+1} in
 // reverse, one channel per lane as in the forward. Per-lane sums (du, ddt, dA, dD, dbias, and
 // dB/dC of fixed B/C) stay vertical; dB/dC of variable B/C are summed over the lanes once per
-// chunk into the task's own slice of a partial buffer (no races).
+// step. A task owns a range of batch elements: it alone writes their du, ddelta, dz and
+// variable dB/dC, and it sums its per-channel gradients into its own row of a partial buffer.
 template <typename T> struct Grads {
-  T *du, *ddelta, *dz;  // (Bt, D, L)
-  T *dA;                // (Bt, D, N)  summed over Bt afterwards
-  T *dD, *dbias;        // (Bt, D)     summed over Bt afterwards
-  T *dB, *dC;           // variable: (P, Bt, G, L, N); fixed: (Bt, D, N) summed over Bt afterwards
+  T *du;                // (Bt, L, D), summed over the directions
+  T *ddelta, *dz;       // (K, Bt, L, D)
+  T *dA, *dbf, *dcf;    // (tasks, K*D, N); dbf/dcf for fixed B/C
+  T *dD, *dbias;        // (tasks, K*D)
+  T *dB, *dC;           // variable: (Bt, L, G, N)
 };
-
 // One reverse time step for all W lanes and every state n: the adjoint h of each state, the
 // lane terms of dB and dC (variable: stored per step for a lane sum; fixed: accumulated), and
 // per-lane sums for dA, du and ddt (the last two in local arrays kept in registers across n).
@@ -319,10 +332,10 @@ inline void adjoint_step(int64_t N, const T* dt, const T* u, const T* gy, const 
   }
 }
 
-// Adds the lane sums of `count` rows of W lanes to dst, halving the width with vertical adds
+// Writes the lane sums of `count` rows of W lanes to dst, halving the width with vertical adds
 // (measured 3x faster than a horizontal reduction per row). Overwrites rows; tmp holds 8 * count.
-static_assert(W == 16, "add_lane_sums halves 16 -> 8 -> 4");
-template <typename T> void add_lane_sums(T* rows, int64_t count, T* tmp, T* dst) {
+static_assert(W == 16, "lane_sums halves 16 -> 8 -> 4");
+template <typename T> void lane_sums(T* rows, int64_t count, T* tmp, T* dst) {
   for (int64_t r = 0; r < count; ++r) {
 #pragma omp simd
     for (int64_t k = 0; k < 8; ++k) tmp[r * 8 + k] = rows[r * 16 + k] + rows[r * 16 + 8 + k];
@@ -331,143 +344,151 @@ template <typename T> void add_lane_sums(T* rows, int64_t count, T* tmp, T* dst)
 #pragma omp simd
     for (int64_t k = 0; k < 4; ++k) rows[r * 4 + k] = tmp[r * 8 + k] + tmp[r * 8 + 4 + k];
   }
-  for (int64_t r = 0; r < count; ++r) dst[r] += (rows[r * 4] + rows[r * 4 + 2]) + (rows[r * 4 + 1] + rows[r * 4 + 3]);
+  for (int64_t r = 0; r < count; ++r) dst[r] = (rows[r * 4] + rows[r * 4 + 2]) + (rows[r * 4 + 1] + rows[r * 4 + 3]);
+}
+
+
+// dst[pos[j] * step + n] += the lane sum of rows[(j * N + n) * W ...], for the kc steps of a chunk.
+template <typename T> void add_at_positions(T* rows, int64_t kc, int64_t N, T* tmp, T* dst, int64_t step,
+                                            const int64_t* pos) {
+  T* sums = rows;  // lane_sums reads row r before it writes sums[r] <= r * 4
+  lane_sums(rows, kc * N, tmp, sums);
+  for (int64_t j = 0; j < kc; ++j) {
+    T* d = dst + pos[j] * step;
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) d[n] += sums[j * N + n];
+  }
 }
 
 template <typename T, bool VB, bool VC>
-void backward_tile(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t part, const T* ckpt,
-                   const T* dout, const Grads<T>& g, std::vector<T>& scratch) {
-  const int64_t N = s.nstate, L = s.len, K = s.chunk, nchunks = (L + K - 1) / K;
-  const int64_t row0 = t.b * s.dim + t.d0;
-  // Scratch: the tile's constants and accumulators (zeroed for every tile), then the chunk
-  // buffers, sized for min(K, L) steps. Those are zeroed only when allocated or when the tile is
-  // narrower than W: padded lanes must hold zeros so that they add nothing to the lane sums.
-  const int64_t kb = std::min(K, L), per_tile = (8 * N + 6) * W;
-  const int64_t size = per_tile + ((4 * kb + 1) * N + kb * N / 2 + 9 * kb) * W;
-  if (static_cast<int64_t>(scratch.size()) != size || t.width < W) scratch.assign(size, T(0));
-  std::fill(scratch.begin(), scratch.begin() + per_tile, T(0));
+void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>& tiles, int64_t task,
+                   int64_t b0, int64_t b1, const T* ckpt, const T* dout, const Grads<T>& g,
+                   std::vector<T>& scratch) {
+  const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W;
+  const int64_t kb = std::min(K, L);
+  // Scratch: per-lane constants and accumulators, then the chunk buffers.
+  scratch.assign((8 * N + 6) * W + (5 * kb + 1) * N * W + 9 * kb * W, T(0));
   T* p = scratch.data();
   auto take = [&](int64_t n) { T* q = p; p += n * W; return q; };
   T *a2 = take(N), *a = take(N), *bt = take(N), *ct = take(N);         // per lane constants
   T *hc = take(N), *dA = take(N), *dbf = take(N), *dcf = take(N);      // per lane accumulators
   T *dskip = take(1), *bias = take(1), *dD = take(1), *dbias = take(1), *du = take(1), *ddt = take(1);
   T *xs = take((kb + 1) * N), *ea = take(kb * N);                      // the chunk's states, exp(dt A)
-  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N / 2);   // lane terms of variable dB, dC
+  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N);       // lane terms of variable dB, dC
   T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
   T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
-  load_lane_constants(s, in, t, a2, bt, ct, dskip, bias, a);
-  const RowView<T> Bv = row_of(in.B, VB, s.groups_b, s, t.b, t.d0);
-  const RowView<T> Cv = row_of(in.C, VC, s.groups_c, s, t.b, t.d0);
-  auto partial = [&](T* buf, int64_t groups) {  // this task's (L, N) slice for the tile's group
-    return buf + ((part * s.batch + t.b) * groups + t.d0 / (s.dim / groups)) * L * N;
-  };
-  T* dBp = VB ? partial(g.dB, s.groups_b) : nullptr;
-  T* dCp = VC ? partial(g.dC, s.groups_c) : nullptr;
+  const int64_t gb_step = L * s.groups_b * N, gc_step = L * s.groups_c * N;  // dB, dC per batch element
 
-  for (int64_t ci = nchunks - 1; ci >= 0; --ci) {
-    const int64_t l0 = ci * K, kc = std::min(K, L - l0);
-    for (const T* next : {in.delta, in.u, dout, in.z}) prefetch_chunk(next, row0, t.width, L, l0 - K, K);
-    // Gather the chunk, one channel per lane.
-    for (int64_t c = 0; c < t.width; ++c)
-      for (int64_t n = 0; n < N; ++n) xs[n * W + c] = ckpt[((row0 + c) * nchunks + ci) * N + n];
-    gather_lanes(in.delta, row0, t.width, L, l0, kc, dtc);
-    gather_lanes(in.u, row0, t.width, L, l0, kc, uc);
-    gather_lanes(dout, row0, t.width, L, l0, kc, dyc);
-    if (in.z) gather_lanes(in.z, row0, t.width, L, l0, kc, zc);
-    for (int64_t j = 0; j < kc; ++j) {
+  for (int64_t ti = 0; ti < static_cast<int64_t>(tiles.size()); ++ti) {
+    const Tile& t = tiles[ti];
+    if (t.width < W) std::fill(scratch.begin(), scratch.end(), T(0));  // padded lanes add nothing
+    for (int64_t k = 0; k < s.dirs; ++k) {
+      const int64_t row0 = k * D + t.d0;
+      std::fill(dA, dA + 3 * NW, T(0));  // dA, dbf, dcf
+      std::fill(dD, dD + 2 * W, T(0));   // dD, dbias
+      load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias, a);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(hc, hc + NW, T(0));
+        const int64_t plane = b * L * D + t.d0, kplane = (k * s.batch + b) * L * D + t.d0;
+        const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
+        const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{ct, 0};
+        const int64_t grp_b = VB ? row0 / (s.rows() / s.groups_b) : 0, grp_c = VC ? row0 / (s.rows() / s.groups_c) : 0;
+        const T* saved = ckpt + ((b * s.dirs + k) * s.tiles + ti) * s.nchunks * NW;
+        for (int64_t ci = s.nchunks - 1; ci >= 0; --ci) {
+          const int64_t l0 = ci * K, kc = std::min(K, L - l0);
+          const int64_t* pos = in.pos + k * L + l0;
+          std::copy(saved + ci * NW, saved + (ci + 1) * NW, xs);
+          gather_steps(in.delta + kplane, pos, kc, D, t.width, dtc);
+          gather_steps(in.u + plane, pos, kc, D, t.width, uc);
+          gather_steps(dout + plane, pos, kc, D, t.width, dyc);
+          if (in.z) gather_steps(in.z + kplane, pos, kc, D, t.width, zc);
+          for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
-      for (int64_t i = 0; i < W; ++i) dtc[j * W + i] += bias[i];
-    }
-    // dt, its derivative with respect to delta, and dy times the gate silu(z).
-    if (s.softplus) {
+            for (int64_t i = 0; i < W; ++i) dtc[j * W + i] += bias[i];
+          }
+          // dt, its derivative with respect to delta, and dy times the gate silu(z).
+          if (s.softplus) {
 #pragma omp simd
-      for (int64_t i = 0; i < kc * W; ++i) {
-        sgc[i] = sigmoid_v(dtc[i]);
-        dtc[i] = softplus_v(dtc[i]);
-      }
-    } else {
-      std::fill(sgc, sgc + kc * W, T(1));
-    }
-    if (in.z) {
+            for (int64_t i = 0; i < kc * W; ++i) {
+              sgc[i] = sigmoid_v(dtc[i]);
+              dtc[i] = softplus_v(dtc[i]);
+            }
+          } else {
+            std::fill(sgc, sgc + kc * W, T(1));
+          }
+          if (in.z) {
 #pragma omp simd
-      for (int64_t i = 0; i < kc * W; ++i) gyc[i] = dyc[i] * zc[i] * sigmoid_v(zc[i]);
-      std::fill(yc, yc + kc * W, T(0));
-    } else {
-      std::copy(dyc, dyc + kc * W, gyc);
-    }
-    for (int64_t j = 0; j < kc; ++j) {  // recompute the chunk's states
-      const T* dtj = dtc + j * W;
-      const T* bl = Bv.at(l0 + j);
-      const T* cl = Cv.at(l0 + j);
+            for (int64_t i = 0; i < kc * W; ++i) gyc[i] = dyc[i] * zc[i] * sigmoid_v(zc[i]);
+            std::fill(yc, yc + kc * W, T(0));
+          } else {
+            std::copy(dyc, dyc + kc * W, gyc);
+          }
+          for (int64_t j = 0; j < kc; ++j) {  // recompute the chunk's states
+            const T* dtj = dtc + j * W;
+            const T* bl = Bv.at(pos[j]);
+            const T* cl = Cv.at(pos[j]);
 #pragma omp simd
-      for (int64_t i = 0; i < W; ++i) du[i] = dtj[i] * uc[j * W + i];
-      for (int64_t n = 0; n < N; ++n) {
-        const T* b = VB ? bl + n : bt + n * W;
-        const T* xp = xs + (j * N + n) * W;
-        T* xn = xs + ((j + 1) * N + n) * W;
-        T* e = ea + (j * N + n) * W;
+            for (int64_t i = 0; i < W; ++i) du[i] = dtj[i] * uc[j * W + i];
+            for (int64_t n = 0; n < N; ++n) {
+              const T* bn = VB ? bl + n : bt + n * W;
+              const T* xp = xs + (j * N + n) * W;
+              T* xn = xs + ((j + 1) * N + n) * W;
+              T* e = ea + (j * N + n) * W;
 #pragma omp simd
-        for (int64_t i = 0; i < W; ++i) {
-          e[i] = exp2_v(dtj[i] * a2[n * W + i]);
-          xn[i] = e[i] * xp[i] + du[i] * (VB ? b[0] : b[i]);
+              for (int64_t i = 0; i < W; ++i) {
+                e[i] = exp2_v(dtj[i] * a2[n * W + i]);
+                xn[i] = e[i] * xp[i] + du[i] * (VB ? bn[0] : bn[i]);
+              }
+              if (in.z) {  // the ungated output C x, for dz
+                const T* cn = VC ? cl + n : ct + n * W;
+#pragma omp simd
+                for (int64_t i = 0; i < W; ++i) yc[j * W + i] += xn[i] * (VC ? cn[0] : cn[i]);
+              }
+            }
+          }
+          for (int64_t j = kc - 1; j >= 0; --j) {  // adjoint recurrence, last step first
+            adjoint_step<T, VB, VC>(N, dtc + j * W, uc + j * W, gyc + j * W, a, Bv.at(pos[j]), Cv.at(pos[j]),
+                                    xs + j * NW, xs + (j + 1) * NW, ea + j * NW, hc, dA,
+                                    VB ? gb + j * NW : dbf, VC ? gc + j * NW : dcf, du, ddt);
+#pragma omp simd
+            for (int64_t i = 0; i < W; ++i) {
+              const int64_t at = j * W + i;
+              duc[at] = du[i] * dtc[at] + gyc[at] * dskip[i];
+              dD[i] += gyc[at] * uc[at];
+              ddtc[at] = ddt[i] * sgc[at];
+              dbias[i] += ddtc[at];
+            }
+          }
+          // variable dB, dC: the chunk's lane sums, then added at each step's position
+          if (VB) add_at_positions(gb, kc, N, tmp, g.dB + b * gb_step + grp_b * N, s.groups_b * N, pos);
+          if (VC) add_at_positions(gc, kc, N, tmp, g.dC + b * gc_step + grp_c * N, s.groups_c * N, pos);
+          scatter_steps<true>(duc, pos, kc, D, t.width, g.du + plane);
+          scatter_steps<false>(ddtc, pos, kc, D, t.width, g.ddelta + kplane);
+          if (in.z) {  // dz from the ungated output, written over yc
+#pragma omp simd
+            for (int64_t at = 0; at < kc * W; ++at) {
+              const T sz = sigmoid_v(zc[at]);
+              yc[at] = dyc[at] * (yc[at] + dskip[at % W] * uc[at]) * sz * (T(1) + zc[at] * (T(1) - sz));
+            }
+            scatter_steps<false>(yc, pos, kc, D, t.width, g.dz + kplane);
+          }
         }
-        if (in.z) {  // the ungated output C x, for dz
-          const T* cc = VC ? cl + n : ct + n * W;
-#pragma omp simd
-          for (int64_t i = 0; i < W; ++i) yc[j * W + i] += xn[i] * (VC ? cc[0] : cc[i]);
+      }
+      for (int64_t c = 0; c < t.width; ++c) {  // this task's per-channel sums
+        const int64_t row = task * s.rows() + row0 + c;
+        for (int64_t n = 0; n < N; ++n) {
+          g.dA[row * N + n] = dA[n * W + c];
+          if (!VB) g.dbf[row * N + n] = dbf[n * W + c];
+          if (!VC) g.dcf[row * N + n] = dcf[n * W + c];
         }
+        g.dD[row] = dD[c];
+        g.dbias[row] = dbias[c];
       }
     }
-    for (int64_t j = kc - 1; j >= 0; --j) {  // adjoint recurrence, last step first
-      const T* bl = Bv.at(l0 + j);
-      const T* cl = Cv.at(l0 + j);
-      adjoint_step<T, VB, VC>(N, dtc + j * W, uc + j * W, gyc + j * W, a, VB ? bl : bt, VC ? cl : ct,
-                              xs + j * N * W, xs + (j + 1) * N * W, ea + j * N * W, hc, dA,
-                              VB ? gb + j * N * W : dbf, VC ? gc + j * N * W : dcf, du, ddt);
-#pragma omp simd
-      for (int64_t i = 0; i < W; ++i) {
-        const int64_t at = j * W + i;
-        duc[at] = du[i] * dtc[at] + gyc[at] * dskip[i];
-        dD[i] += gyc[at] * uc[at];
-        ddtc[at] = ddt[i] * sgc[at];
-        dbias[i] += ddtc[at];
-      }
-    }
-    if (VB) add_lane_sums(gb, kc * N, tmp, dBp + l0 * N);
-    if (VC) add_lane_sums(gc, kc * N, tmp, dCp + l0 * N);
-    scatter_lanes(duc, row0, t.width, L, l0, kc, g.du);
-    scatter_lanes(ddtc, row0, t.width, L, l0, kc, g.ddelta);
-    if (in.z) {  // dz from the ungated output, written over yc
-      for (int64_t j = 0; j < kc; ++j) {
-#pragma omp simd
-        for (int64_t i = 0; i < W; ++i) {
-          const int64_t at = j * W + i;
-          const T sz = sigmoid_v(zc[at]);
-          yc[at] = dyc[at] * (yc[at] + dskip[i] * uc[at]) * sz * (T(1) + zc[at] * (T(1) - sz));
-        }
-      }
-      scatter_lanes(yc, row0, t.width, L, l0, kc, g.dz);
-    }
-  }
-  for (int64_t c = 0; c < t.width; ++c) {
-    const int64_t row = row0 + c;
-    for (int64_t n = 0; n < N; ++n) {
-      g.dA[row * N + n] = dA[n * W + c];
-      if (!VB) g.dB[row * N + n] = dbf[n * W + c];
-      if (!VC) g.dC[row * N + n] = dcf[n * W + c];
-    }
-    g.dD[row] = dD[c];
-    g.dbias[row] = dbias[c];
   }
 }
 
 // ---------------------------------------------------------------- driver
-// Tasks for the backward: the tiles of each batch element split into `parts` contiguous runs.
-int64_t num_parts(int64_t batch, int64_t tiles_per_batch) {
-  const int64_t want = (2 * at::get_num_threads() + batch - 1) / batch;
-  return std::max<int64_t>(1, std::min<int64_t>(tiles_per_batch, want));
-}
-
 // Calls fn(std::integral_constant<bool, var_b>, std::integral_constant<bool, var_c>).
 template <typename F> void with_layouts(const Shape& s, F fn) {
   using yes = std::true_type;
@@ -482,104 +503,132 @@ template <typename T> const T* opt_ptr(const c10::optional<torch::Tensor>& t) {
   return (t.has_value() && t->defined() && t->numel() > 0) ? t->data_ptr<T>() : nullptr;
 }
 
+template <typename T> StateMatrix<T> state_matrix(const torch::Tensor& m) {
+  if (m.dim() == 2) return {m.data_ptr<T>(), 0, 0, 0, 1};
+  return {m.data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), m.size(2)};
+}
+
 template <typename T>
 Inputs<T> inputs_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
                     const torch::Tensor& Bm, const torch::Tensor& Cm,
                     const c10::optional<torch::Tensor>& Dskip, const c10::optional<torch::Tensor>& z,
-                    const c10::optional<torch::Tensor>& bias) {
-  return {u.data_ptr<T>(), delta.data_ptr<T>(), A.data_ptr<T>(), Bm.data_ptr<T>(), Cm.data_ptr<T>(),
-          opt_ptr<T>(Dskip), opt_ptr<T>(z), opt_ptr<T>(bias)};
+                    const c10::optional<torch::Tensor>& bias, const torch::Tensor& pos) {
+  return {u.data_ptr<T>(), delta.data_ptr<T>(), A.data_ptr<T>(), opt_ptr<T>(Dskip), opt_ptr<T>(z),
+          opt_ptr<T>(bias), state_matrix<T>(Bm), state_matrix<T>(Cm), pos.data_ptr<int64_t>()};
 }
 
-Shape make_shape(const torch::Tensor& u, const torch::Tensor& A, const torch::Tensor& Bm,
-                 const torch::Tensor& Cm, bool softplus, int64_t chunk) {
+Shape make_shape(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
+                 const torch::Tensor& Bm, const torch::Tensor& Cm, bool softplus, int64_t chunk) {
   Shape s;
   s.batch = u.size(0);
-  s.dim = u.size(1);
-  s.len = u.size(2);
+  s.len = u.size(1);
+  s.dim = u.size(2);
+  s.dirs = delta.size(0);
   s.nstate = A.size(1);
+  s.chunk = chunk;
+  s.nchunks = (s.len + chunk - 1) / chunk;
   s.var_b = Bm.dim() == 4;
   s.var_c = Cm.dim() == 4;
-  s.groups_b = s.var_b ? Bm.size(1) : 1;
-  s.groups_c = s.var_c ? Cm.size(1) : 1;
-  s.chunk = chunk;
+  s.groups_b = s.var_b ? Bm.size(2) : 1;
+  s.groups_c = s.var_c ? Cm.size(2) : 1;
   s.softplus = softplus;
+  s.tiles = static_cast<int64_t>(make_tiles(s).size());
   return s;
+}
+
+// Batch elements per task: enough tasks (`want` in all) to keep every thread busy.
+int64_t batch_per_task(int64_t batch, int64_t others, int64_t want) {
+  return std::max<int64_t>(1, batch * others / std::max<int64_t>(1, want));
+}
+
+void check_layouts(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& Bm,
+                   const torch::Tensor& Cm, const torch::Tensor& pos) {
+  TORCH_CHECK(u.is_contiguous() && delta.is_contiguous(), "selective_scan_cpu: u and delta must be contiguous");
+  for (const auto& m : {Bm, Cm})
+    TORCH_CHECK(m.stride(-1) == 1 || m.size(-1) == 1, "selective_scan_cpu: B and C need a contiguous last dim");
+  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.size(0) == delta.size(0) &&
+              pos.size(1) == u.size(1), "selective_scan_cpu: pos must be a contiguous (K, L) int64 tensor");
 }
 
 }  // namespace
 
-// Returns (out, last_state, ckpt); ckpt is empty unless save_ckpt.
+// Returns (out, last_state, ckpt); last_state is empty unless want_last, ckpt unless save_ckpt.
 std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               bool softplus, int64_t chunk, bool save_ckpt) {
-  const Shape s = make_shape(u, A, Bm, Cm, softplus, chunk);
-  auto out = torch::empty_like(u);
-  auto last = torch::empty({s.batch, s.dim, s.nstate}, u.options());
-  auto ckpt = torch::empty({save_ckpt ? s.batch : 0, s.dim, (s.len + chunk - 1) / chunk, s.nstate},
-                           u.options());
+                               torch::Tensor pos, bool softplus, int64_t chunk, bool save_ckpt, bool want_last) {
+  check_layouts(u, delta, Bm, Cm, pos);
+  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk);
+  auto out = torch::zeros_like(u);
+  auto last = torch::empty({want_last ? s.batch : 0, s.rows(), s.nstate}, u.options());
+  auto ckpt = torch::empty({save_ckpt ? s.batch : 0, s.dirs, s.tiles, s.nchunks, s.nstate, W}, u.options());
+  const std::vector<Tile> tiles = make_tiles(s);
+  const int64_t per = batch_per_task(s.batch, s.tiles, 8 * at::get_num_threads());
+  const int64_t ranges = (s.batch + per - 1) / per;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     using T = scalar_t;
-    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias);
+    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, pos);
     T* pck = save_ckpt ? ckpt.data_ptr<T>() : nullptr;
-    const std::vector<Tile> tiles = make_tiles(s);
-    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    T* plast = want_last ? last.data_ptr<T>() : nullptr;
+    at::parallel_for(0, ranges * s.tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
-      for (int64_t i = begin; i < end; ++i)
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t tile = task % s.tiles, b0 = task / s.tiles * per, b1 = std::min(s.batch, b0 + per);
         with_layouts(s, [&](auto vb, auto vc) {
-          forward_tile<T, decltype(vb)::value, decltype(vc)::value>(
-              s, in, tiles[i], out.data_ptr<T>(), last.data_ptr<T>(), pck, scratch);
+          forward_task<T, decltype(vb)::value, decltype(vc)::value>(
+              s, in, tiles[tile], tile, b0, b1, out.data_ptr<T>(), plast, pck, scratch);
         });
+      }
     });
   });
   return {out, last, ckpt};
 }
 
-// Returns (du, ddelta, dA, dB, dC, dD, dz, dbias); dB/dC of variable B/C in the kernel layout
-// (Bt, G, L, N); dz is empty without z.
+// Returns (du, ddelta, dA, dB, dC, dD, dz, dbias) in the layouts of the inputs; dz is empty
+// without z.
 std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               bool softplus, int64_t chunk, torch::Tensor ckpt, torch::Tensor dout) {
-  const Shape s = make_shape(u, A, Bm, Cm, softplus, chunk);
+                               torch::Tensor pos, bool softplus, int64_t chunk, torch::Tensor ckpt,
+                               torch::Tensor dout) {
+  check_layouts(u, delta, Bm, Cm, pos);
+  TORCH_CHECK(dout.is_contiguous() && dout.sizes() == u.sizes(), "selective_scan_cpu: dout must be contiguous like u");
+  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk);
   const std::vector<Tile> tiles = make_tiles(s);
-  const int64_t per_batch = static_cast<int64_t>(tiles.size()) / s.batch;
-  const int64_t parts = num_parts(s.batch, per_batch);
+  const int64_t per = batch_per_task(s.batch, 1, 2 * at::get_num_threads());
+  const int64_t tasks = (s.batch + per - 1) / per;
   auto opts = u.options();
-  auto du = torch::empty_like(u), ddelta = torch::empty_like(u);
-  auto dz = (z.has_value() && z->defined()) ? torch::empty_like(u) : torch::empty({0}, opts);
-  auto dA = torch::empty({s.batch, s.dim, s.nstate}, opts);
-  auto dD = torch::empty({s.batch, s.dim}, opts), dbias = torch::empty({s.batch, s.dim}, opts);
-  auto grad_buffer = [&](bool variable, int64_t groups) {
-    return variable ? torch::zeros({parts, s.batch, groups, s.len, s.nstate}, opts)
-                    : torch::zeros({s.batch, s.dim, s.nstate}, opts);
+  auto du = torch::zeros_like(u), ddelta = torch::empty_like(delta);
+  auto dz = (z.has_value() && z->defined()) ? torch::empty_like(delta) : torch::empty({0}, opts);
+  auto dA = torch::empty({tasks, s.rows(), s.nstate}, opts);
+  auto dD = torch::empty({tasks, s.rows()}, opts), dbias = torch::empty({tasks, s.rows()}, opts);
+  auto grad_of = [&](const torch::Tensor& m, bool variable) {
+    return variable ? torch::zeros(m.sizes(), opts) : torch::empty({tasks, s.rows(), s.nstate}, opts);
   };
-  auto dB = grad_buffer(s.var_b, s.groups_b), dC = grad_buffer(s.var_c, s.groups_c);
+  auto dB = grad_of(Bm, s.var_b), dC = grad_of(Cm, s.var_c);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_bwd", [&] {
     using T = scalar_t;
-    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias);
-    const Grads<T> g{du.data_ptr<T>(), ddelta.data_ptr<T>(), dz.numel() ? dz.data_ptr<T>() : nullptr,
-                     dA.data_ptr<T>(), dD.data_ptr<T>(), dbias.data_ptr<T>(), dB.data_ptr<T>(),
-                     dC.data_ptr<T>()};
-    at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
+    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, pos);
+    const Grads<T> g{du.data_ptr<T>(),   ddelta.data_ptr<T>(), dz.numel() ? dz.data_ptr<T>() : nullptr,
+                     dA.data_ptr<T>(),   dB.data_ptr<T>(),     dC.data_ptr<T>(),
+                     dD.data_ptr<T>(),   dbias.data_ptr<T>(),  dB.data_ptr<T>(), dC.data_ptr<T>()};
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / parts, p = task % parts;
-        for (int64_t i = p * per_batch / parts; i < (p + 1) * per_batch / parts; ++i)
-          with_layouts(s, [&](auto vb, auto vc) {
-            backward_tile<T, decltype(vb)::value, decltype(vc)::value>(
-                s, in, tiles[b * per_batch + i], p, ckpt.data_ptr<T>(), dout.data_ptr<T>(), g, scratch);
-          });
-      }
+      for (int64_t task = begin; task < end; ++task)
+        with_layouts(s, [&](auto vb, auto vc) {
+          backward_task<T, decltype(vb)::value, decltype(vc)::value>(
+              s, in, tiles, task, task * per, std::min(s.batch, (task + 1) * per), ckpt.data_ptr<T>(),
+              dout.data_ptr<T>(), g, scratch);
+        });
     });
   });
-  // Partial sums: over the parts (variable B/C) or over the batch (fixed B/C, A, D, bias).
-  return {du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0), dz, dbias.sum(0)};
+  // Per-task partial sums of the per-channel gradients.
+  auto total = [](const torch::Tensor& t, bool variable) { return variable ? t : t.sum(0); };
+  return {du, ddelta, dA.sum(0), total(dB, s.var_b), total(dC, s.var_c), dD.sum(0), dz, dbias.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Selective scan for CPU tensors (forward and backward).";
+  m.doc() = "Selective scan for CPU tensors along one or several scan orders (forward and backward).";
   m.def("fwd", &fwd, "selective scan forward");
   m.def("bwd", &bwd, "selective scan backward");
 }
