@@ -123,10 +123,10 @@ class SS2D(nn.Module):
         return self.out_proj(y)
 
 
-def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """Interleave the channel groups of a channels-last tensor (ShuffleNet's shuffle)."""
-    *lead, channels = x.shape
-    return x.view(*lead, groups, channels // groups).transpose(-1, -2).reshape(*lead, channels)
+def concat_shuffle(parts: list[Tensor]) -> Tensor:
+    """Concatenate channels-last tensors, then channel-shuffle with one group per part
+    (ShuffleNet's shuffle), in one copy: channel i of part g lands at i * len(parts) + g."""
+    return torch.stack(parts, dim=-1).flatten(-2)
 
 
 class SSConvSSM(nn.Module):
@@ -154,7 +154,7 @@ class SSConvSSM(nn.Module):
         conv_in, ssm_in = x.chunk(2, dim=-1)
         ssm_out = self.drop_path(self.ssm(self.ssm_norm(ssm_in)))
         conv_out = self.conv_branch(conv_in.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)  # NCHW: faster here
-        return channel_shuffle(torch.cat([conv_out, ssm_out], dim=-1), groups=2) + x
+        return concat_shuffle([conv_out, ssm_out]) + x
 
 
 class Stage(nn.Module):

@@ -125,3 +125,13 @@ def test_unrecognised_state_dicts_and_checkpoint_contents(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "meta.pt")
     with pytest.raises(ValueError, match="meta.pt holds no state dict"):
         create_model("medmamba_t", checkpoint=tmp_path / "meta.pt")
+
+
+def test_concat_shuffle_is_the_published_cat_then_channel_shuffle():
+    from medmamba.model import concat_shuffle
+
+    a, b = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 4)
+    cat = torch.cat([a, b], dim=-1)  # the published block: cat, view (groups, C/groups), transpose, flatten
+    shuffled = cat.view(2, 3, 3, 2, 4).transpose(-1, -2).reshape(2, 3, 3, 8)
+    torch.testing.assert_close(concat_shuffle([a, b]), shuffled, rtol=0, atol=0)
+    assert concat_shuffle([a, b])[..., 1].equal(b[..., 0])
