@@ -22,11 +22,11 @@
 //
 // Layouts (one scalar type T = float or double, prepared by the Python side; contiguous unless
 // said otherwise):
-//   u, out                 (Bt, L, D)
-//   delta, z               (K, Bt, L, D)
+//   u, out                 (Bt, L, D), or (Bt, D, L) when not channels_last (a plain sequence)
+//   delta, z               (K, Bt, L, D), or (K, Bt, D, L)
 //   A                      (K*D, N)
 //   Dskip, bias            (K*D,) or empty
-//   B, C  variable         (Bt, L, G, N)   any strides with N contiguous; row k*D + d reads
+//   B, C  variable         (Bt, G, L, N)   any strides with N contiguous; row k*D + d reads
 //                                          group (k*D + d) / (K*D / G)
 //         fixed            (K*D, N)
 //   pos                    (K, L) int64
@@ -122,6 +122,7 @@ constexpr int64_t W = 16;
 
 struct Shape {
   int64_t batch, len, dim, dirs, nstate, chunk, nchunks, tiles, groups_b, groups_c;
+  int64_t sl, sd;  // strides of a step and of a channel within a (L, D) plane
   bool var_b, var_c, softplus;
   int64_t rows() const { return dirs * dim; }
 };
@@ -165,23 +166,40 @@ template <typename T> RowView<T> row_of(const StateMatrix<T>& m, const Shape& s,
   return {m.base + b * m.sb + g * m.sg, m.sl};
 }
 
-// Step j's lanes from channels-last rows: dst[j * W + c] = plane[pos[j] * D + c], c < width.
-template <typename T> void gather_steps(const T* plane, const int64_t* pos, int64_t kc, int64_t D,
+// Step j's lanes: dst[j * W + c] = plane[pos[j] * sl + c * sd], c < width. Channels-last planes
+// (sd = 1) read one contiguous row per step; channels-first ones (sl = 1) hold a plain sequence,
+// read in order (pos[j] = pos[0] + j, checked by the driver), so each channel's run of steps is
+// one contiguous, vectorised load.
+template <typename T> void gather_steps(const T* plane, const int64_t* pos, int64_t kc, const Shape& s,
                                         int64_t width, T* dst) {
-  for (int64_t j = 0; j < kc; ++j) {
-    const T* src = plane + pos[j] * D;
+  if (s.sd == 1) {
+    for (int64_t j = 0; j < kc; ++j) {
+      const T* src = plane + pos[j] * s.sl;
 #pragma omp simd
-    for (int64_t c = 0; c < width; ++c) dst[j * W + c] = src[c];
+      for (int64_t c = 0; c < width; ++c) dst[j * W + c] = src[c];
+    }
+  } else {
+    const T* base = plane + pos[0];
+    for (int64_t c = 0; c < width; ++c) {
+#pragma omp simd
+      for (int64_t j = 0; j < kc; ++j) dst[j * W + c] = base[c * s.sd + j];
+    }
   }
 }
 
 // The inverse of gather_steps, adding to (ACCUMULATE) or overwriting the destination.
 template <bool ACCUMULATE, typename T> void scatter_steps(const T* src, const int64_t* pos, int64_t kc,
-                                                          int64_t D, int64_t width, T* plane) {
-  for (int64_t j = 0; j < kc; ++j) {
-    T* dst = plane + pos[j] * D;
+                                                          const Shape& s, int64_t width, T* plane) {
+  if (s.sd == 1) {
+    for (int64_t j = 0; j < kc; ++j) {
+      T* dst = plane + pos[j] * s.sl;
 #pragma omp simd
-    for (int64_t c = 0; c < width; ++c) dst[c] = ACCUMULATE ? dst[c] + src[j * W + c] : src[j * W + c];
+      for (int64_t c = 0; c < width; ++c) dst[c] = ACCUMULATE ? dst[c] + src[j * W + c] : src[j * W + c];
+    }
+  } else {  // row by row: contiguous stores measured faster than scatter instructions
+    T* base = plane + pos[0];
+    for (int64_t c = 0; c < width; ++c)
+      for (int64_t j = 0; j < kc; ++j) base[c * s.sd + j] = ACCUMULATE ? base[c * s.sd + j] + src[j * W + c] : src[j * W + c];
   }
 }
 
@@ -253,10 +271,10 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
     load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(x, x + NW, T(0));
-      const T* u = in.u + b * L * D + t.d0;
-      const T* delta = in.delta + (k * s.batch + b) * L * D + t.d0;
-      const T* z = in.z ? in.z + (k * s.batch + b) * L * D + t.d0 : nullptr;
-      T* o = out + b * L * D + t.d0;
+      const T* u = in.u + b * L * D + t.d0 * s.sd;
+      const T* delta = in.delta + (k * s.batch + b) * L * D + t.d0 * s.sd;
+      const T* z = in.z ? in.z + (k * s.batch + b) * L * D + t.d0 * s.sd : nullptr;
+      T* o = out + b * L * D + t.d0 * s.sd;
       const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
       const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{ct, 0};
       T* saved = ckpt ? ckpt + ((b * s.dirs + k) * s.tiles + tile) * s.nchunks * NW : nullptr;
@@ -264,8 +282,8 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
         const int64_t l0 = ci * K, kc = std::min(K, L - l0);
         const int64_t* pos = in.pos + k * L + l0;
         if (saved) std::copy(x, x + NW, saved + ci * NW);
-        gather_steps(delta, pos, kc, D, t.width, dtc);
-        gather_steps(u, pos, kc, D, t.width, uc);
+        gather_steps(delta, pos, kc, s, t.width, dtc);
+        gather_steps(u, pos, kc, s, t.width, uc);
         for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
           for (int64_t i = 0; i < W; ++i) dtc[j * W + i] = s.softplus ? softplus_v(dtc[j * W + i] + bias[i])
@@ -275,11 +293,11 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
           scan_step<T, VB, VC>(N, dtc + j * W, uc + j * W, a2, VB ? Bv.at(pos[j]) : bt, VC ? Cv.at(pos[j]) : ct,
                                dskip, x, yc + j * W);
         if (z) {
-          gather_steps(z, pos, kc, D, t.width, zc);
+          gather_steps(z, pos, kc, s, t.width, zc);
 #pragma omp simd
           for (int64_t i = 0; i < kc * W; ++i) yc[i] *= zc[i] * sigmoid_v(zc[i]);
         }
-        scatter_steps<true>(yc, pos, kc, D, t.width, o);
+        scatter_steps<true>(yc, pos, kc, s, t.width, o);
       }
       if (last_state)
         for (int64_t c = 0; c < t.width; ++c)
@@ -300,7 +318,7 @@ template <typename T> struct Grads {
   T *ddelta, *dz;       // (K, Bt, L, D)
   T *dA, *dbf, *dcf;    // (tasks, K*D, N); dbf/dcf for fixed B/C
   T *dD, *dbias;        // (tasks, K*D)
-  T *dB, *dC;           // variable: (Bt, L, G, N)
+  T *dB, *dC;           // variable: (Bt, G, L, N)
 };
 // One reverse time step for all W lanes and every state n: the adjoint h of each state, the
 // lane terms of dB and dC (variable: stored per step for a lane sum; fixed: accumulated), and
@@ -377,7 +395,6 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
   T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N);       // lane terms of variable dB, dC
   T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
   T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
-  const int64_t gb_step = L * s.groups_b * N, gc_step = L * s.groups_c * N;  // dB, dC per batch element
 
   for (int64_t ti = 0; ti < static_cast<int64_t>(tiles.size()); ++ti) {
     const Tile& t = tiles[ti];
@@ -389,7 +406,7 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
       load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias, a);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(hc, hc + NW, T(0));
-        const int64_t plane = b * L * D + t.d0, kplane = (k * s.batch + b) * L * D + t.d0;
+        const int64_t plane = b * L * D + t.d0 * s.sd, kplane = (k * s.batch + b) * L * D + t.d0 * s.sd;
         const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
         const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{ct, 0};
         const int64_t grp_b = VB ? row0 / (s.rows() / s.groups_b) : 0, grp_c = VC ? row0 / (s.rows() / s.groups_c) : 0;
@@ -398,10 +415,10 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
           const int64_t l0 = ci * K, kc = std::min(K, L - l0);
           const int64_t* pos = in.pos + k * L + l0;
           std::copy(saved + ci * NW, saved + (ci + 1) * NW, xs);
-          gather_steps(in.delta + kplane, pos, kc, D, t.width, dtc);
-          gather_steps(in.u + plane, pos, kc, D, t.width, uc);
-          gather_steps(dout + plane, pos, kc, D, t.width, dyc);
-          if (in.z) gather_steps(in.z + kplane, pos, kc, D, t.width, zc);
+          gather_steps(in.delta + kplane, pos, kc, s, t.width, dtc);
+          gather_steps(in.u + plane, pos, kc, s, t.width, uc);
+          gather_steps(dout + plane, pos, kc, s, t.width, dyc);
+          if (in.z) gather_steps(in.z + kplane, pos, kc, s, t.width, zc);
           for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
             for (int64_t i = 0; i < W; ++i) dtc[j * W + i] += bias[i];
@@ -460,17 +477,17 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
             }
           }
           // variable dB, dC: the chunk's lane sums, then added at each step's position
-          if (VB) add_at_positions(gb, kc, N, tmp, g.dB + b * gb_step + grp_b * N, s.groups_b * N, pos);
-          if (VC) add_at_positions(gc, kc, N, tmp, g.dC + b * gc_step + grp_c * N, s.groups_c * N, pos);
-          scatter_steps<true>(duc, pos, kc, D, t.width, g.du + plane);
-          scatter_steps<false>(ddtc, pos, kc, D, t.width, g.ddelta + kplane);
+          if (VB) add_at_positions(gb, kc, N, tmp, g.dB + (b * s.groups_b + grp_b) * L * N, N, pos);
+          if (VC) add_at_positions(gc, kc, N, tmp, g.dC + (b * s.groups_c + grp_c) * L * N, N, pos);
+          scatter_steps<true>(duc, pos, kc, s, t.width, g.du + plane);
+          scatter_steps<false>(ddtc, pos, kc, s, t.width, g.ddelta + kplane);
           if (in.z) {  // dz from the ungated output, written over yc
 #pragma omp simd
             for (int64_t at = 0; at < kc * W; ++at) {
               const T sz = sigmoid_v(zc[at]);
               yc[at] = dyc[at] * (yc[at] + dskip[at % W] * uc[at]) * sz * (T(1) + zc[at] * (T(1) - sz));
             }
-            scatter_steps<false>(yc, pos, kc, D, t.width, g.dz + kplane);
+            scatter_steps<false>(yc, pos, kc, s, t.width, g.dz + kplane);
           }
         }
       }
@@ -505,7 +522,7 @@ template <typename T> const T* opt_ptr(const c10::optional<torch::Tensor>& t) {
 
 template <typename T> StateMatrix<T> state_matrix(const torch::Tensor& m) {
   if (m.dim() == 2) return {m.data_ptr<T>(), 0, 0, 0, 1};
-  return {m.data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), m.size(2)};
+  return {m.data_ptr<T>(), m.stride(0), m.stride(2), m.stride(1), m.size(1)};
 }
 
 template <typename T>
@@ -518,19 +535,22 @@ Inputs<T> inputs_of(const torch::Tensor& u, const torch::Tensor& delta, const to
 }
 
 Shape make_shape(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-                 const torch::Tensor& Bm, const torch::Tensor& Cm, bool softplus, int64_t chunk) {
+                 const torch::Tensor& Bm, const torch::Tensor& Cm, bool softplus, int64_t chunk,
+                 bool channels_last) {
   Shape s;
   s.batch = u.size(0);
-  s.len = u.size(1);
-  s.dim = u.size(2);
+  s.len = u.size(channels_last ? 1 : 2);
+  s.dim = u.size(channels_last ? 2 : 1);
+  s.sl = channels_last ? s.dim : 1;
+  s.sd = channels_last ? 1 : s.len;
   s.dirs = delta.size(0);
   s.nstate = A.size(1);
   s.chunk = chunk;
   s.nchunks = (s.len + chunk - 1) / chunk;
   s.var_b = Bm.dim() == 4;
   s.var_c = Cm.dim() == 4;
-  s.groups_b = s.var_b ? Bm.size(2) : 1;
-  s.groups_c = s.var_c ? Cm.size(2) : 1;
+  s.groups_b = s.var_b ? Bm.size(1) : 1;
+  s.groups_c = s.var_c ? Cm.size(1) : 1;
   s.softplus = softplus;
   s.tiles = static_cast<int64_t>(make_tiles(s).size());
   return s;
@@ -542,12 +562,21 @@ int64_t batch_per_task(int64_t batch, int64_t others, int64_t want) {
 }
 
 void check_layouts(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& Bm,
-                   const torch::Tensor& Cm, const torch::Tensor& pos) {
+                   const torch::Tensor& Cm, const torch::Tensor& pos, bool channels_last) {
   TORCH_CHECK(u.is_contiguous() && delta.is_contiguous(), "selective_scan_cpu: u and delta must be contiguous");
+  TORCH_CHECK(delta.dim() == 4 && delta.size(1) == u.size(0) && delta.size(2) == u.size(1) &&
+              delta.size(3) == u.size(2), "selective_scan_cpu: delta must be (K, ...u's shape)");
   for (const auto& m : {Bm, Cm})
     TORCH_CHECK(m.stride(-1) == 1 || m.size(-1) == 1, "selective_scan_cpu: B and C need a contiguous last dim");
   TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.size(0) == delta.size(0) &&
-              pos.size(1) == u.size(1), "selective_scan_cpu: pos must be a contiguous (K, L) int64 tensor");
+              pos.size(1) == u.size(channels_last ? 1 : 2),
+              "selective_scan_cpu: pos must be a contiguous (K, L) int64 tensor");
+  if (!channels_last) {  // a plain sequence, read in order (see gather_steps)
+    const int64_t* p = pos.data_ptr<int64_t>();
+    bool in_order = pos.size(0) == 1;
+    for (int64_t l = 0; in_order && l < pos.size(1); ++l) in_order = p[l] == l;
+    TORCH_CHECK(in_order, "selective_scan_cpu: a channels-first u is scanned in order only (K = 1, pos[l] = l)");
+  }
 }
 
 }  // namespace
@@ -556,9 +585,10 @@ void check_layouts(const torch::Tensor& u, const torch::Tensor& delta, const tor
 std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               torch::Tensor pos, bool softplus, int64_t chunk, bool save_ckpt, bool want_last) {
-  check_layouts(u, delta, Bm, Cm, pos);
-  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk);
+                               torch::Tensor pos, bool channels_last, bool softplus, int64_t chunk, bool save_ckpt,
+                               bool want_last) {
+  check_layouts(u, delta, Bm, Cm, pos, channels_last);
+  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk, channels_last);
   auto out = torch::zeros_like(u);
   auto last = torch::empty({want_last ? s.batch : 0, s.rows(), s.nstate}, u.options());
   auto ckpt = torch::empty({save_ckpt ? s.batch : 0, s.dirs, s.tiles, s.nchunks, s.nstate, W}, u.options());
@@ -589,11 +619,11 @@ std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tens
 std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               torch::Tensor pos, bool softplus, int64_t chunk, torch::Tensor ckpt,
-                               torch::Tensor dout) {
-  check_layouts(u, delta, Bm, Cm, pos);
+                               torch::Tensor pos, bool channels_last, bool softplus, int64_t chunk,
+                               torch::Tensor ckpt, torch::Tensor dout) {
+  check_layouts(u, delta, Bm, Cm, pos, channels_last);
   TORCH_CHECK(dout.is_contiguous() && dout.sizes() == u.sizes(), "selective_scan_cpu: dout must be contiguous like u");
-  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk);
+  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk, channels_last);
   const std::vector<Tile> tiles = make_tiles(s);
   const int64_t per = batch_per_task(s.batch, 1, 2 * at::get_num_threads());
   const int64_t tasks = (s.batch + per - 1) / per;
