@@ -123,6 +123,7 @@ def cross_selective_scan(
     D: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
+    delta_proj: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """SS2D's selective scan along the four ``cross_scan`` directions of a map, merged.
@@ -132,10 +133,12 @@ def cross_selective_scan(
     and delta_bias, and its delta, B and C are stored by row-major position: its step l uses
     position ``scan_positions(H, W)[k, l]``. Returns (batch, H, W, dim) in x's dtype, equal to
     ``cross_merge(selective_scan_fn(cross_scan(x), ...))`` with delta, B and C in scan order.
-    The compiled CPU kernel reads every direction in place; other backends build the four
-    sequences.
+    With ``delta_proj`` (4, dim, R), delta is given in low rank as (batch, H*W, 4, R) and
+    ``delta[k, b, l, d] = sum_r delta[b, l, k, r] * delta_proj[k, d, r]`` (SS2D's dt projection).
+    The compiled CPU kernel reads every direction in place and applies delta_proj itself, so the
+    full delta and its gradient never exist; other backends build the four sequences.
     """
-    check_cross_scan_inputs(x, delta, A, B, C, D, delta_bias)
+    check_cross_scan_inputs(x, delta, A, B, C, D, delta_bias, delta_proj)
     name = resolve_backend(x.device, backend)
     batch, H, W, dim = x.shape
     ct = compute_dtype(x)
@@ -143,10 +146,14 @@ def cross_selective_scan(
     if name == "cpu":
         by_direction = lambda t: t.to(ct).transpose(1, 2).contiguous()  # noqa: E731  (batch, 4, L, N): each
         # direction's rows together, which the kernel streams through (measured faster than in place)
-        out, _ = _CpuScan.apply(flat(x).view(batch, H * W, dim), flat(delta), flat(A), by_direction(B),
-                                by_direction(C), flat(D), None,
-                                flat(delta_bias), delta_softplus, scan_positions(H, W), True, False)
+        dt_w = None if delta_proj is None else flat(delta_proj).view(4 * dim, -1)
+        delta = flat(delta) if delta_proj is None else by_direction(delta)
+        out, _ = _CpuScan.apply(flat(x).view(batch, H * W, dim), delta, flat(A), by_direction(B), by_direction(C),
+                                flat(D), None, flat(delta_bias), dt_w, delta_softplus, scan_positions(H, W), True,
+                                False)
         return out.view(batch, H, W, dim).to(x.dtype)
+    if delta_proj is not None:
+        delta = torch.einsum("blkr,kdr->kbld", delta, delta_proj)
     pos = scan_positions(H, W).to(x.device)
     in_order = lambda t: torch.stack([t[k][:, pos[k]] for k in range(4)]).permute(1, 0, 3, 2)  # noqa: E731
     u = cross_scan(x.permute(0, 3, 1, 2)).flatten(1, 2)
@@ -163,23 +170,23 @@ class _CpuScan(torch.autograd.Function):
     scan (bias, softplus, D skip and z gate included) along K scan orders of a channels-last u."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, positions, channels_last, want_last):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, dt_w, delta_softplus, positions, channels_last, want_last):
         save = any(ctx.needs_input_grad)
-        out, last, ckpt = _cpu_ext.load().fwd(u, delta, A, B, C, D, z, delta_bias, positions, channels_last,
+        out, last, ckpt = _cpu_ext.load().fwd(u, delta, A, B, C, D, z, delta_bias, dt_w, positions, channels_last,
                                               delta_softplus, CPU_CHUNK, save, want_last)
         ctx.mark_non_differentiable(last)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, positions, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_w, positions, ckpt)
             ctx.flags = (channels_last, delta_softplus)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, bias, positions, ckpt = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _cpu_ext.load().bwd(
-            u, delta, A, B, C, D, z, bias, positions, *ctx.flags, CPU_CHUNK, ckpt, dout.contiguous())
+        u, delta, A, B, C, D, z, bias, dt_w, positions, ckpt = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias, ddt_w = _cpu_ext.load().bwd(
+            u, delta, A, B, C, D, z, bias, dt_w, positions, *ctx.flags, CPU_CHUNK, ckpt, dout.contiguous())
         return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
-                None if bias is None else dbias, None, None, None, None)
+                None if bias is None else dbias, None if dt_w is None else ddt_w, None, None, None, None)
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,7 +208,7 @@ def _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last) ->
     ct = compute_dtype(u)
     flat = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
     out, last = _CpuScan.apply(flat(u), flat(delta)[None], flat(A), _by_position(B, ct), _by_position(C, ct),
-                               flat(D), None if z is None else flat(z)[None], flat(delta_bias), delta_softplus,
+                               flat(D), None if z is None else flat(z)[None], flat(delta_bias), None, delta_softplus,
                                _in_order(u.shape[-1]), False, want_last)
     return out.to(u.dtype), last
 

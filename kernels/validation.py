@@ -79,6 +79,7 @@ def check_cross_scan_inputs(
     C: Tensor,
     D: Tensor | None = None,
     delta_bias: Tensor | None = None,
+    delta_proj: Tensor | None = None,
 ) -> None:
     """Raise ValueError naming the first argument of ``cross_selective_scan`` that is wrong."""
     if not isinstance(x, Tensor) or x.dim() != 4 or 0 in x.shape:
@@ -87,10 +88,13 @@ def check_cross_scan_inputs(
     batch, H, W, dim = x.shape
     L = H * W
     N = A.shape[-1] if isinstance(A, Tensor) else -1
-    expected = {"delta": (4, batch, L, dim), "A": (4 * dim, N), "B": (batch, L, 4, N), "C": (batch, L, 4, N),
-                "D": (4 * dim,), "delta_bias": (4 * dim,)}
-    for name, t in {"delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}.items():
-        if t is None and name in ("D", "delta_bias"):
+    R = delta_proj.shape[-1] if isinstance(delta_proj, Tensor) else -1
+    expected = {"delta": (4, batch, L, dim) if delta_proj is None else (batch, L, 4, R), "A": (4 * dim, N),
+                "B": (batch, L, 4, N), "C": (batch, L, 4, N), "D": (4 * dim,), "delta_bias": (4 * dim,),
+                "delta_proj": (4, dim, R)}
+    named = {"delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias, "delta_proj": delta_proj}
+    for name, t in named.items():
+        if t is None and name in ("D", "delta_bias", "delta_proj"):
             continue
         if not isinstance(t, Tensor):
             raise ValueError(f"cross_selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")

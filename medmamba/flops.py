@@ -59,13 +59,15 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans
         for hook in hooks:
             hook.remove()
     flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    macs = sum(flops.get(op, 0) for op in ("aten.convolution", "aten.mm", "aten.addmm", "aten.bmm")) / 2
-    # per direction: x_proj (d -> dt_rank + 2 N) and dt_proj (dt_rank -> d) at every step
-    projections = sum(4 * L * (d * (r + 2 * n) + r * d) for d, L, n, r in scans)
+    macs = sum(flops.get(op, 0) for op in ("aten.convolution", "aten.mm", "aten.addmm")) / 2
+    # per direction and step: x_proj (d -> dt_rank + 2 N), a matmul the counter sees, and
+    # dt_proj (dt_rank -> d), an einsum (bmm, left out above) or part of the CPU scan kernel
+    x_proj = sum(4 * L * d * (r + 2 * n) for d, L, n, r in scans)
+    dt_proj = sum(4 * L * r * d for d, L, _, r in scans)
     scan = sum(4 * d * L * (n * SCAN_OPS_PER_STATE + SCAN_OPS_PER_STEP) for d, L, n, _ in scans)
     return Complexity(
         params=count_params(model),
-        paper_macs=macs - projections,
-        einsum_macs=float(projections),
+        paper_macs=macs - x_proj,
+        einsum_macs=float(x_proj + dt_proj),
         scan_macs=float(scan),
     )

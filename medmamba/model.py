@@ -105,14 +105,14 @@ class SS2D(nn.Module):
 
         The projections are pointwise, so they run once on the map in row-major order (one
         matmul for all four directions' x_proj); ``cross_selective_scan`` reads each direction's
-        order itself."""
+        order itself and applies the dt projection (``delta_proj``) inside the scan."""
         batch, H, W, d_inner = x.shape
         k = self.x_proj_weight.shape[0]
         x_dbl = torch.matmul(x.reshape(batch, H * W, d_inner), self.x_proj_weight.flatten(0, 1).t())
         dts, Bs, Cs = x_dbl.view(batch, H * W, k, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dts = torch.einsum("blkr,kdr->kbld", dts, self.dt_proj_weight)
         return cross_selective_scan(x, dts, -torch.exp(self.A_log.float()), Bs, Cs, self.D.float(),
-                                    delta_bias=self.dt_proj_bias.flatten().float(), delta_softplus=True)
+                                    delta_bias=self.dt_proj_bias.flatten().float(), delta_softplus=True,
+                                    delta_proj=self.dt_proj_weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)

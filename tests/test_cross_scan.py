@@ -54,16 +54,18 @@ def test_scan_positions_are_the_cross_scan_orders(H, W):
         torch.testing.assert_close(cross_scan(x)[:, k], x.flatten(2)[:, :, pos[k]], rtol=0, atol=0)
 
 
-def _cross_inputs(batch, H, W, dim, nstate, dtype, *, skip=True, seed=0):
-    """cross_selective_scan inputs; B and C are strided views of one projection, as in SS2D."""
+def _cross_inputs(batch, H, W, dim, nstate, dtype, *, skip=True, low_rank=False, seed=0):
+    """cross_selective_scan inputs; B, C (and a low-rank delta) are strided views of one
+    projection, as in SS2D."""
     g = torch.Generator().manual_seed(seed)
-    L = H * W
-    proj = torch.randn(batch, L, 4, 3 + 2 * nstate, generator=g, dtype=dtype)
+    L, rank = H * W, 3
+    proj = torch.randn(batch, L, 4, rank + 2 * nstate, generator=g, dtype=dtype)
+    low = dict(delta=proj[..., :rank], delta_proj=0.5 * torch.randn(4, dim, rank, generator=g, dtype=dtype))
     return dict(
         x=torch.randn(batch, H, W, dim, generator=g, dtype=dtype),
-        delta=torch.rand(4, batch, L, dim, generator=g, dtype=dtype) - 0.3,
+        **(low if low_rank else dict(delta=torch.rand(4, batch, L, dim, generator=g, dtype=dtype) - 0.3)),
         A=-(0.5 + 4 * torch.rand(4 * dim, nstate, generator=g, dtype=dtype)),
-        B=proj[..., 3:3 + nstate], C=proj[..., 3 + nstate:],
+        B=proj[..., rank:rank + nstate], C=proj[..., rank + nstate:],
         D=torch.randn(4 * dim, generator=g, dtype=dtype) if skip else None,
         delta_bias=0.3 * torch.rand(4 * dim, generator=g, dtype=dtype) if skip else None,
     )
@@ -74,13 +76,15 @@ CROSS_SHAPES = [  # batch, H, W, dim, nstate: 1x1 maps, non-square, several chun
 ]
 
 
+@pytest.mark.parametrize("low_rank", [False, True], ids=["delta", "low-rank-delta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", CROSS_SHAPES, ids=lambda s: "b{}-{}x{}-d{}-n{}".format(*s))
-def test_cross_selective_scan_kernel_matches_the_four_scans(shape, dtype):
-    # The compiled kernel reads the four directions in place; "ref" builds them with cross_scan,
-    # runs the per-step reference and merges: forward and every gradient must agree.
+def test_cross_selective_scan_kernel_matches_the_four_scans(shape, dtype, low_rank):
+    # The compiled kernel reads the four directions in place (and applies a low-rank delta's
+    # projection itself); "ref" builds the four sequences with cross_scan, runs the per-step
+    # reference and merges: forward and every gradient must agree.
     softplus, skip = shape[1] % 2 == 1, shape[3] != 24
-    inputs = _cross_inputs(*shape, dtype, skip=skip, seed=sum(shape))
+    inputs = _cross_inputs(*shape, dtype, skip=skip, low_rank=low_rank, seed=sum(shape))
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
     results = []
     for backend in ("cpu", "ref"):
@@ -95,8 +99,9 @@ def test_cross_selective_scan_kernel_matches_the_four_scans(shape, dtype):
         assert rel_err(got, want) <= tol, name
 
 
-def test_cross_selective_scan_gradcheck_fp64():
-    inputs = _cross_inputs(2, 3, 4, 16, 2, torch.float64, seed=3)
+@pytest.mark.parametrize("low_rank", [False, True], ids=["delta", "low-rank-delta"])
+def test_cross_selective_scan_gradcheck_fp64(low_rank):
+    inputs = _cross_inputs(2, 3, 4, 16, 2, torch.float64, low_rank=low_rank, seed=3)
     names = list(inputs)
     leaves = [inputs[k].detach().requires_grad_() for k in names]
 
@@ -114,3 +119,6 @@ def test_cross_selective_scan_errors_name_the_argument():
         cross_selective_scan(**{**inputs, "x": inputs["x"].flatten(1, 2)})
     with pytest.raises(ValueError, match="B is torch.int64"):
         cross_selective_scan(**{**inputs, "B": inputs["B"].long()})
+    low = _cross_inputs(2, 3, 4, 16, 2, torch.float32, low_rank=True)
+    with pytest.raises(ValueError, match=r"delta_proj has shape \(4, 15, 3\), expected \(4, 16, 3\)"):
+        cross_selective_scan(**{**low, "delta_proj": low["delta_proj"][:, :15]})

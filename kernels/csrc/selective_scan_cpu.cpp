@@ -30,6 +30,9 @@
 //                                          group (k*D + d) / (K*D / G)
 //         fixed            (K*D, N)
 //   pos                    (K, L) int64
+// or, instead of delta, its low-rank form (SS2D's dt projection, fused so that the full delta
+// and its gradient never exist): delta[k, b, l, d] = sum_r dt_low[b, k, pos, r] * dt_w[k*D + d, r]
+//   dt_low                 (Bt, K, L, R)   dt_w (K*D, R)
 //   ckpt                   (Bt, K, tiles, chunks, N, W)   lane layout
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -123,6 +126,7 @@ constexpr int64_t W = 16;
 struct Shape {
   int64_t batch, len, dim, dirs, nstate, chunk, nchunks, tiles, groups_b, groups_c;
   int64_t sl, sd;  // strides of a step and of a channel within a (L, D) plane
+  int64_t rank;    // R of a low-rank delta, 0 for a full one
   bool var_b, var_c, softplus;
   int64_t rows() const { return dirs * dim; }
 };
@@ -134,7 +138,7 @@ template <typename T> struct StateMatrix {
 };
 
 template <typename T> struct Inputs {
-  const T *u, *delta, *A, *Dskip, *z, *bias;
+  const T *u, *delta, *A, *Dskip, *z, *bias, *dt_low, *dt_w;
   StateMatrix<T> B, C;  // base alone for fixed (K*D, N)
   const int64_t* pos;
 };
@@ -203,6 +207,28 @@ template <bool ACCUMULATE, typename T> void scatter_steps(const T* src, const in
   }
 }
 
+// A chunk's delta from its low-rank form: dst[j * W + c] = sum_r low[pos[j] * R + r] * w[r * W + c].
+template <typename T> void low_rank_steps(const T* low, const int64_t* pos, int64_t kc, int64_t R, const T* w,
+                                          T* dst) {
+  for (int64_t j = 0; j < kc; ++j) {
+    const T* row = low + pos[j] * R;
+    T acc[W] = {};
+    for (int64_t r = 0; r < R; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < W; ++c) acc[c] += row[r] * w[r * W + c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < W; ++c) dst[j * W + c] = acc[c];
+  }
+}
+
+// The lanes' rows of dt_w, (R, W).
+template <typename T> void load_low_rank_weights(const Shape& s, const Inputs<T>& in, int64_t row0, int64_t width,
+                                                 T* w) {
+  for (int64_t c = 0; c < width; ++c)
+    for (int64_t r = 0; r < s.rank; ++r) w[r * W + c] = in.dt_w[(row0 + c) * s.rank + r];
+}
+
 // Per-lane constants of the channels row0 .. row0 + width of all K*D rows, (N, W) or (W,):
 // A log2 e (and A itself when `a` is given), fixed B and C, D and delta_bias. Padded lanes
 // (c >= width) keep the zeros they were given.
@@ -255,7 +281,7 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
                   T* out, T* last_state, T* ckpt, std::vector<T>& scratch) {
   const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W;
   const int64_t kb = std::min(K, L);  // steps per chunk buffer
-  scratch.assign((4 * N + 4 * kb + 2) * W, T(0));  // zeros: padded lanes stay inert
+  scratch.assign((4 * N + 4 * kb + 2 + s.rank) * W, T(0));  // zeros: padded lanes stay inert
   T* x = scratch.data();       // (N, W) the tile's states
   T* a2 = x + NW;              // (N, W) A log2 e
   T* bt = a2 + NW;             // (N, W) fixed B, per lane
@@ -266,13 +292,15 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
   T* yc = zc + kb * W;         // (kb, W) output of the chunk
   T* dskip = yc + kb * W;      // (W,)
   T* bias = dskip + W;         // (W,)
+  T* wdt = bias + W;           // (R, W) low-rank dt weights
   for (int64_t k = 0; k < s.dirs; ++k) {
     const int64_t row0 = k * D + t.d0;
     load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias);
+    if (s.rank) load_low_rank_weights(s, in, row0, t.width, wdt);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(x, x + NW, T(0));
       const T* u = in.u + b * L * D + t.d0 * s.sd;
-      const T* delta = in.delta + (k * s.batch + b) * L * D + t.d0 * s.sd;
+      const T* delta = s.rank ? in.dt_low + (b * s.dirs + k) * L * s.rank : in.delta + (k * s.batch + b) * L * D + t.d0 * s.sd;
       const T* z = in.z ? in.z + (k * s.batch + b) * L * D + t.d0 * s.sd : nullptr;
       T* o = out + b * L * D + t.d0 * s.sd;
       const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
@@ -282,7 +310,8 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
         const int64_t l0 = ci * K, kc = std::min(K, L - l0);
         const int64_t* pos = in.pos + k * L + l0;
         if (saved) std::copy(x, x + NW, saved + ci * NW);
-        gather_steps(delta, pos, kc, s, t.width, dtc);
+        if (s.rank) low_rank_steps(delta, pos, kc, s.rank, wdt, dtc);
+        else gather_steps(delta, pos, kc, s, t.width, dtc);
         gather_steps(u, pos, kc, s, t.width, uc);
         for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
@@ -319,6 +348,7 @@ template <typename T> struct Grads {
   T *dA, *dbf, *dcf;    // (tasks, K*D, N); dbf/dcf for fixed B/C
   T *dD, *dbias;        // (tasks, K*D)
   T *dB, *dC;           // variable: (Bt, G, L, N)
+  T *dlow, *dw;         // low-rank delta: (Bt, K, L, R) and (tasks, K*D, R)
 };
 // One reverse time step for all W lanes and every state n: the adjoint h of each state, the
 // lane terms of dB and dC (variable: stored per step for a lane sum; fixed: accumulated), and
@@ -385,14 +415,16 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
   const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W;
   const int64_t kb = std::min(K, L);
   // Scratch: per-lane constants and accumulators, then the chunk buffers.
-  scratch.assign((8 * N + 6) * W + (5 * kb + 1) * N * W + 9 * kb * W, T(0));
+  const int64_t R = s.rank, NR = std::max(N, R);
+  scratch.assign((8 * N + 6 + 2 * R) * W + (4 * kb + 1) * N * W + kb * (NR + R) * W + 9 * kb * W, T(0));
   T* p = scratch.data();
   auto take = [&](int64_t n) { T* q = p; p += n * W; return q; };
   T *a2 = take(N), *a = take(N), *bt = take(N), *ct = take(N);         // per lane constants
   T *hc = take(N), *dA = take(N), *dbf = take(N), *dcf = take(N);      // per lane accumulators
   T *dskip = take(1), *bias = take(1), *dD = take(1), *dbias = take(1), *du = take(1), *ddt = take(1);
   T *xs = take((kb + 1) * N), *ea = take(kb * N);                      // the chunk's states, exp(dt A)
-  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * N);       // lane terms of variable dB, dC
+  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * NR);      // lane terms of variable dB, dC
+  T *wdt = take(R), *dwdt = take(R), *gl = take(kb * R);              // low-rank dt: weights, their grad, lane terms
   T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
   T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
 
@@ -403,7 +435,9 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
       const int64_t row0 = k * D + t.d0;
       std::fill(dA, dA + 3 * NW, T(0));  // dA, dbf, dcf
       std::fill(dD, dD + 2 * W, T(0));   // dD, dbias
+      std::fill(dwdt, dwdt + R * W, T(0));
       load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias, a);
+      if (R) load_low_rank_weights(s, in, row0, t.width, wdt);
       for (int64_t b = b0; b < b1; ++b) {
         std::fill(hc, hc + NW, T(0));
         const int64_t plane = b * L * D + t.d0 * s.sd, kplane = (k * s.batch + b) * L * D + t.d0 * s.sd;
@@ -415,7 +449,9 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
           const int64_t l0 = ci * K, kc = std::min(K, L - l0);
           const int64_t* pos = in.pos + k * L + l0;
           std::copy(saved + ci * NW, saved + (ci + 1) * NW, xs);
-          gather_steps(in.delta + kplane, pos, kc, s, t.width, dtc);
+          const T* low = R ? in.dt_low + (b * s.dirs + k) * L * R : nullptr;
+          if (R) low_rank_steps(low, pos, kc, R, wdt, dtc);
+          else gather_steps(in.delta + kplane, pos, kc, s, t.width, dtc);
           gather_steps(in.u + plane, pos, kc, s, t.width, uc);
           gather_steps(dout + plane, pos, kc, s, t.width, dyc);
           if (in.z) gather_steps(in.z + kplane, pos, kc, s, t.width, zc);
@@ -480,7 +516,21 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
           if (VB) add_at_positions(gb, kc, N, tmp, g.dB + (b * s.groups_b + grp_b) * L * N, N, pos);
           if (VC) add_at_positions(gc, kc, N, tmp, g.dC + (b * s.groups_c + grp_c) * L * N, N, pos);
           scatter_steps<true>(duc, pos, kc, s, t.width, g.du + plane);
-          scatter_steps<false>(ddtc, pos, kc, s, t.width, g.ddelta + kplane);
+          if (R) {  // d dt_low: lane sums of ddt * dt_w at each position; d dt_w: per-lane sums
+            for (int64_t j = 0; j < kc; ++j) {
+              const T* row = low + pos[j] * R;
+              for (int64_t r = 0; r < R; ++r) {
+#pragma omp simd
+                for (int64_t i = 0; i < W; ++i) {
+                  gl[(j * R + r) * W + i] = ddtc[j * W + i] * wdt[r * W + i];
+                  dwdt[r * W + i] += ddtc[j * W + i] * row[r];
+                }
+              }
+            }
+            add_at_positions(gl, kc, R, tmp, g.dlow + (b * s.dirs + k) * L * R, R, pos);
+          } else {
+            scatter_steps<false>(ddtc, pos, kc, s, t.width, g.ddelta + kplane);
+          }
           if (in.z) {  // dz from the ungated output, written over yc
 #pragma omp simd
             for (int64_t at = 0; at < kc * W; ++at) {
@@ -500,6 +550,7 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
         }
         g.dD[row] = dD[c];
         g.dbias[row] = dbias[c];
+        for (int64_t r = 0; r < R; ++r) g.dw[row * R + r] = dwdt[r * W + c];
       }
     }
   }
@@ -529,13 +580,16 @@ template <typename T>
 Inputs<T> inputs_of(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
                     const torch::Tensor& Bm, const torch::Tensor& Cm,
                     const c10::optional<torch::Tensor>& Dskip, const c10::optional<torch::Tensor>& z,
-                    const c10::optional<torch::Tensor>& bias, const torch::Tensor& pos) {
-  return {u.data_ptr<T>(), delta.data_ptr<T>(), A.data_ptr<T>(), opt_ptr<T>(Dskip), opt_ptr<T>(z),
-          opt_ptr<T>(bias), state_matrix<T>(Bm), state_matrix<T>(Cm), pos.data_ptr<int64_t>()};
+                    const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& dt_w,
+                    const torch::Tensor& pos) {
+  const bool low = opt_ptr<T>(dt_w) != nullptr;
+  return {u.data_ptr<T>(), low ? nullptr : delta.data_ptr<T>(), A.data_ptr<T>(), opt_ptr<T>(Dskip), opt_ptr<T>(z),
+          opt_ptr<T>(bias), low ? delta.data_ptr<T>() : nullptr, opt_ptr<T>(dt_w),
+          state_matrix<T>(Bm), state_matrix<T>(Cm), pos.data_ptr<int64_t>()};
 }
 
-Shape make_shape(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-                 const torch::Tensor& Bm, const torch::Tensor& Cm, bool softplus, int64_t chunk,
+Shape make_shape(const torch::Tensor& u, const torch::Tensor& A, const torch::Tensor& Bm, const torch::Tensor& Cm,
+                 const c10::optional<torch::Tensor>& dt_w, const torch::Tensor& pos, bool softplus, int64_t chunk,
                  bool channels_last) {
   Shape s;
   s.batch = u.size(0);
@@ -543,7 +597,8 @@ Shape make_shape(const torch::Tensor& u, const torch::Tensor& delta, const torch
   s.dim = u.size(channels_last ? 2 : 1);
   s.sl = channels_last ? s.dim : 1;
   s.sd = channels_last ? 1 : s.len;
-  s.dirs = delta.size(0);
+  s.dirs = pos.size(0);
+  s.rank = (dt_w.has_value() && dt_w->defined()) ? dt_w->size(1) : 0;
   s.nstate = A.size(1);
   s.chunk = chunk;
   s.nchunks = (s.len + chunk - 1) / chunk;
@@ -562,19 +617,28 @@ int64_t batch_per_task(int64_t batch, int64_t others, int64_t want) {
 }
 
 void check_layouts(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& Bm,
-                   const torch::Tensor& Cm, const torch::Tensor& pos, bool channels_last) {
+                   const torch::Tensor& Cm, const c10::optional<torch::Tensor>& dt_w, const torch::Tensor& pos,
+                   bool channels_last) {
   TORCH_CHECK(u.is_contiguous() && delta.is_contiguous(), "selective_scan_cpu: u and delta must be contiguous");
-  TORCH_CHECK(delta.dim() == 4 && delta.size(1) == u.size(0) && delta.size(2) == u.size(1) &&
-              delta.size(3) == u.size(2), "selective_scan_cpu: delta must be (K, ...u's shape)");
-  for (const auto& m : {Bm, Cm})
-    TORCH_CHECK(m.stride(-1) == 1 || m.size(-1) == 1, "selective_scan_cpu: B and C need a contiguous last dim");
-  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.size(0) == delta.size(0) &&
+  TORCH_CHECK(pos.scalar_type() == torch::kInt64 && pos.is_contiguous() && pos.dim() == 2 &&
               pos.size(1) == u.size(channels_last ? 1 : 2),
               "selective_scan_cpu: pos must be a contiguous (K, L) int64 tensor");
+  const int64_t K = pos.size(0), L = pos.size(1), D = u.size(channels_last ? 2 : 1);
+  if (dt_w.has_value() && dt_w->defined()) {
+    TORCH_CHECK(channels_last && dt_w->is_contiguous() && dt_w->dim() == 2 && dt_w->size(0) == K * D &&
+                delta.dim() == 4 && delta.size(0) == u.size(0) && delta.size(1) == K && delta.size(2) == L &&
+                delta.size(3) == dt_w->size(1),
+                "selective_scan_cpu: a low-rank delta is (Bt, K, L, R) with dt_w (K*D, R), channels-last u");
+  } else {
+    TORCH_CHECK(delta.dim() == 4 && delta.size(0) == K && delta.size(1) == u.size(0) && delta.size(2) == u.size(1) &&
+                delta.size(3) == u.size(2), "selective_scan_cpu: delta must be (K, ...u's shape)");
+  }
+  for (const auto& m : {Bm, Cm})
+    TORCH_CHECK(m.stride(-1) == 1 || m.size(-1) == 1, "selective_scan_cpu: B and C need a contiguous last dim");
   if (!channels_last) {  // a plain sequence, read in order (see gather_steps)
     const int64_t* p = pos.data_ptr<int64_t>();
-    bool in_order = pos.size(0) == 1;
-    for (int64_t l = 0; in_order && l < pos.size(1); ++l) in_order = p[l] == l;
+    bool in_order = K == 1;
+    for (int64_t l = 0; in_order && l < L; ++l) in_order = p[l] == l;
     TORCH_CHECK(in_order, "selective_scan_cpu: a channels-first u is scanned in order only (K = 1, pos[l] = l)");
   }
 }
@@ -585,10 +649,10 @@ void check_layouts(const torch::Tensor& u, const torch::Tensor& delta, const tor
 std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               torch::Tensor pos, bool channels_last, bool softplus, int64_t chunk, bool save_ckpt,
-                               bool want_last) {
-  check_layouts(u, delta, Bm, Cm, pos, channels_last);
-  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk, channels_last);
+                               c10::optional<torch::Tensor> dt_w, torch::Tensor pos, bool channels_last,
+                               bool softplus, int64_t chunk, bool save_ckpt, bool want_last) {
+  check_layouts(u, delta, Bm, Cm, dt_w, pos, channels_last);
+  const Shape s = make_shape(u, A, Bm, Cm, dt_w, pos, softplus, chunk, channels_last);
   auto out = torch::zeros_like(u);
   auto last = torch::empty({want_last ? s.batch : 0, s.rows(), s.nstate}, u.options());
   auto ckpt = torch::empty({save_ckpt ? s.batch : 0, s.dirs, s.tiles, s.nchunks, s.nstate, W}, u.options());
@@ -597,7 +661,7 @@ std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   const int64_t ranges = (s.batch + per - 1) / per;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_fwd", [&] {
     using T = scalar_t;
-    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, pos);
+    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, dt_w, pos);
     T* pck = save_ckpt ? ckpt.data_ptr<T>() : nullptr;
     T* plast = want_last ? last.data_ptr<T>() : nullptr;
     at::parallel_for(0, ranges * s.tiles, 1, [&](int64_t begin, int64_t end) {
@@ -614,34 +678,39 @@ std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   return {out, last, ckpt};
 }
 
-// Returns (du, ddelta, dA, dB, dC, dD, dz, dbias) in the layouts of the inputs; dz is empty
-// without z.
+// Returns (du, ddelta, dA, dB, dC, dD, dz, dbias, ddt_w) in the layouts of the inputs (ddelta is
+// d dt_low for a low-rank delta); dz is empty without z, ddt_w without dt_w.
 std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                torch::Tensor Cm, c10::optional<torch::Tensor> Dskip,
                                c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> bias,
-                               torch::Tensor pos, bool channels_last, bool softplus, int64_t chunk,
-                               torch::Tensor ckpt, torch::Tensor dout) {
-  check_layouts(u, delta, Bm, Cm, pos, channels_last);
+                               c10::optional<torch::Tensor> dt_w, torch::Tensor pos, bool channels_last,
+                               bool softplus, int64_t chunk, torch::Tensor ckpt, torch::Tensor dout) {
+  check_layouts(u, delta, Bm, Cm, dt_w, pos, channels_last);
   TORCH_CHECK(dout.is_contiguous() && dout.sizes() == u.sizes(), "selective_scan_cpu: dout must be contiguous like u");
-  const Shape s = make_shape(u, delta, A, Bm, Cm, softplus, chunk, channels_last);
+  const Shape s = make_shape(u, A, Bm, Cm, dt_w, pos, softplus, chunk, channels_last);
   const std::vector<Tile> tiles = make_tiles(s);
   const int64_t per = batch_per_task(s.batch, 1, 2 * at::get_num_threads());
   const int64_t tasks = (s.batch + per - 1) / per;
   auto opts = u.options();
-  auto du = torch::zeros_like(u), ddelta = torch::empty_like(delta);
-  auto dz = (z.has_value() && z->defined()) ? torch::empty_like(delta) : torch::empty({0}, opts);
+  std::vector<int64_t> per_direction{s.dirs};
+  per_direction.insert(per_direction.end(), u.sizes().begin(), u.sizes().end());
+  auto du = torch::zeros_like(u);
+  auto ddelta = s.rank ? torch::zeros_like(delta) : torch::empty_like(delta);
+  auto dz = (z.has_value() && z->defined()) ? torch::empty(per_direction, opts) : torch::empty({0}, opts);
   auto dA = torch::empty({tasks, s.rows(), s.nstate}, opts);
   auto dD = torch::empty({tasks, s.rows()}, opts), dbias = torch::empty({tasks, s.rows()}, opts);
+  auto dw = torch::empty({s.rank ? tasks : 0, s.rows(), s.rank}, opts);
   auto grad_of = [&](const torch::Tensor& m, bool variable) {
     return variable ? torch::zeros(m.sizes(), opts) : torch::empty({tasks, s.rows(), s.nstate}, opts);
   };
   auto dB = grad_of(Bm, s.var_b), dC = grad_of(Cm, s.var_c);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_bwd", [&] {
     using T = scalar_t;
-    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, pos);
+    const Inputs<T> in = inputs_of<T>(u, delta, A, Bm, Cm, Dskip, z, bias, dt_w, pos);
     const Grads<T> g{du.data_ptr<T>(),   ddelta.data_ptr<T>(), dz.numel() ? dz.data_ptr<T>() : nullptr,
                      dA.data_ptr<T>(),   dB.data_ptr<T>(),     dC.data_ptr<T>(),
-                     dD.data_ptr<T>(),   dbias.data_ptr<T>(),  dB.data_ptr<T>(), dC.data_ptr<T>()};
+                     dD.data_ptr<T>(),   dbias.data_ptr<T>(),  dB.data_ptr<T>(), dC.data_ptr<T>(),
+                     ddelta.data_ptr<T>(), dw.data_ptr<T>()};
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
       for (int64_t task = begin; task < end; ++task)
@@ -654,7 +723,7 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   });
   // Per-task partial sums of the per-channel gradients.
   auto total = [](const torch::Tensor& t, bool variable) { return variable ? t : t.sum(0); };
-  return {du, ddelta, dA.sum(0), total(dB, s.var_b), total(dC, s.var_c), dD.sum(0), dz, dbias.sum(0)};
+  return {du, ddelta, dA.sum(0), total(dB, s.var_b), total(dC, s.var_c), dD.sum(0), dz, dbias.sum(0), dw.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
