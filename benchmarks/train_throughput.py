@@ -35,26 +35,35 @@ MODELS = {
 TARGETS = {28: "resnet18", 64: "resnet18", 224: "resnet50"}
 
 
-def images_per_second(name: str, size: int, batch: int, steps: int, train: bool) -> float:
+def images_per_second(size: int, batch: int, steps: int, train: bool) -> dict[str, float]:
+    """Images/s of every model, measured in interleaved rounds (one step of each model per round)
+    so that the machine's speed drifting during the run affects all models alike."""
     torch.manual_seed(0)
-    model = MODELS[name]()
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
-    optimizer = make_optimizer(model.parameters(), OptimConfig(name="adamw", lr=1e-3))
-    model.train(train)
-    times = []
-    for i in range(steps + 2):  # two warm-up steps
-        start = time.perf_counter()
-        if train:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        else:
-            with torch.no_grad():
-                model(x)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    steppers = {}
+    for name, build in MODELS.items():
+        model = build().train(train)
+        optimizer = make_optimizer(model.parameters(), OptimConfig(name="adamw", lr=1e-3))
+
+        def step(model=model, optimizer=optimizer) -> None:
+            if train:
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            else:
+                with torch.no_grad():
+                    model(x)
+
+        steppers[name] = step
+    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    for i in range(steps + 2):  # two warm-up rounds
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            step()
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -100,8 +109,8 @@ def main() -> None:
     verdicts = []
     for size in map(int, args.sizes.split(",")):
         batch = args.batch if size < 224 else max(1, args.batch // 2)
-        rows = {name: (images_per_second(name, size, batch, args.steps, True),
-                       images_per_second(name, size, batch, args.steps, False)) for name in MODELS}
+        train, infer = (images_per_second(size, batch, args.steps, mode) for mode in (True, False))
+        rows = {name: (train[name], infer[name]) for name in MODELS}
         ours = rows["medmamba_t"][0]
         for name, (train, infer) in rows.items():
             print(f"{size:4d} {batch:5d} {name:12} {train:12.1f} {infer:12.1f} {ours / train:29.2f}x")

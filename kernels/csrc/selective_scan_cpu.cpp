@@ -176,6 +176,8 @@ template <typename T> RowView<T> row_of(const StateMatrix<T>& m, const Shape& s,
 // one contiguous, vectorised load.
 template <typename T> void gather_steps(const T* plane, const int64_t* pos, int64_t kc, const Shape& s,
                                         int64_t width, T* dst) {
+  if (width < W)  // padded lanes read zeros (tiles of several widths share the chunk buffers)
+    for (int64_t j = 0; j < kc; ++j) std::fill(dst + j * W + width, dst + (j + 1) * W, T(0));
   if (s.sd == 1) {
     for (int64_t j = 0; j < kc; ++j) {
       const T* src = plane + pos[j] * s.sl;
@@ -339,9 +341,10 @@ void forward_task(const Shape& s, const Inputs<T>& in, const Tile& t, int64_t ti
 // The backward walks the chunks of a tile last to first: it recomputes the chunk's states from
 // the saved one, then runs the adjoint recurrence h_l = C_l dy_l + exp(dt_{l+1} A) h_{l+1} in
 // reverse, one channel per lane as in the forward. Per-lane sums (du, ddt, dA, dD, dbias, and
-// dB/dC of fixed B/C) stay vertical; dB/dC of variable B/C are summed over the lanes once per
-// step. A task owns a range of batch elements: it alone writes their du, ddelta, dz and
-// variable dB/dC, and it sums its per-channel gradients into its own row of a partial buffer.
+// dB/dC of fixed B/C) stay vertical; the lane terms of variable dB/dC (and of a low-rank delta)
+// are first summed over the tiles of a group, then over the lanes, once per step. A task owns a
+// range of batch elements: it alone writes their du, ddelta, dz and variable dB/dC, and it sums
+// its per-channel gradients into its own row of a partial buffer.
 template <typename T> struct Grads {
   T *du;                // (Bt, L, D), summed over the directions
   T *ddelta, *dz;       // (K, Bt, L, D)
@@ -351,8 +354,9 @@ template <typename T> struct Grads {
   T *dlow, *dw;         // low-rank delta: (Bt, K, L, R) and (tasks, K*D, R)
 };
 // One reverse time step for all W lanes and every state n: the adjoint h of each state, the
-// lane terms of dB and dC (variable: stored per step for a lane sum; fixed: accumulated), and
-// per-lane sums for dA, du and ddt (the last two in local arrays kept in registers across n).
+// lane terms of dB and dC (added to per-step sums over a group's tiles, or to per-lane sums for
+// a fixed B or C), and per-lane sums for dA, du and ddt (the last two in local arrays kept in
+// registers across n).
 template <typename T, bool VB, bool VC>
 inline void adjoint_step(int64_t N, const T* dt, const T* u, const T* gy, const T* a, const T* b,
                          const T* c, const T* xp, const T* xc, const T* e, T* hc, T* dA, T* db,
@@ -365,8 +369,8 @@ inline void adjoint_step(int64_t N, const T* dt, const T* u, const T* gy, const 
       const T bi = VB ? b[n] : b[at + i], ci = VC ? c[n] : c[at + i];
       const T h = ci * gy[i] + hc[at + i];  // dLoss/dx_l
       const T t = h * xp[at + i] * e[at + i];
-      if (VC) dc[at + i] = gy[i] * xc[at + i]; else dc[at + i] += gy[i] * xc[at + i];
-      if (VB) db[at + i] = h * dt[i] * u[i]; else db[at + i] += h * dt[i] * u[i];
+      dc[at + i] += gy[i] * xc[at + i];
+      db[at + i] += h * dt[i] * u[i];
       du[i] += h * bi;
       ddt[i] += h * bi * u[i] + t * a[at + i];
       dA[at + i] += t * dt[i];
@@ -412,52 +416,74 @@ template <typename T, bool VB, bool VC>
 void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>& tiles, int64_t task,
                    int64_t b0, int64_t b1, const T* ckpt, const T* dout, const Grads<T>& g,
                    std::vector<T>& scratch) {
-  const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W;
-  const int64_t kb = std::min(K, L);
-  // Scratch: per-lane constants and accumulators, then the chunk buffers.
-  const int64_t R = s.rank, NR = std::max(N, R);
-  scratch.assign((8 * N + 6 + 2 * R) * W + (4 * kb + 1) * N * W + kb * (NR + R) * W + 9 * kb * W, T(0));
-  T* p = scratch.data();
+  const int64_t N = s.nstate, L = s.len, D = s.dim, K = s.chunk, NW = N * W, R = s.rank;
+  const int64_t kb = std::min(K, L), nt = static_cast<int64_t>(tiles.size());
+  // Scratch: every tile's per-lane constants and accumulators (a tile's block), then the chunk
+  // buffers shared by the tiles. Zeros: padded lanes (c >= width) add nothing.
+  const int64_t block = (8 * N + 4 + 2 * R) * W;
+  scratch.assign(nt * block + (2 + (4 * kb + 1) * N + kb * (std::max(N, R) + R) + 9 * kb) * W, T(0));
+  struct Lanes { T *a2, *a, *bt, *ct, *hc, *dA, *dbf, *dcf, *dskip, *bias, *dD, *dbias, *wdt, *dwdt; };
+  std::vector<Lanes> lanes(nt);
+  for (int64_t ti = 0; ti < nt; ++ti) {
+    T* q = scratch.data() + ti * block;
+    auto take = [&](int64_t n) { T* r = q; q += n * W; return r; };
+    Lanes& l = lanes[ti];
+    l.a2 = take(N), l.a = take(N), l.bt = take(N), l.ct = take(N), l.hc = take(N);
+    l.dA = take(N), l.dbf = take(N), l.dcf = take(N), l.dD = take(1), l.dbias = take(1), l.dwdt = take(R);
+    l.dskip = take(1), l.bias = take(1), l.wdt = take(R);
+  }
+  T* p = scratch.data() + nt * block;
   auto take = [&](int64_t n) { T* q = p; p += n * W; return q; };
-  T *a2 = take(N), *a = take(N), *bt = take(N), *ct = take(N);         // per lane constants
-  T *hc = take(N), *dA = take(N), *dbf = take(N), *dcf = take(N);      // per lane accumulators
-  T *dskip = take(1), *bias = take(1), *dD = take(1), *dbias = take(1), *du = take(1), *ddt = take(1);
-  T *xs = take((kb + 1) * N), *ea = take(kb * N);                      // the chunk's states, exp(dt A)
-  T *gb = take(kb * N), *gc = take(kb * N), *tmp = take(kb * NR);      // lane terms of variable dB, dC
-  T *wdt = take(R), *dwdt = take(R), *gl = take(kb * R);              // low-rank dt: weights, their grad, lane terms
+  T *du = take(1), *ddt = take(1);
+  T *xs = take((kb + 1) * N), *ea = take(kb * N);                    // the chunk's states, exp(dt A)
+  // the chunk's lane terms of variable dB and dC and of a low-rank delta, summed over the tiles of
+  // one group before the (costlier) sums over the lanes
+  T *gb = take(kb * N), *gc = take(kb * N), *gl = take(kb * R), *tmp = take(kb * std::max(N, R));
   T *dtc = take(kb), *uc = take(kb), *gyc = take(kb), *dyc = take(kb), *zc = take(kb), *sgc = take(kb);
   T *yc = take(kb), *duc = take(kb), *ddtc = take(kb);
+  const int64_t per_group_b = s.rows() / s.groups_b, per_group_c = s.rows() / s.groups_c;
 
-  for (int64_t ti = 0; ti < static_cast<int64_t>(tiles.size()); ++ti) {
-    const Tile& t = tiles[ti];
-    if (t.width < W) std::fill(scratch.begin(), scratch.end(), T(0));  // padded lanes add nothing
-    for (int64_t k = 0; k < s.dirs; ++k) {
-      const int64_t row0 = k * D + t.d0;
-      std::fill(dA, dA + 3 * NW, T(0));  // dA, dbf, dcf
-      std::fill(dD, dD + 2 * W, T(0));   // dD, dbias
-      std::fill(dwdt, dwdt + R * W, T(0));
-      load_lane_constants(s, in, row0, t.width, a2, bt, ct, dskip, bias, a);
-      if (R) load_low_rank_weights(s, in, row0, t.width, wdt);
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(hc, hc + NW, T(0));
-        const int64_t plane = b * L * D + t.d0 * s.sd, kplane = (k * s.batch + b) * L * D + t.d0 * s.sd;
-        const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{bt, 0};
-        const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{ct, 0};
-        const int64_t grp_b = VB ? row0 / (s.rows() / s.groups_b) : 0, grp_c = VC ? row0 / (s.rows() / s.groups_c) : 0;
-        const T* saved = ckpt + ((b * s.dirs + k) * s.tiles + ti) * s.nchunks * NW;
-        for (int64_t ci = s.nchunks - 1; ci >= 0; --ci) {
-          const int64_t l0 = ci * K, kc = std::min(K, L - l0);
-          const int64_t* pos = in.pos + k * L + l0;
-          std::copy(saved + ci * NW, saved + (ci + 1) * NW, xs);
-          const T* low = R ? in.dt_low + (b * s.dirs + k) * L * R : nullptr;
-          if (R) low_rank_steps(low, pos, kc, R, wdt, dtc);
+  for (int64_t k = 0; k < s.dirs; ++k) {
+    for (int64_t ti = 0; ti < nt; ++ti) {
+      const Lanes& l = lanes[ti];
+      std::fill(l.dA, l.dA + (3 * N + 2 + R) * W, T(0));  // dA, dbf, dcf, dD, dbias, dwdt
+      load_lane_constants(s, in, k * D + tiles[ti].d0, tiles[ti].width, l.a2, l.bt, l.ct, l.dskip, l.bias, l.a);
+      if (R) load_low_rank_weights(s, in, k * D + tiles[ti].d0, tiles[ti].width, l.wdt);
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      for (const Lanes& l : lanes) std::fill(l.hc, l.hc + NW, T(0));
+      const T* low = R ? in.dt_low + (b * s.dirs + k) * L * R : nullptr;
+      for (int64_t ci = s.nchunks - 1; ci >= 0; --ci) {
+        const int64_t l0 = ci * K, kc = std::min(K, L - l0);
+        const int64_t* pos = in.pos + k * L + l0;
+        // the group sums of dB and dC go to their rows when the group changes and after the last tile
+        int64_t grp_b = -1, grp_c = -1;
+        auto flush = [&](bool variable, T* sums, int64_t grp, int64_t groups, T* grad) {
+          if (variable && grp >= 0) add_at_positions(sums, kc, N, tmp, grad + (b * groups + grp) * L * N, N, pos);
+          std::fill(sums, sums + kc * NW, T(0));
+        };
+        flush(false, gb, -1, 0, nullptr);
+        flush(false, gc, -1, 0, nullptr);
+        if (R) std::fill(gl, gl + kc * R * W, T(0));
+        for (int64_t ti = 0; ti < nt; ++ti) {
+          const Tile& t = tiles[ti];
+          const Lanes& l = lanes[ti];
+          const int64_t row0 = k * D + t.d0;
+          if (VB && row0 / per_group_b != grp_b) flush(true, gb, grp_b, s.groups_b, g.dB), grp_b = row0 / per_group_b;
+          if (VC && row0 / per_group_c != grp_c) flush(true, gc, grp_c, s.groups_c, g.dC), grp_c = row0 / per_group_c;
+          const int64_t plane = b * L * D + t.d0 * s.sd, kplane = (k * s.batch + b) * L * D + t.d0 * s.sd;
+          const RowView<T> Bv = VB ? row_of(in.B, s, b, row0) : RowView<T>{l.bt, 0};
+          const RowView<T> Cv = VC ? row_of(in.C, s, b, row0) : RowView<T>{l.ct, 0};
+          const T* saved = ckpt + (((b * s.dirs + k) * s.tiles + ti) * s.nchunks + ci) * NW;
+          std::copy(saved, saved + NW, xs);
+          if (R) low_rank_steps(low, pos, kc, R, l.wdt, dtc);
           else gather_steps(in.delta + kplane, pos, kc, s, t.width, dtc);
           gather_steps(in.u + plane, pos, kc, s, t.width, uc);
           gather_steps(dout + plane, pos, kc, s, t.width, dyc);
           if (in.z) gather_steps(in.z + kplane, pos, kc, s, t.width, zc);
           for (int64_t j = 0; j < kc; ++j) {
 #pragma omp simd
-            for (int64_t i = 0; i < W; ++i) dtc[j * W + i] += bias[i];
+            for (int64_t i = 0; i < W; ++i) dtc[j * W + i] += l.bias[i];
           }
           // dt, its derivative with respect to delta, and dy times the gate silu(z).
           if (s.softplus) {
@@ -483,51 +509,47 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
 #pragma omp simd
             for (int64_t i = 0; i < W; ++i) du[i] = dtj[i] * uc[j * W + i];
             for (int64_t n = 0; n < N; ++n) {
-              const T* bn = VB ? bl + n : bt + n * W;
+              const T* bn = VB ? bl + n : l.bt + n * W;
               const T* xp = xs + (j * N + n) * W;
               T* xn = xs + ((j + 1) * N + n) * W;
               T* e = ea + (j * N + n) * W;
 #pragma omp simd
               for (int64_t i = 0; i < W; ++i) {
-                e[i] = exp2_v(dtj[i] * a2[n * W + i]);
+                e[i] = exp2_v(dtj[i] * l.a2[n * W + i]);
                 xn[i] = e[i] * xp[i] + du[i] * (VB ? bn[0] : bn[i]);
               }
               if (in.z) {  // the ungated output C x, for dz
-                const T* cn = VC ? cl + n : ct + n * W;
+                const T* cn = VC ? cl + n : l.ct + n * W;
 #pragma omp simd
                 for (int64_t i = 0; i < W; ++i) yc[j * W + i] += xn[i] * (VC ? cn[0] : cn[i]);
               }
             }
           }
           for (int64_t j = kc - 1; j >= 0; --j) {  // adjoint recurrence, last step first
-            adjoint_step<T, VB, VC>(N, dtc + j * W, uc + j * W, gyc + j * W, a, Bv.at(pos[j]), Cv.at(pos[j]),
-                                    xs + j * NW, xs + (j + 1) * NW, ea + j * NW, hc, dA,
-                                    VB ? gb + j * NW : dbf, VC ? gc + j * NW : dcf, du, ddt);
+            adjoint_step<T, VB, VC>(N, dtc + j * W, uc + j * W, gyc + j * W, l.a, Bv.at(pos[j]), Cv.at(pos[j]),
+                                    xs + j * NW, xs + (j + 1) * NW, ea + j * NW, l.hc, l.dA,
+                                    VB ? gb + j * NW : l.dbf, VC ? gc + j * NW : l.dcf, du, ddt);
 #pragma omp simd
             for (int64_t i = 0; i < W; ++i) {
               const int64_t at = j * W + i;
-              duc[at] = du[i] * dtc[at] + gyc[at] * dskip[i];
-              dD[i] += gyc[at] * uc[at];
+              duc[at] = du[i] * dtc[at] + gyc[at] * l.dskip[i];
+              l.dD[i] += gyc[at] * uc[at];
               ddtc[at] = ddt[i] * sgc[at];
-              dbias[i] += ddtc[at];
+              l.dbias[i] += ddtc[at];
             }
           }
-          // variable dB, dC: the chunk's lane sums, then added at each step's position
-          if (VB) add_at_positions(gb, kc, N, tmp, g.dB + (b * s.groups_b + grp_b) * L * N, N, pos);
-          if (VC) add_at_positions(gc, kc, N, tmp, g.dC + (b * s.groups_c + grp_c) * L * N, N, pos);
           scatter_steps<true>(duc, pos, kc, s, t.width, g.du + plane);
-          if (R) {  // d dt_low: lane sums of ddt * dt_w at each position; d dt_w: per-lane sums
+          if (R) {  // a low-rank delta: lane terms of d dt_low (ddt * dt_w), per-lane sums of d dt_w
             for (int64_t j = 0; j < kc; ++j) {
               const T* row = low + pos[j] * R;
               for (int64_t r = 0; r < R; ++r) {
 #pragma omp simd
                 for (int64_t i = 0; i < W; ++i) {
-                  gl[(j * R + r) * W + i] = ddtc[j * W + i] * wdt[r * W + i];
-                  dwdt[r * W + i] += ddtc[j * W + i] * row[r];
+                  gl[(j * R + r) * W + i] += ddtc[j * W + i] * l.wdt[r * W + i];
+                  l.dwdt[r * W + i] += ddtc[j * W + i] * row[r];
                 }
               }
             }
-            add_at_positions(gl, kc, R, tmp, g.dlow + (b * s.dirs + k) * L * R, R, pos);
           } else {
             scatter_steps<false>(ddtc, pos, kc, s, t.width, g.ddelta + kplane);
           }
@@ -535,22 +557,28 @@ void backward_task(const Shape& s, const Inputs<T>& in, const std::vector<Tile>&
 #pragma omp simd
             for (int64_t at = 0; at < kc * W; ++at) {
               const T sz = sigmoid_v(zc[at]);
-              yc[at] = dyc[at] * (yc[at] + dskip[at % W] * uc[at]) * sz * (T(1) + zc[at] * (T(1) - sz));
+              yc[at] = dyc[at] * (yc[at] + l.dskip[at % W] * uc[at]) * sz * (T(1) + zc[at] * (T(1) - sz));
             }
             scatter_steps<false>(yc, pos, kc, s, t.width, g.dz + kplane);
           }
         }
+        flush(VB, gb, grp_b, s.groups_b, g.dB);
+        flush(VC, gc, grp_c, s.groups_c, g.dC);
+        if (R) add_at_positions(gl, kc, R, tmp, g.dlow + (b * s.dirs + k) * L * R, R, pos);
       }
-      for (int64_t c = 0; c < t.width; ++c) {  // this task's per-channel sums
-        const int64_t row = task * s.rows() + row0 + c;
+    }
+    for (int64_t ti = 0; ti < nt; ++ti) {  // this task's per-channel sums
+      const Lanes& l = lanes[ti];
+      for (int64_t c = 0; c < tiles[ti].width; ++c) {
+        const int64_t row = task * s.rows() + k * D + tiles[ti].d0 + c;
         for (int64_t n = 0; n < N; ++n) {
-          g.dA[row * N + n] = dA[n * W + c];
-          if (!VB) g.dbf[row * N + n] = dbf[n * W + c];
-          if (!VC) g.dcf[row * N + n] = dcf[n * W + c];
+          g.dA[row * N + n] = l.dA[n * W + c];
+          if (!VB) g.dbf[row * N + n] = l.dbf[n * W + c];
+          if (!VC) g.dcf[row * N + n] = l.dcf[n * W + c];
         }
-        g.dD[row] = dD[c];
-        g.dbias[row] = dbias[c];
-        for (int64_t r = 0; r < R; ++r) g.dw[row * R + r] = dwdt[r * W + c];
+        g.dD[row] = l.dD[c];
+        g.dbias[row] = l.dbias[c];
+        for (int64_t r = 0; r < R; ++r) g.dw[row * R + r] = l.dwdt[r * W + c];
       }
     }
   }
