@@ -122,3 +122,11 @@ def test_cross_selective_scan_errors_name_the_argument():
     low = _cross_inputs(2, 3, 4, 16, 2, torch.float32, low_rank=True)
     with pytest.raises(ValueError, match=r"delta_proj has shape \(4, 15, 3\), expected \(4, 16, 3\)"):
         cross_selective_scan(**{**low, "delta_proj": low["delta_proj"][:, :15]})
+
+
+def test_cross_selective_scan_chunked_torch_backend_agrees():
+    # The path a GPU without mamba-ssm takes (and a CPU without a compiler).
+    inputs = _cross_inputs(2, 5, 3, 16, 4, torch.float64, low_rank=True, seed=7)
+    got = cross_selective_scan(**inputs, delta_softplus=True, backend="torch")
+    want = cross_selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    assert rel_err(got, want) <= 1e-10
