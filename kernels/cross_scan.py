@@ -66,8 +66,9 @@ def cross_merge(y: Tensor, H: int, W: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def scan_positions(H: int, W: int) -> Tensor:
-    """(4, H*W) int64: the row-major position that step l of each ``cross_scan`` direction reads."""
-    rows = torch.arange(H * W)
+def scan_positions(H: int, W: int, device: torch.device | str = "cpu") -> Tensor:
+    """(4, H*W) int64 on ``device``: the row-major position that step l of each ``cross_scan``
+    direction reads (cached: SS2D asks for it on every call)."""
+    rows = torch.arange(H * W, device=device)
     cols = rows.view(H, W).t().reshape(-1)
     return torch.stack([rows, cols, rows.flip(0), cols.flip(0)])

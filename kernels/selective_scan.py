@@ -142,19 +142,19 @@ def cross_selective_scan(
     name = resolve_backend(x.device, backend)
     batch, H, W, dim = x.shape
     ct = compute_dtype(x)
-    flat = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
+    flat = functools.partial(_dense, dtype=ct)
     if name == "cpu":
         by_direction = lambda t: t.to(ct).transpose(1, 2).contiguous()  # noqa: E731  (batch, 4, L, N): each
         # direction's rows together, which the kernel streams through (measured faster than in place)
         dt_w = None if delta_proj is None else flat(delta_proj).view(4 * dim, -1)
         delta = flat(delta) if delta_proj is None else by_direction(delta)
         out, _ = _CpuScan.apply(flat(x).view(batch, H * W, dim), delta, flat(A), by_direction(B), by_direction(C),
-                                flat(D), None, flat(delta_bias), dt_w, delta_softplus, scan_positions(H, W), True,
-                                False)
+                                flat(D), None, flat(delta_bias), dt_w, delta_softplus, scan_positions(H, W, x.device),
+                                True, False)
         return out.view(batch, H, W, dim).to(x.dtype)
     if delta_proj is not None:
         delta = torch.einsum("blkr,kdr->kbld", delta, delta_proj)
-    pos = scan_positions(H, W).to(x.device)
+    pos = scan_positions(H, W, x.device)
     in_order = lambda t: torch.stack([t[k][:, pos[k]] for k in range(4)]).permute(1, 0, 3, 2)  # noqa: E731
     u = cross_scan(x.permute(0, 3, 1, 2)).flatten(1, 2)
     y = selective_scan_fn(u.to(ct), in_order(delta).flatten(1, 2).to(ct), A.to(ct),
@@ -195,8 +195,13 @@ def _in_order(L: int) -> Tensor:
     return torch.arange(L).view(1, L)
 
 
-def _by_position(M: Tensor, dtype: torch.dtype) -> Tensor:
-    """B or C as the kernel reads them: fixed (D, N), variable (batch, G, L, N)."""
+def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t (if given) in ``dtype`` and contiguous, as the compiled kernel reads it."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _kernel_layout(M: Tensor, dtype: torch.dtype) -> Tensor:
+    """selective_scan_fn's B or C as the kernel reads them: fixed (D, N), variable (batch, G, L, N)."""
     M = M.to(dtype)
     if M.dim() == 3:
         M = M.unsqueeze(1)
@@ -206,8 +211,8 @@ def _by_position(M: Tensor, dtype: torch.dtype) -> Tensor:
 def _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last) -> tuple[Tensor, Tensor]:
     """selective_scan_fn on the compiled kernel: one scan order of (batch, D, L) tensors."""
     ct = compute_dtype(u)
-    flat = lambda t: None if t is None else t.to(ct).contiguous()  # noqa: E731
-    out, last = _CpuScan.apply(flat(u), flat(delta)[None], flat(A), _by_position(B, ct), _by_position(C, ct),
+    flat = functools.partial(_dense, dtype=ct)
+    out, last = _CpuScan.apply(flat(u), flat(delta)[None], flat(A), _kernel_layout(B, ct), _kernel_layout(C, ct),
                                flat(D), None if z is None else flat(z)[None], flat(delta_bias), None, delta_softplus,
                                _in_order(u.shape[-1]), False, want_last)
     return out.to(u.dtype), last

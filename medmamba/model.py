@@ -110,8 +110,8 @@ class SS2D(nn.Module):
         k = self.x_proj_weight.shape[0]
         x_dbl = torch.matmul(x.reshape(batch, H * W, d_inner), self.x_proj_weight.flatten(0, 1).t())
         dts, Bs, Cs = x_dbl.view(batch, H * W, k, -1).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return cross_selective_scan(x, dts, -torch.exp(self.A_log.float()), Bs, Cs, self.D.float(),
-                                    delta_bias=self.dt_proj_bias.flatten().float(), delta_softplus=True,
+        return cross_selective_scan(x, dts, -torch.exp(self.A_log), Bs, Cs, self.D,
+                                    delta_bias=self.dt_proj_bias.flatten(), delta_softplus=True,
                                     delta_proj=self.dt_proj_weight)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -119,6 +119,8 @@ def test_cross_selective_scan_errors_name_the_argument():
         cross_selective_scan(**{**inputs, "x": inputs["x"].flatten(1, 2)})
     with pytest.raises(ValueError, match="B is torch.int64"):
         cross_selective_scan(**{**inputs, "B": inputs["B"].long()})
+    with pytest.raises(ValueError, match="A must be a torch.Tensor, got list"):
+        cross_selective_scan(**{**inputs, "A": inputs["A"].tolist()})
     low = _cross_inputs(2, 3, 4, 16, 2, torch.float32, low_rank=True)
     with pytest.raises(ValueError, match=r"delta_proj has shape \(4, 15, 3\), expected \(4, 16, 3\)"):
         cross_selective_scan(**{**low, "delta_proj": low["delta_proj"][:, :15]})
