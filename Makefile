@@ -1,6 +1,7 @@
 # Fresh-machine entry points: each target creates .venv and installs the project into it first.
 #   make demo   install, then train MedMamba-T on PneumoniaMNIST with configs/quick.yaml
 #   make test   install, then run the test suite (what CI runs)
+#   make test-fast  the tests without a Ray cluster, Flower simulation, server or long training (< 2 min)
 #   make bench  the benchmarks (selective scan, training throughput, ASHA sweep, federation)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,20 +10,28 @@ PY := $(VENV)/bin/python
 # e.g. make test TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+LINKS := $(VENV)/.linked
+PACKAGES := medmamba kernels kernels/csrc orchestrator federated
 # Where the demo finds PneumoniaMNIST: the shared copy beside the checkout when there is one,
 # else medmnist's default (~/.medmnist), downloading the file when it is missing.
 DATA_ROOT ?= $(if $(wildcard ../shared/data/medmnist/pneumoniamnist.npz),../shared/data/medmnist,)
 DEMO_OUT ?= outputs/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-fast test-all bench clean
 
-install: $(STAMP)
+install: $(LINKS)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+# Strict editable mode links every file into build/ (a plain folder on sys.path that editors and
+# type checkers follow); a file added to a package folder changes the folder, which relinks.
+$(LINKS): $(STAMP) $(PACKAGES)
+	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
 	touch $@
 
 demo: install
@@ -34,9 +43,13 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/federated.py
+	$(PY) benchmarks/checkpoint.py
 
 test: install
 	$(PY) -m pytest -m "not slow"
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not integration"
 
 test-all: install
 	$(PY) -m pytest

@@ -39,7 +39,7 @@ def main() -> None:
             f"data.root={args.data_root}", f"federated.partition={partition}", f"federated.alpha={args.alpha}",
             f"federated.rounds={args.rounds}", f"federated.local_epochs={args.local_epochs}",
             f"federated.num_sites={args.sites}", f"federated.client_cpus={args.client_cpus}",
-            "federated.centralized_baseline=false", "sched.milestones=[]"])
+            "federated.centralized_baseline=false", "sched.milestones=[]", "mlflow.enabled=false"])
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +48,7 @@ def main() -> None:
         results["central"] = (time.perf_counter() - start, central["auc"], central["accuracy"])
         for partition in ("iid", "dirichlet"):
             start = time.perf_counter()
-            report = run_federated(cfg(partition), Path(tmp) / partition, None)
+            report = run_federated(cfg(partition), Path(tmp) / partition)
             final = report["rounds"][-1]["global"]
             results[partition] = (time.perf_counter() - start, final["auc"], final["accuracy"])
     epochs = args.rounds * args.local_epochs

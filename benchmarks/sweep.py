@@ -43,7 +43,8 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False)
         start = time.perf_counter()
-        summary = run_sweep(cfg, Path(tmp) / "sweep", f"sqlite:///{tmp}/mlruns.db")
+        cfg.mlflow.tracking_uri = f"sqlite:///{tmp}/mlruns.db"
+        summary = run_sweep(cfg, Path(tmp) / "sweep")
         t_sweep = time.perf_counter() - start
         results = Path(tmp) / "sweep/ray/sweep"
         per_epoch = []

@@ -15,8 +15,9 @@ from torch import nn
 
 from medmamba.config import Config, config_from_dict
 from medmamba.data import Datasets
+from medmamba.registry import build_model
 
-from .task import build_site, device_for, is_batchnorm_key, local_evaluate, local_train, new_model
+from .task import build_site, device_for, is_batchnorm_key, local_evaluate, local_train
 
 LOCAL_BN = "local-batchnorm"  # FedBN: this site's BatchNorm state, kept in the node's Context
 
@@ -27,7 +28,7 @@ def _site_index(context: Context) -> int:
 
 def _local_model(msg: Message, context: Context, cfg: Config, num_classes: int) -> nn.Module:
     """The global model from ``msg``; under FedBN with this site's own BatchNorm layers."""
-    model = new_model(cfg, num_classes)
+    model = build_model(cfg.model, num_classes)
     state = msg.content["arrays"].to_torch_state_dict()
     if cfg.federated.strategy == "fedbn" and LOCAL_BN in context.state:
         state.update(context.state[LOCAL_BN].to_torch_state_dict())

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
 
 from medmamba.config import Config
-from medmamba.metrics import METRIC_KEYS
+from medmamba.data import make_loader
+from medmamba.evaluation import evaluate_checkpoint, predict_metrics
+from medmamba.metrics import METRIC_KEYS, is_better
+from medmamba.registry import build_model, read_checkpoint
 from medmamba.reports import plot_federated_curves
-from medmamba.tracking import Tracker, git_commit
-from medmamba.train import make_loader, predict_metrics
+from medmamba.tracking import Tracker, git_commit, mlflow_run
 
-from .task import device_for, global_test_set, new_model, site_names
+from .task import device_for, pooled_datasets, site_names
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class RoundRecorder:
         self.names = names
         self.sites: dict[int, dict[str, dict[str, float]]] = {}
         self.failures: dict[int, list[str]] = {}
+        self.validation: dict[int, dict[str, float]] = {}  # the sites' example-weighted mean metrics
 
     def record(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
@@ -95,7 +99,9 @@ def _recording(base: type) -> type:
             return super().aggregate_train(server_round, self.recorder.record(server_round, replies))
 
         def aggregate_evaluate(self, server_round, replies):
-            return super().aggregate_evaluate(server_round, self.recorder.record(server_round, replies))
+            aggregated = super().aggregate_evaluate(server_round, self.recorder.record(server_round, replies))
+            self.recorder.validation[server_round] = dict(aggregated or {})
+            return aggregated
 
     Recording.__name__ = base.__name__
     return Recording
@@ -120,41 +126,54 @@ def make_strategy(cfg: Config, recorder: RoundRecorder, num_sites: int):
 
 
 class FederatedRun:
-    """The server side of one experiment: evaluation, checkpoints, report and MLflow."""
+    """The server side of one experiment: evaluation, checkpoints, report and MLflow.
+
+    After every round the global model is evaluated on the global test set and saved as
+    ``final.pt``; the round whose global model has the best federated validation metric (the
+    sites' example-weighted mean of ``val_<train.monitor>``, measured on their own validation
+    splits: no test data chooses it) is kept as ``best.pt``.
+    """
 
     def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
         self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
         self.out.mkdir(parents=True, exist_ok=True)
         self.names = site_names(cfg)
         self.recorder = RoundRecorder(self.names)
-        test, self.class_names = global_test_set(cfg)
+        self.data = pooled_datasets(cfg)
         self.device = device_for(cfg)
-        self.test_loader = make_loader(test, cfg.train.batch_size, shuffle=False)
-        self.model = new_model(cfg, len(self.class_names)).to(self.device)
+        self.test_loader = make_loader(self.data.test, cfg.train.batch_size, shuffle=False)
+        self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
         self.rounds: list[dict] = []
+        self.best: dict | None = None  # {"round", "metric", "value"} of best.pt
         self.run_id = None
         state_path = self.out / STATE_FILE
         if resume and state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            state = read_checkpoint(state_path)
             self.model.load_state_dict(state["model"])
-            self.rounds, self.run_id = state["rounds"], state["run_id"]
+            self.rounds, self.run_id, self.best = state["rounds"], state["run_id"], state["best"]
             log.info("resuming after round %d", len(self.rounds))
         self.done = len(self.rounds)
 
-    def start_tracking(self) -> None:
-        if self.tracker:
-            fed = self.cfg.federated
-            tags = {"kind": "federated", "git_commit": git_commit(), "sites": ",".join(self.names),
-                    "strategy": fed.strategy, "partition": fed.partition}
-            params = {**self.cfg.flat(), "federated.differential_privacy": fed.dp_clipping_norm is not None}
-            self.run_id = self.tracker.start(self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
+    @property
+    def monitor(self) -> str:
+        return f"val_{self.cfg.train.monitor}"
+
+    def tracking(self):
+        """The federation's MLflow run (``mlflow_run``), continued after a resume."""
+        fed = self.cfg.federated
+        tags = {"kind": "federated", "git_commit": git_commit(), "sites": ",".join(self.names),
+                "strategy": fed.strategy, "partition": fed.partition}
+        params = {**self.cfg.flat(), "federated.differential_privacy": fed.dp_clipping_norm is not None}
+        return mlflow_run(self.tracker, self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
 
     def global_metrics(self, arrays: ArrayRecord) -> dict:
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        return predict_metrics(self.model, self.test_loader, self.device, self.class_names)[0]
+        return predict_metrics(self.model, self.test_loader, self.device, self.data.class_names,
+                               self.data.positive_class)[0]
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower's server-side evaluation hook, called before round 1 and after every round."""
+        """Flower's server-side evaluation hook, called before round 1 and after every round
+        (after the sites' own evaluation of that round)."""
         metrics = self.global_metrics(arrays)
         scalars = {k: float(metrics[k]) for k in METRIC_KEYS}
         if server_round == 0:
@@ -162,29 +181,45 @@ class FederatedRun:
                 self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=0)
             return MetricRecord(scalars)
         number = self.done + server_round
+        validation = self.recorder.validation.get(server_round, {})
         row = {"round": number, "global": scalars, "sites": self.recorder.sites.get(server_round, {}),
-               "failures": self.recorder.failures.get(server_round, [])}
+               "failures": self.recorder.failures.get(server_round, []),
+               "validation": {k: v for k, v in validation.items() if k.startswith("val_")}}
         self.rounds.append(row)
-        self._save(metrics)
+        value = validation.get(self.monitor, math.nan)
+        improved = is_better(self.cfg.train.monitor, value, self.best["value"] if self.best else None)
+        if improved:
+            self.best = {"round": number, "metric": f"federated {self.monitor}", "value": value}
+        self._save(number, scalars, improved)
         if self.tracker:
             self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=number)
+            self.tracker.log_metrics({f"federated/{k}": v for k, v in row["validation"].items()}, step=number)
             for name, site in row["sites"].items():
                 self.tracker.log_metrics({f"site/{name}/{k}": v for k, v in site.items()}, step=number)
         return MetricRecord(scalars)
 
-    def _save(self, metrics: dict) -> None:
-        """The global model as best.pt (loadable by `medmamba evaluate`), the resumable state and the
-        report; each file replaced atomically."""
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        _atomic(torch.save, {"model": state, "config": self.cfg.to_dict(), "class_names": self.class_names,
-                             "round": len(self.rounds), "test": {k: metrics[k] for k in METRIC_KEYS}},
-                self.out / "best.pt")
-        _atomic(torch.save, {"model": state, "rounds": self.rounds, "run_id": self.run_id}, self.out / STATE_FILE)
+    def _save(self, number: int, test: dict, improved: bool) -> None:
+        """final.pt (this round's global model, loadable by `medmamba evaluate`), best.pt when it
+        improved, the resumable state and the report; each file replaced atomically."""
+        model = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        checkpoint = {"model": model, "config": self.cfg.to_dict(), "class_names": self.data.class_names,
+                      "round": number, "test": test, "run_id": self.run_id, "experiment": self.cfg.mlflow.experiment}
+        _atomic(torch.save, checkpoint, self.out / "final.pt")
+        if improved:
+            _atomic(torch.save, {**checkpoint, "val": self.best}, self.out / "best.pt")
+        _atomic(torch.save, {"model": model, "rounds": self.rounds, "run_id": self.run_id, "best": self.best},
+                self.out / STATE_FILE)
         self.write_report()
 
     def write_report(self, centralized: dict | None = None) -> dict:
-        report = {"sites": self.names, "class_names": self.class_names, "config": self.cfg.to_dict(),
+        report = {"sites": self.names, "class_names": self.data.class_names, "config": self.cfg.to_dict(),
                   "rounds": self.rounds}
+        if self.rounds:
+            last = self.rounds[-1]
+            report["final"] = {"file": "final.pt", "round": last["round"], "test": last["global"]}
+        if self.best:
+            best = self.rounds[self.best["round"] - 1]
+            report["best"] = {"file": "best.pt", **self.best, "test": best["global"]}
         if centralized is not None:
             report["centralized"] = centralized
         _atomic(lambda obj, path: Path(path).write_text(json.dumps(obj, indent=2, default=float)), report,
@@ -204,7 +239,15 @@ class FederatedRun:
             raise RuntimeError("the federation stopped before its last round")
 
     def finish(self, centralized: dict | None) -> dict:
-        """The final report files and MLflow artifacts: per-site x round table, curves, comparison."""
+        """The final report files and MLflow artifacts: the best round's global model on the global
+        test set (metrics.json and figures, as a training run writes them), per-site x round
+        table, curves, comparison with the centralised baseline."""
+        if self.best is None:  # no site ever reported validation metrics: the final round stands in
+            shutil.copy2(self.out / "final.pt", self.out / "best.pt")
+            last = self.rounds[-1]["round"]
+            self.best = {"round": last, "metric": "none (no federated validation): the final round", "value": None}
+        evaluation = evaluate_checkpoint(self.out / "best.pt", "test", self.out, data=self.data,
+                                         device=self.cfg.train.device, batch_size=self.cfg.train.batch_size)
         report = self.write_report(centralized)
         table = self.out / "federated_rounds.csv"
         with table.open("w", newline="") as f:
@@ -216,6 +259,8 @@ class FederatedRun:
                 writer.writerows({"round": row["round"], "site": name, **site} for name, site in row["sites"].items())
         curves = plot_federated_curves(self.rounds, self.names, centralized, self.out / "federated_curves.png")
         if self.tracker:
+            self.tracker.set_tags({"best_round": self.best["round"]})
+            self.tracker.log_evaluation("test", evaluation.metrics, evaluation.files)
             if centralized:
                 self.tracker.log_metrics({f"centralized/{k}": v for k, v in centralized.items()
                                           if k in METRIC_KEYS})

@@ -12,16 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from flwr.simulation import run_simulation
-from torch.utils.data import ConcatDataset
-
 from medmamba.config import Config, absolute_paths
-from medmamba.data import Datasets
-from medmamba.tracking import Tracker
+from medmamba.tracking import open_tracker
 from medmamba.train import Trainer
 
 from .client_app import make_client_app
 from .server_app import FederatedRun, make_server_app
-from .task import build_site, global_test_set, site_names
+from .task import pooled_datasets
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +26,20 @@ log = logging.getLogger(__name__)
 def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
     """The model trained on the pooled sites' train/val splits for rounds x local_epochs epochs,
     tested on the federation's global test set; returns its test metrics."""
-    names = site_names(cfg)
-    sites = [build_site(cfg, i) for i in range(len(names))]
-    test, classes = global_test_set(cfg)
-    pooled = Datasets(ConcatDataset([s.train for s in sites]), ConcatDataset([s.val for s in sites]), test,
-                      classes, name="pooled:" + ",".join(names), checksum="")
     epochs = cfg.federated.rounds * cfg.federated.local_epochs
     pooled_cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
-    return Trainer(pooled_cfg, pooled, output_dir, progress=False).fit()
+    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()
 
 
-def run_federated(cfg: Config, output_dir: str | Path, tracking_uri: str | None = None,
-                  resume: bool = False) -> dict:
+def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
     """Run (or with ``resume``, continue) the federated experiment of ``cfg`` into ``output_dir``;
-    returns the report (also in output_dir/federated_report.json)."""
+    returns the report (also in output_dir/federated_report.json). MLflow: ``cfg.mlflow``."""
     out = Path(output_dir).resolve()
     absolute_paths(cfg)
-    tracker = Tracker(tracking_uri, cfg.mlflow.experiment) if tracking_uri is not None else None
-    run = FederatedRun(cfg, out, tracker, resume)
-    run.start_tracking()
+    run = FederatedRun(cfg, out, open_tracker(cfg.mlflow), resume)
     errors: list[BaseException] = []
     fed = cfg.federated
-    try:
+    with run.tracking() as run.run_id:
         if run.done < fed.rounds:
             run_simulation(server_app=make_server_app(run, errors), client_app=make_client_app(cfg.to_dict()),
                            num_supernodes=len(run.names),
@@ -62,11 +51,4 @@ def run_federated(cfg: Config, output_dir: str | Path, tracking_uri: str | None 
                 raise RuntimeError(f"the simulation ended after {len(run.rounds)} of {fed.rounds} rounds; "
                                    "see the Flower log above")
         centralized = centralized_baseline(cfg, out / "centralized") if fed.centralized_baseline else None
-        report = run.finish(centralized)
-    except BaseException:
-        if tracker:
-            tracker.end("FAILED")
-        raise
-    if tracker:
-        tracker.end("FINISHED")
-    return report
+        return run.finish(centralized)

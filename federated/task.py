@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from medmamba.config import Config, config_from_dict
-from medmamba.data import Datasets, build_datasets, labels_of, stratified_split
+from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stratified_split
 from medmamba.errors import ConfigError, DataError
-from medmamba.registry import create_model
-from medmamba.train import (make_loader, make_optimizer, predict_metrics, resolve_device, seed_everything,
-                            train_one_epoch)
+from medmamba.evaluation import predict_metrics
+from medmamba.runtime import resolve_device, seed_everything
+from medmamba.train import make_optimizer, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,20 @@ def _partitioner(cfg: Config):
 
 
 def _site_split(pool: Dataset, indices: np.ndarray, labels: np.ndarray, cfg: Config, name: str,
-                class_names: list[str]) -> Datasets:
+                data: Datasets) -> Datasets:
     train_r, val_r, test_r = cfg.data.split_ratios
     if len(indices) < 3:
         raise DataError(f"site {name} received {len(indices)} examples; it needs at least 3 for train/val/test "
                         "(raise federated.alpha or lower federated.num_sites)")
     y = labels[indices]
-    counts = np.bincount(y, minlength=len(class_names))
-    missing = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    counts = np.bincount(y, minlength=data.num_classes)
+    missing = [data.class_names[c] for c in np.flatnonzero(counts == 0)]
     if missing:
         log.warning("site %s has no examples of %s", name, missing)
     rest, test = stratified_split(indices, test_r, y, cfg.data.seed)
     train, val = stratified_split(rest, val_r / (train_r + val_r), labels[rest], cfg.data.seed)
-    return Datasets(Subset(pool, sorted(train)), Subset(pool, sorted(val)), Subset(pool, sorted(test)),
-                    class_names, name, checksum="")
+    return replace(data, train=Subset(pool, sorted(train)), val=Subset(pool, sorted(val)),
+                   test=Subset(pool, sorted(test)), name=name, checksum="")
 
 
 def site_names(cfg: Config) -> list[str]:
@@ -84,7 +84,7 @@ def _natural_classes(root: Path) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _simulated(cfg_key: str) -> tuple[list[Datasets], Dataset, list[str]]:
+def _simulated(cfg_key: str) -> tuple[list[Datasets], Datasets]:
     from datasets import Dataset as HFDataset
 
     cfg = config_from_dict(json.loads(cfg_key))
@@ -94,9 +94,9 @@ def _simulated(cfg_key: str) -> tuple[list[Datasets], Dataset, list[str]]:
     partitioner = _partitioner(cfg)
     partitioner.dataset = HFDataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
     sites = [_site_split(pool, np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64), labels, cfg,
-                         f"site_{i}", data.class_names)
+                         f"site_{i}", data)
              for i in range(cfg.federated.num_sites)]
-    return sites, data.test, data.class_names
+    return sites, data
 
 
 def _key(cfg: Config) -> str:
@@ -119,26 +119,27 @@ def _natural_site(cfg_key: str, name: str) -> Datasets:
     return replace(site, name=name)
 
 
-def global_test_set(cfg: Config) -> tuple[Dataset, list[str]]:
-    """The server's held-out test set and the class names. Natural sites: the union of the sites'
-    test splits (a site whose folder cannot be read is left out, with a warning)."""
+def pooled_datasets(cfg: Config) -> Datasets:
+    """The federation as one dataset: the sites' train and val splits pooled (the centralised
+    baseline trains on them) and the server's held-out test set: the official test split
+    (simulated sites) or the union of the sites' test splits (natural sites; a site whose folder
+    cannot be read is left out, with a warning)."""
+    names = site_names(cfg)
     if cfg.federated.partition != "natural":
-        _, test, classes = _simulated(_key(cfg))
-        return test, classes
-    tests = []
-    for i, name in enumerate(site_names(cfg)):
-        try:
-            tests.append(build_site(cfg, i).test)
-        except DataError as exc:
-            log.warning("site %s is left out of the global test set: %s", name, exc)
-    if not tests:
-        raise DataError(f"no site under {cfg.data.root} could be read")
-    return ConcatDataset(tests), _natural_classes(Path(cfg.data.root).expanduser())
-
-
-def new_model(cfg: Config, num_classes: int) -> nn.Module:
-    return create_model(cfg.model.name, num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
-                        d_state=cfg.model.d_state)
+        sites, data = _simulated(_key(cfg))
+        test = data.test
+    else:
+        sites = []
+        for i, name in enumerate(names):
+            try:
+                sites.append(build_site(cfg, i))
+            except DataError as exc:
+                log.warning("site %s is left out of the pooled data and the global test set: %s", name, exc)
+        if not sites:
+            raise DataError(f"no site under {cfg.data.root} could be read")
+        data, test = replace(sites[0], checksum=""), ConcatDataset([s.test for s in sites])
+    return replace(data, train=ConcatDataset([s.train for s in sites]), val=ConcatDataset([s.val for s in sites]),
+                   test=test, name="pooled:" + ",".join(s.name for s in sites))
 
 
 def is_batchnorm_key(model: nn.Module, key: str) -> bool:
@@ -175,7 +176,7 @@ def local_evaluate(model: nn.Module, site: Datasets, cfg: Config, device: torch.
     out = {}
     for split in ("val", "test"):
         loader = make_loader(getattr(site, split), cfg.train.batch_size, shuffle=False)
-        metrics = predict_metrics(model, loader, device, site.class_names)[0]
+        metrics = predict_metrics(model, loader, device, site.class_names, site.positive_class)[0]
         out.update({f"{split}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return out
 

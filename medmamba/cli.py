@@ -7,13 +7,15 @@ import sys
 import logging
 from pathlib import Path
 
-from .config import DataConfig, load_config, validate
+from .config import load_config, validate
 from .errors import MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
 
 # Data, metrics, training and MLflow are imported inside the commands that use them: importing
 # medmnist, scikit-learn and mlflow costs seconds that `medmamba info` does not need.
+
+EVALUATE_EXPERIMENT = "medmamba-evaluate"  # evaluation runs, each tagged with the run that trained its checkpoint
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -27,26 +29,27 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tracker(uri: str | None, experiment: str):
-    from .tracking import Tracker  # mlflow is slow to import; only runs that log need it
-
-    return Tracker(uri, experiment)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from .data import build_datasets
-    from .train import Trainer
-
+def _run_config(args: argparse.Namespace):
+    """The command's config: the file and --set overrides, then --tracking-uri / --no-mlflow."""
     cfg = load_config(args.config, args.set)
     if args.tracking_uri:
         cfg.mlflow.tracking_uri = args.tracking_uri
+    if args.no_mlflow:
+        cfg.mlflow.enabled = False
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
     if args.kfold:
         return _cross_validate(cfg, args)
     if args.workers is not None:
         return _train_distributed(cfg, args)
-    tracker = None if args.no_mlflow else _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    data = build_datasets(cfg.data)
-    metrics = Trainer(cfg, data, args.output_dir, tracker=tracker).fit(resume=args.resume)
+    from .data import build_datasets
+    from .train import Trainer, tracking_callbacks
+
+    callbacks = tracking_callbacks(cfg)  # an unreachable tracking server fails here, before the data loads
+    metrics = Trainer(cfg, build_datasets(cfg.data), args.output_dir, callbacks=callbacks).fit(resume=args.resume)
     print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt)")
     return 0
 
@@ -54,14 +57,11 @@ def _train(args: argparse.Namespace) -> int:
 def _train_distributed(cfg, args: argparse.Namespace) -> int:
     from medmamba.orchestrator.train import train_distributed
 
-    from .tracking import resolve_uri
-
     cfg.ray.num_workers = args.workers
     if args.gpus_per_worker is not None:
         cfg.ray.gpus_per_worker = args.gpus_per_worker
     validate(cfg)
-    uri = None if args.no_mlflow else resolve_uri(cfg.mlflow.tracking_uri)
-    metrics = train_distributed(cfg, args.output_dir, uri, resume=args.resume)
+    metrics = train_distributed(cfg, args.output_dir, resume=args.resume)
     print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt), "
                            f"{cfg.ray.num_workers} Ray Train workers")
     return 0
@@ -70,11 +70,8 @@ def _train_distributed(cfg, args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from medmamba.orchestrator.sweep import run_sweep
 
-    from .tracking import resolve_uri
-
-    cfg = load_config(args.config, args.set)
-    uri = None if args.no_mlflow else resolve_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
-    summary = run_sweep(cfg, args.output_dir, uri, resume=args.resume)
+    cfg = _run_config(args)
+    summary = run_sweep(cfg, args.output_dir, resume=args.resume)
     print(f"best {cfg.tune.metric} {summary['best_value']:.4f} with {summary['best_params']}; "
           f"config: {args.output_dir}/best_config.yaml")
     print_metrics(summary["test_metrics"], f"test metrics of the best trial ({args.output_dir}/best.pt)")
@@ -84,14 +81,13 @@ def _tune(args: argparse.Namespace) -> int:
 def _federate(args: argparse.Namespace) -> int:
     from medmamba.federated.simulation import run_federated
 
-    from .tracking import resolve_uri
-
-    cfg = load_config(args.config, args.set)
-    uri = None if args.no_mlflow else resolve_uri(args.tracking_uri or cfg.mlflow.tracking_uri)
-    report = run_federated(cfg, args.output_dir, uri, resume=args.resume)
+    cfg = _run_config(args)
+    report = run_federated(cfg, args.output_dir, resume=args.resume)
+    best = report["best"]
+    print_metrics(best["test"], f"global model of round {best['round']} (the best by federated validation "
+                                f"{best['metric']}) on the global test set ({args.output_dir}/best.pt)")
     last = report["rounds"][-1]
-    print_metrics(last["global"], f"global model after round {last['round']} on the global test set "
-                                  f"({args.output_dir}/best.pt)")
+    print_metrics(last["global"], f"global model after the last round, {last['round']} ({args.output_dir}/final.pt)")
     if "centralized" in report:
         print_metrics(report["centralized"], "centralised training on the pooled sites, same test set")
     for failure in (f for row in report["rounds"] for f in row["failures"]):
@@ -105,8 +101,7 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
 
     from .train import cross_validate
 
-    factory = None if args.no_mlflow else (lambda: _tracker(cfg.mlflow.tracking_uri, cfg.mlflow.experiment))
-    summary = cross_validate(cfg, args.output_dir, factory, resume=args.resume)
+    summary = cross_validate(cfg, args.output_dir, resume=args.resume)
     table = Table(title=f"{cfg.data.num_folds}-fold cross-validation, test metrics (mean ± std)")
     for key in summary["mean"]:
         table.add_column(key)
@@ -116,33 +111,24 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import build_datasets
+    from .config import MlflowConfig
+    from .evaluation import evaluate_checkpoint
     from .registry import read_checkpoint
-    from .train import make_loader, predict_metrics, resolve_device, write_report
+    from .tracking import mlflow_run, open_tracker
 
+    tracker = open_tracker(MlflowConfig(enabled=not args.no_mlflow, tracking_uri=args.tracking_uri,
+                                        experiment=EVALUATE_EXPERIMENT))
     state = read_checkpoint(args.checkpoint)  # read once: its config and its weights
-    saved = state.get("config", {})
-    data_cfg = DataConfig(**{**saved.get("data", {}), "augment": "none"})
-    data_cfg.name = args.dataset or data_cfg.name
-    data_cfg.root = args.data_root or data_cfg.root
-    data_cfg.size = args.size or data_cfg.size
-    data = build_datasets(data_cfg)
-    model_name = saved.get("model", {}).get("name", args.model)
-    model = create_model(model_name, num_classes=data.num_classes, checkpoint=state)
-    device = resolve_device(args.device)
-    loader = make_loader(getattr(data, args.split), args.batch_size, shuffle=False)
-    metrics, labels, probs = predict_metrics(model.to(device), loader, device, data.class_names)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = None
-    if not args.no_mlflow:
-        tracker = _tracker(args.tracking_uri, "medmamba-evaluate")
-        tracker.start(None, {"checkpoint": args.checkpoint, "dataset": data.name, "split": args.split},
-                      {"dataset_md5": data.checksum, "model": model_name})
-    write_report(metrics, labels, probs, data.class_names, out, tracker)
-    if tracker:
-        tracker.end()
-    print_metrics(metrics, f"{data.name} {args.split} split")
+    overrides = {k: v for k, v in (("name", args.dataset), ("root", args.data_root), ("size", args.size)) if v}
+    source = {"source_run_id": state.get("run_id"), "source_experiment": state.get("experiment")}
+    with mlflow_run(tracker, None, {"checkpoint": args.checkpoint, "split": args.split},
+                    {k: v for k, v in source.items() if v}):
+        ev = evaluate_checkpoint(state, args.split, args.output_dir, data_overrides=overrides, device=args.device,
+                                 batch_size=args.batch_size, model_name=args.model)
+        if tracker:
+            tracker.set_tags({"dataset": ev.data.name, "dataset_md5": ev.data.checksum, "model": ev.model.name})
+            tracker.log_evaluation(args.split, ev.metrics, ev.files)
+    print_metrics(ev.metrics, f"{ev.data.name} {args.split} split")
     return 0
 
 

@@ -10,11 +10,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from .errors import ConfigError
+
+
+# Allowed values are declared once, as Literal types on the fields; ``set_key`` checks them and
+# names the key. ``Annotated[Literal[...], "a description"]`` words the error.
+MetricName = Annotated[Literal["accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"],
+                       "a metric name"]
 
 
 @dataclass
@@ -37,7 +43,10 @@ class DataConfig:
     num_folds: int = 5  # folder: k for k-fold cross-validation
     fold: int | None = None  # folder: which fold is the test set (None: no k-fold)
     skip_corrupt: bool = False  # folder: skip unreadable images (logged) instead of failing
-    augment: str = "none"  # "none" (the paper's setting) or "autoaugment" (MedMamba-X)
+    augment: Literal["none", "autoaugment"] = "none"  # none: the paper's setting; autoaugment: MedMamba-X
+    # binary tasks: the class whose precision, sensitivity, specificity and F1 are the headline metrics
+    # (None: pneumoniamnist "pneumonia", breastmnist "malignant", folders the second class in sorted order)
+    positive_class: str | None = None
     num_workers: int = 0
 
 
@@ -47,7 +56,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     deterministic: bool = False
-    monitor: str = "auc"  # validation metric for the best checkpoint and early stopping
+    monitor: MetricName = "auc"  # validation metric for the best checkpoint and early stopping
     early_stopping_patience: int | None = None  # epochs without improvement; None: off
     amp: bool = True  # mixed precision, CUDA only
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -55,7 +64,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adam, adamw or sgd
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9  # sgd only
@@ -69,6 +78,7 @@ class SchedConfig:
 
 @dataclass
 class MlflowConfig:
+    enabled: bool = True  # false (or --no-mlflow): no tracking
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db
     experiment: str = "medmamba"
     run_name: str | None = None
@@ -88,7 +98,7 @@ class RayConfig:
 @dataclass
 class TuneConfig:
     metric: str = "val_auc"  # a per-epoch key: val_accuracy, val_auc, val_f1, val_loss, train_loss
-    mode: str = "max"
+    mode: Literal["min", "max"] = "max"
     num_samples: int = 16
     max_concurrent: int = 2
     cpus_per_trial: float = 1
@@ -103,10 +113,11 @@ class TuneConfig:
 
 @dataclass
 class FederatedConfig:
-    partition: str = "iid"  # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew) or quantity
+    # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew) or quantity
+    partition: Literal["natural", "iid", "dirichlet", "quantity"] = "iid"
     num_sites: int = 3  # simulated partitions; natural: the number of site folders
     alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
-    strategy: str = "fedavg"  # fedavg, fedprox or fedbn (BatchNorm layers stay local)
+    strategy: Literal["fedavg", "fedprox", "fedbn"] = "fedavg"  # fedbn: BatchNorm layers stay local
     mu: float = 0.01  # fedprox proximal term
     rounds: int = 3
     local_epochs: int = 1
@@ -143,6 +154,18 @@ class Config:
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """value if it fits annotation (ints are accepted for floats), else ConfigError naming key."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        inner, description = typing.get_args(annotation)
+        try:
+            return _check_type(key, value, inner)
+        except ConfigError as exc:
+            raise ConfigError(f"config key {key}: expected {description}: {str(exc).split('expected ', 1)[1]}") from None
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            *rest, last = [str(a) for a in allowed]
+            raise ConfigError(f"config key {key}: expected {', '.join(rest)} or {last}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -179,7 +202,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(target)}
     if name not in fields:
         raise ConfigError(f"unknown config key {key!r}; {section} has: {', '.join(fields)}")
-    hints = typing.get_type_hints(type(target))
+    hints = typing.get_type_hints(type(target), include_extras=True)
     setattr(target, name, _check_type(key, value, hints[name]))
 
 
@@ -246,12 +269,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     """Checks across keys and of allowed values."""
-    if cfg.optim.name not in ("adam", "adamw", "sgd"):
-        raise ConfigError(f"config key optim.name: expected adam, adamw or sgd, got {cfg.optim.name!r}")
-    if cfg.train.monitor not in ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"):
-        raise ConfigError(f"config key train.monitor: expected a metric name, got {cfg.train.monitor!r}")
-    if cfg.data.augment not in ("none", "autoaugment"):
-        raise ConfigError(f"config key data.augment: expected none or autoaugment, got {cfg.data.augment!r}")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"config key optim.lr: must be > 0, got {cfg.optim.lr}")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
@@ -263,14 +280,7 @@ def validate(cfg: Config) -> None:
     if cfg.ray.num_workers < 1 or cfg.ray.cpus_per_worker < 1 or cfg.ray.gpus_per_worker < 0:
         raise ConfigError("config keys ray.num_workers and ray.cpus_per_worker must be >= 1, "
                           "ray.gpus_per_worker >= 0")
-    if cfg.tune.mode not in ("min", "max"):
-        raise ConfigError(f"config key tune.mode: expected min or max, got {cfg.tune.mode!r}")
     fed = cfg.federated
-    if fed.partition not in ("natural", "iid", "dirichlet", "quantity"):
-        raise ConfigError(f"config key federated.partition: expected natural, iid, dirichlet or quantity, "
-                          f"got {fed.partition!r}")
-    if fed.strategy not in ("fedavg", "fedprox", "fedbn"):
-        raise ConfigError(f"config key federated.strategy: expected fedavg, fedprox or fedbn, got {fed.strategy!r}")
     if not fed.alpha > 0:
         raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")
     if fed.num_sites < 1 or fed.rounds < 1 or fed.local_epochs < 1 or fed.min_clients < 1:

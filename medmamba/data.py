@@ -14,8 +14,9 @@ from pathlib import Path
 import medmnist
 import numpy as np
 from PIL import Image
+import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from .config import DataConfig
@@ -28,6 +29,8 @@ MEDMNIST_2D = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamn
 MEDMNIST_SIZES = (28, 64, 128, 224)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 SPLITS = ("train", "val", "test")
+# the disease class of each binary MedMNIST set: its precision/sensitivity/specificity/F1 are the headline
+MEDMNIST_POSITIVE = {"pneumoniamnist": "pneumonia", "breastmnist": "malignant"}
 
 
 @dataclass
@@ -38,10 +41,23 @@ class Datasets:
     class_names: list[str]
     name: str
     checksum: str  # MD5 of the MedMNIST file, or of the folder's sorted file list
+    positive_class: int = 1  # binary tasks: index of the disease class (data.positive_class)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                sampler=None) -> DataLoader:
+    """A DataLoader whose shuffle order comes from its own ``generator`` (seeded with ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    training = shuffle or sampler is not None
+    # a final training batch of one example breaks BatchNorm on 1x1 maps (28 px inputs): drop it
+    drop_last = training and len(sampler if sampler is not None else dataset) % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, generator=generator, drop_last=drop_last,
+                      persistent_workers=num_workers > 0)
 
 
 def image_transform(size: int, augment: str = "none") -> transforms.Compose:
@@ -56,11 +72,26 @@ def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Dataset
     """The configured dataset's train, val and test splits. ``classes`` fixes an image folder's
     class list (and label indices), e.g. the same for every hospital of a federation."""
     if cfg.name == "folder":
-        return _folder_datasets(cfg, classes)
-    if cfg.name in MEDMNIST_2D:
-        return _medmnist_datasets(cfg)
-    known = ", ".join(MEDMNIST_2D)
-    raise DataError(f"unknown dataset {cfg.name!r}: expected 'folder' or a MedMNIST 2D flag ({known})")
+        data = _folder_datasets(cfg, classes)
+    elif cfg.name in MEDMNIST_2D:
+        data = _medmnist_datasets(cfg)
+    else:
+        known = ", ".join(MEDMNIST_2D)
+        raise DataError(f"unknown dataset {cfg.name!r}: expected 'folder' or a MedMNIST 2D flag ({known})")
+    data.positive_class = positive_index(data.class_names, cfg.positive_class or MEDMNIST_POSITIVE.get(cfg.name))
+    return data
+
+
+def positive_index(class_names: list[str], name: str | None) -> int:
+    """Index of the positive class ``name`` (None: the second class, e.g. of sorted folder names)."""
+    if name is None:
+        return 1
+    if name not in class_names:
+        raise DataError(f"data.positive_class is {name!r}; the classes are {class_names}")
+    if len(class_names) != 2:
+        log.warning("data.positive_class %r is ignored: %d classes, metrics are macro averages", name,
+                    len(class_names))
+    return class_names.index(name)
 
 
 # ------------------------------------------------------------------------------------ MedMNIST

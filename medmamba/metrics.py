@@ -1,18 +1,37 @@
 """The paper's classification metrics, computed with scikit-learn.
 
-Overall accuracy; precision, sensitivity (recall), specificity and F1 per class and as macro
-averages over classes; AUC (binary ROC AUC on the positive class's probability, multi-class
-one-vs-rest macro); loss; confusion matrix (rows true, columns predicted).
+Overall accuracy; precision, sensitivity (recall), specificity and F1 per class; AUC (binary:
+ROC AUC of the positive class's probability, multi-class: one-vs-rest macro); loss; confusion
+matrix (rows true, columns predicted).
+
+The headline precision, sensitivity, specificity and F1 are those of the positive (disease)
+class for a binary task, as a clinical report gives them, and macro averages over classes for a
+multi-class one. Their macro averages, the paper's convention, are always there too as
+``*_macro`` (for a binary task macro sensitivity and macro specificity are both the balanced
+accuracy, so they cannot stand in for a clinical Se/Sp).
 """
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-METRIC_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss")
+from .config import MetricName
+
+METRIC_KEYS: tuple[str, ...] = typing.get_args(typing.get_args(MetricName)[0])
+PER_CLASS_KEYS = ("precision", "sensitivity", "specificity", "f1")
+MACRO_KEYS = tuple(f"{k}_macro" for k in PER_CLASS_KEYS)
+
+
+def is_better(metric: str, new: float, best: float | None) -> bool:
+    """Whether ``new`` improves on ``best`` for ``metric`` (lower loss, higher anything else); a
+    NaN never improves, and anything finite improves on no value or a NaN."""
+    if best is None or math.isnan(best):
+        return not math.isnan(new)
+    return new < best if metric == "loss" else new > best
 
 
 def classification_metrics(
@@ -20,10 +39,13 @@ def classification_metrics(
     probs: np.ndarray,
     loss: float | None = None,
     class_names: Sequence[str] | None = None,
+    positive_class: int = 1,
 ) -> dict:
     """Metrics of predicted class probabilities ``probs`` (n, C) against integer labels.
 
-    AUC is NaN when the labels hold fewer than two classes (ROC AUC is undefined there).
+    ``positive_class``: for a binary task, the index of the disease class whose precision,
+    sensitivity, specificity and F1 are the headline values. AUC is NaN when the labels hold
+    fewer than two classes (ROC AUC is undefined there).
     """
     y_true = np.asarray(y_true).astype(int).ravel()
     probs = np.asarray(probs, dtype=np.float64)
@@ -54,14 +76,17 @@ def classification_metrics(
             p = probs / probs.sum(axis=1, keepdims=True)
             auc = float(roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=labels))
 
+    per_class = {"precision": precision, "sensitivity": recall, "specificity": specificity, "f1": f1}
+    if n_classes == 2 and positive_class not in (0, 1):
+        raise ValueError(f"positive_class is {positive_class}; a binary task has classes 0 and 1")
+    headline = {k: float(v[positive_class] if n_classes == 2 else v.mean()) for k, v in per_class.items()}
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision.mean()),
-        "sensitivity": float(recall.mean()),
-        "specificity": float(specificity.mean()),
-        "f1": float(f1.mean()),
+        **headline,
         "auc": auc,
         "loss": float(loss) if loss is not None else math.nan,
+        **{f"{k}_macro": float(v.mean()) for k, v in per_class.items()},
+        **({"positive_class": names[positive_class]} if n_classes == 2 else {}),
         "per_class": {
             name: {
                 "precision": float(precision[i]),

@@ -1,12 +1,14 @@
 """Model registry: ``create_model("medmamba_t", num_classes=2, checkpoint=path)``."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import VARIANTS, MedMamba, checkpoint_filter_fn
 
@@ -70,6 +72,17 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | di
                              + "; ".join(problems[:5]) + more)
         model.load_state_dict(state, strict=True)
     return model
+
+
+def build_model(cfg: ModelConfig, num_classes: int, checkpoint: str | Path | dict | None = None,
+                data_name: str = "the data") -> nn.Module:
+    """The model of a ``model:`` config section, every key of it, for ``num_classes`` classes
+    (``model.num_classes`` must agree when set); with ``checkpoint``, its weights. Training,
+    evaluation, sweeps and federated sites all build their models here."""
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes is {cfg.num_classes} but {data_name} has {num_classes} classes")
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "num_classes")}
+    return create_model(cfg.name, num_classes=num_classes, checkpoint=checkpoint, **kwargs)
 
 
 for _name, _cfg in VARIANTS.items():

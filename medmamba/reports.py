@@ -24,10 +24,11 @@ def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Pat
     return _save(fig, path)
 
 
-def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
+def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path,
+                    positive_class: int = 1) -> Path:
     """One-vs-rest ROC curve per class (the positive class only for binary tasks)."""
     fig, ax = plt.subplots(figsize=(5, 5))
-    classes = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    classes = [positive_class] if probs.shape[1] == 2 else range(probs.shape[1])
     for k in classes:
         if 0 < (labels == k).sum() < len(labels):
             fpr, tpr, _ = roc_curve(labels == k, probs[:, k])

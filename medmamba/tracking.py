@@ -1,5 +1,9 @@
 """MLflow tracking through ``MlflowClient`` (no global active run, no environment changes).
 
+Every entry point receives tracking the same way, as the ``mlflow`` section of its config
+(``open_tracker``), and every run has the same lifecycle (``mlflow_run``): started or continued,
+then ended FINISHED, FAILED or KILLED (Ctrl-C) on the way out.
+
 Default store: SQLite in the working directory (``sqlite:///mlruns.db``). A tracking server
 given by URI is checked before training starts, so an unreachable one fails in seconds.
 """
@@ -11,11 +15,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from .config import MlflowConfig
 from .errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -49,6 +56,44 @@ def git_commit() -> str:
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextmanager
+def finishing(end: Callable[[str], None]) -> Iterator[None]:
+    """Call ``end`` with the run status on the way out: FINISHED, KILLED after Ctrl-C, else FAILED."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end("KILLED")
+        raise
+    except BaseException:
+        end("FAILED")
+        raise
+    end("FINISHED")
+
+
+def open_tracker(cfg: MlflowConfig) -> Tracker | None:
+    """The tracker of a config's ``mlflow`` section (None when ``mlflow.enabled`` is false). The
+    resolved URI is written back to ``cfg.tracking_uri``, so that Ray workers and Flower apps
+    given this config log to the same store."""
+    if not cfg.enabled:
+        return None
+    tracker = Tracker(cfg.tracking_uri, cfg.experiment)
+    cfg.tracking_uri = tracker.uri
+    return tracker
+
+
+@contextmanager
+def mlflow_run(tracker: Tracker | None, run_name: str | None = None, params: dict | None = None,
+               tags: dict | None = None, run_id: str | None = None) -> Iterator[str | None]:
+    """The lifecycle of one MLflow run: start it (or continue ``run_id``), yield its id, end it
+    with the status of the way out. Without a tracker, yields None and logs nothing."""
+    if tracker is None:
+        yield None
+        return
+    run_id = tracker.start(run_name, params or {}, tags or {}, run_id=run_id)
+    with finishing(tracker.end):
+        yield run_id
 
 
 class Tracker:
@@ -96,14 +141,25 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model) -> None:
-        """The model as an MLflow PyTorch model under ``model`` in this run."""
-        import mlflow
-        import mlflow.pytorch
+    def log_evaluation(self, split: str, metrics: dict, files: list[Path]) -> None:
+        """An evaluation's metrics as ``<split>_*`` and its report files as artifacts."""
+        self.log_metrics(metrics, prefix=f"{split}_")
+        for path in files:
+            if Path(path).is_file():
+                self.log_artifact(path)
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch", "medmamba"],
+    def log_model(self, model) -> None:
+        """The model as an MLflow PyTorch model under ``model`` in this run. MLflow's model
+        logging reads the global tracking URI: it is set for the call only, and no run is made
+        active."""
+        import mlflow.pytorch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        # the logged model is created here, in this run's experiment (MLflow would take the global one)
+        logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=self.run_id)
+        with _use_tracking_uri(self.uri):
+            mlflow.pytorch.log_model(model, name="model", run_id=self.run_id, model_id=logged.model_id,
+                                     pip_requirements=["torch", "medmamba"],
                                      serialization_format="pickle")  # pt2 would trace the C++ scan
 
     def end(self, status: str = "FINISHED") -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -26,9 +27,10 @@ from ray.tune.search.optuna import OptunaSearch
 from medmamba.config import Config, absolute_paths, config_from_dict, save_config, set_key, validate
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
-from medmamba.registry import create_model
-from medmamba.tracking import Tracker, resolve_uri
-from medmamba.train import Trainer, make_loader, predict_metrics, resolve_device, write_report
+from medmamba.evaluation import evaluate_checkpoint
+from medmamba.registry import read_checkpoint
+from medmamba.tracking import Tracker, mlflow_run, open_tracker
+from medmamba.train import Callback, Trainer
 
 from .cluster import check_resources, init_ray, restore_into
 
@@ -62,62 +64,68 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     return new
 
 
-def _check_bounds(key: str, kind: str, bounds: Any) -> tuple[float, float]:
-    if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2
-            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
-        raise ConfigError(f"tune.space.{key}: {kind} takes [low, high], got {bounds!r}")
-    low, high = bounds
+@dataclass(frozen=True)
+class Dimension:
+    """One searched config key: ``kind`` (choice, loguniform, uniform or randint) and its argument."""
+    key: str
+    kind: str
+    arg: Any
+
+    def tune_domain(self):
+        if self.kind == "choice":
+            return tune.choice(self.arg)
+        if self.kind == "randint":
+            return tune.randint(int(self.arg[0]), int(self.arg[1]))
+        return (tune.loguniform if self.kind == "loguniform" else tune.uniform)(*self.arg)
+
+    def optuna_distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.kind == "choice":
+            return optuna.distributions.CategoricalDistribution(self.arg)
+        if self.kind == "randint":
+            return optuna.distributions.IntDistribution(int(self.arg[0]), int(self.arg[1]) - 1)
+        return optuna.distributions.FloatDistribution(*self.arg, log=self.kind == "loguniform")
+
+    def extremes(self) -> list:
+        """The values to check against the config schema: every choice, or both ends of a range."""
+        if self.kind == "choice":
+            return list(self.arg)
+        return [int(self.arg[0]), int(self.arg[1]) - 1] if self.kind == "randint" else list(self.arg)
+
+
+def _dimension(key: str, spec: Any) -> Dimension:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"tune.space.{key}: expected one of {{choice: [...]}}, {{loguniform: [low, high]}}, "
+                          f"{{uniform: [low, high]}}, {{randint: [low, high]}}; got {spec!r}")
+    (kind, arg), = spec.items()
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"tune.space.{key}: choice takes a non-empty list, got {arg!r}")
+        return Dimension(key, kind, arg)
+    if kind not in ("loguniform", "uniform", "randint"):
+        raise ConfigError(f"tune.space.{key}: unknown kind {kind!r}; use choice, loguniform, uniform or randint")
+    if not (isinstance(arg, (list, tuple)) and len(arg) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in arg)):
+        raise ConfigError(f"tune.space.{key}: {kind} takes [low, high], got {arg!r}")
+    low, high = arg
     if not low < high or (kind == "loguniform" and low <= 0):
         raise ConfigError(f"tune.space.{key}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, "
-                          f"got {bounds!r}")
-    return low, high
+                          f"got {arg!r}")
+    return Dimension(key, kind, [low, high])
 
 
-def search_space(cfg: Config) -> dict[str, Any]:
-    """Tune's search space from ``cfg.tune.space``; every value it can draw is checked against the
+def search_space(cfg: Config) -> dict[str, Dimension]:
+    """``cfg.tune.space`` parsed once; every value a dimension can draw is checked against the
     config schema first, so a bad space fails before any trial starts."""
-    space = cfg.tune.space
-    if not space:
+    if not cfg.tune.space:
         raise ConfigError("tune.space is empty: give at least one key, e.g. optim.lr: {loguniform: [1.0e-5, 1.0e-2]}")
-    domains = {}
-    for key, spec in space.items():
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"tune.space.{key}: expected one of {{choice: [...]}}, {{loguniform: [low, high]}}, "
-                              f"{{uniform: [low, high]}}, {{randint: [low, high]}}; got {spec!r}")
-        (kind, arg), = spec.items()
-        if kind == "choice":
-            if not isinstance(arg, list) or not arg:
-                raise ConfigError(f"tune.space.{key}: choice takes a non-empty list, got {arg!r}")
-            samples, domain = arg, tune.choice(arg)
-        elif kind in ("loguniform", "uniform"):
-            low, high = _check_bounds(key, kind, arg)
-            samples, domain = [low, high], (tune.loguniform if kind == "loguniform" else tune.uniform)(low, high)
-        elif kind == "randint":
-            low, high = _check_bounds(key, kind, arg)
-            samples, domain = [int(low), int(high) - 1], tune.randint(int(low), int(high))
-        else:
-            raise ConfigError(f"tune.space.{key}: unknown kind {kind!r}; use choice, loguniform, uniform or randint")
-        for value in samples:
+    dims = {key: _dimension(key, spec) for key, spec in cfg.tune.space.items()}
+    for dim in dims.values():
+        for value in dim.extremes():
             try:
-                apply_params(cfg, {key: value})
+                apply_params(cfg, {dim.key: value})
             except ConfigError as exc:
-                raise ConfigError(f"tune.space.{key} can draw {value!r}, which the config refuses: {exc}") from exc
-        domains[key] = domain
-    return domains
-
-
-def optuna_distributions(cfg: Config) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The search space in Optuna's terms, for its plots."""
-    dists = {}
-    for key, spec in cfg.tune.space.items():
-        (kind, arg), = spec.items()
-        if kind == "choice":
-            dists[key] = optuna.distributions.CategoricalDistribution(arg)
-        elif kind == "randint":
-            dists[key] = optuna.distributions.IntDistribution(int(arg[0]), int(arg[1]) - 1)
-        else:
-            dists[key] = optuna.distributions.FloatDistribution(arg[0], arg[1], log=kind == "loguniform")
-    return dists
+                raise ConfigError(f"tune.space.{dim.key} can draw {value!r}, which the config refuses: {exc}") from exc
+    return dims
 
 
 def run_trial(params: dict, base: dict) -> None:
@@ -127,11 +135,19 @@ def run_trial(params: dict, base: dict) -> None:
         out = Path(tmp)
         resumed = restore_into(tune.get_checkpoint(), out)  # a retried or resumed trial continues
 
-        def report(row: dict) -> None:
-            tune.report(row, checkpoint=tune.Checkpoint.from_directory(out))
-
-        Trainer(cfg, build_datasets(cfg.data), out, progress=False, on_report=report).fit(
+        Trainer(cfg, build_datasets(cfg.data), out, callbacks=[TuneReport(out)], progress=False).fit(
             resume=resumed, test=False)
+
+
+class TuneReport(Callback):
+    """Reports each epoch to Tune with the trial's directory as its checkpoint, once on disk."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        trainer.checkpoints.wait()
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(self.out))
 
 
 class MlflowTrials(tune.Callback):
@@ -209,13 +225,13 @@ def _write_leaderboard(rows: list[dict], out: Path, title: str) -> Path:
     return path
 
 
-def _optuna_plots(rows: list[dict], cfg: Config, out: Path) -> list[Path]:
+def _optuna_plots(rows: list[dict], cfg: Config, space: dict[str, Dimension], out: Path) -> list[Path]:
     """Optimisation history, parameter importances and parallel coordinates as PNG, drawn by
     Optuna from the finished trials."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    metric, dists = cfg.tune.metric, optuna_distributions(cfg)
+    metric, dists = cfg.tune.metric, {key: dim.optuna_distribution() for key, dim in space.items()}
     study = optuna.create_study(direction="maximize" if cfg.tune.mode == "max" else "minimize")
     for row in rows:
         if not math.isnan(row[metric]):
@@ -237,27 +253,35 @@ def _optuna_plots(rows: list[dict], cfg: Config, out: Path) -> list[Path]:
     return paths
 
 
-def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, tracker: Tracker | None) -> dict:
-    """The best trial's best epoch on the test split, written like a training run's output."""
+def _trial_runs(parent: Tracker) -> dict[str, Any]:
+    """The MLflow runs of the sweep's trials by trial id."""
+    runs = parent.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    return {run.data.tags.get("trial_id"): run for run in runs}
+
+
+def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, parent: Tracker | None,
+               run_id: str | None) -> dict:
+    """The best trial's best epoch on the test split, written like a training run's output; its
+    best.pt names the trial's MLflow run."""
     with checkpoint.as_directory() as saved:
-        shutil.copy2(Path(saved) / "best.pt", out / "best.pt")
-    data = build_datasets(cfg.data)
-    device = resolve_device(cfg.train.device)
-    model = create_model(cfg.model.name, num_classes=data.num_classes, checkpoint=out / "best.pt").to(device)
-    loader = make_loader(data.test, cfg.train.batch_size, shuffle=False)
-    metrics, labels, probs = predict_metrics(model, loader, device, data.class_names)
-    write_report(metrics, labels, probs, data.class_names, out, tracker)
-    return metrics
+        state = read_checkpoint(Path(saved) / "best.pt")
+    state.update(run_id=run_id, experiment=cfg.mlflow.experiment if run_id else None)
+    torch.save(state, out / "best.pt")
+    ev = evaluate_checkpoint(state, "test", out, device=cfg.train.device, batch_size=cfg.train.batch_size)
+    if parent:
+        parent.log_evaluation("test", ev.metrics, ev.files)
+    return ev.metrics
 
 
-def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = None, resume: bool = False) -> dict:
+def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
     """Run (or with ``resume``, continue) the sweep of ``cfg.tune`` into ``output_dir``; returns
-    ``{"best_params", "best_value", "test_metrics", "leaderboard"}``. ``tracking_uri=None``: no MLflow."""
+    ``{"best_params", "best_value", "test_metrics", "leaderboard"}``. MLflow: ``cfg.mlflow``."""
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t = cfg.tune
     space = search_space(cfg)
     absolute_paths(cfg)
+    parent = open_tracker(cfg.mlflow)
     init_ray(cfg.ray.address)
     check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)",
                     cfg.ray.autoscaling)
@@ -268,59 +292,55 @@ def run_sweep(cfg: Config, output_dir: str | Path, tracking_uri: str | None = No
     if state is None:
         state = {"storage_path": cfg.ray.storage_path or str(out / "ray"), "parent_run_id": None,
                  "name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
-    parent = None
-    if tracking_uri is not None:
-        parent = Tracker(resolve_uri(tracking_uri), cfg.mlflow.experiment)
-        state["parent_run_id"] = parent.start(state["name"], cfg.flat(), {"kind": "sweep", "output_dir": out},
-                                              run_id=state["parent_run_id"])
-    state_file.write_text(json.dumps(state))
-    path = f"{state['storage_path']}/{EXPERIMENT}"
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()),
-                                    {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
-    try:
-        if resume and tune.Tuner.can_restore(path):
-            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            callbacks = [MlflowTrials(parent.uri, cfg.mlflow.experiment, state["parent_run_id"], list(space))] if parent else []
-            tuner = tune.Tuner(
-                trainable, param_space=space,
-                tune_config=tune.TuneConfig(
-                    metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent,
-                    reuse_actors=True,  # no process start and imports per trial
-                    search_alg=OptunaSearch(seed=t.seed),
-                    scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=t.grace_period,
-                                            reduction_factor=t.reduction_factor)),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=state["storage_path"], callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        results = tuner.fit()
+    with mlflow_run(parent, state["name"], cfg.flat(), {"kind": "sweep", "output_dir": out},
+                    run_id=state["parent_run_id"]) as parent_run_id:
+        state["parent_run_id"] = parent_run_id
+        state_file.write_text(json.dumps(state))
+        results = _fit(cfg, space, state, parent, resume)
         rows = leaderboard(results, cfg)
         if math.isnan(rows[0][t.metric]):
             raise ConfigError(f"no trial reported {t.metric}; see the trial errors above")
         best_row = rows[0]
         best = next(r for r in results if _trial_id(r) == best_row["trial"])
         best_params = {k: best.config[k] for k in space}
-        best_cfg = apply_params(cfg, best_params)
-        save_config(best_cfg, out / "best_config.yaml")
+        save_config(apply_params(cfg, best_params), out / "best_config.yaml")
         files = [_write_leaderboard(rows, out, f"sweep: {len(rows)} trials, by best {t.metric}"),
-                 out / "best_config.yaml", *_optuna_plots(rows, cfg, out)]
-        test = _test_best(best_cfg, best.checkpoint, out, parent)
-    except BaseException:
+                 out / "best_config.yaml", *_optuna_plots(rows, cfg, space, out)]
+        trial_runs = _trial_runs(parent) if parent else {}
+        best_run = trial_runs.get(best_row["trial"])
+        test = _test_best(cfg, best.checkpoint, out, parent, best_run.info.run_id if best_run else None)
         if parent:
-            parent.end("FAILED")
-        raise
-    if parent:
-        parent.set_tags({"best_trial": best_row["trial"], **{f"best.{k}": v for k, v in best_params.items()}})
-        parent.log_metrics({f"best_{t.metric}": best_row[t.metric]})
-        for file in files:
-            parent.log_artifact(file)
-        trials = {row["trial"] for row in rows}
-        for run in parent.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
-            if run.data.tags.get("trial_id") == best_row["trial"]:
-                parent.client.set_tag(run.info.run_id, "best_trial", "true")
-            elif run.data.tags.get("trial_id") not in trials and run.info.status == "RUNNING":
-                # a trial started just before an interruption that the restored experiment never saved
-                parent.client.set_tag(run.info.run_id, "lost_in_interruption", "true")
-                parent.client.set_terminated(run.info.run_id, "KILLED")
-        parent.end("FINISHED")
-    return {"best_params": best_params, "best_value": rows[0][t.metric], "test_metrics": test, "leaderboard": rows}
+            parent.set_tags({"best_trial": best_row["trial"], **{f"best.{k}": v for k, v in best_params.items()}})
+            parent.log_metrics({f"best_{t.metric}": best_row[t.metric]})
+            for file in files:
+                parent.log_artifact(file)
+            if best_run:
+                parent.client.set_tag(best_run.info.run_id, "best_trial", "true")
+            trials = {row["trial"] for row in rows}
+            for trial_id, run in trial_runs.items():
+                if trial_id not in trials and run.info.status == "RUNNING":
+                    # a trial started just before an interruption that the restored experiment never saved
+                    parent.client.set_tag(run.info.run_id, "lost_in_interruption", "true")
+                    parent.client.set_terminated(run.info.run_id, "KILLED")
+    return {"best_params": best_params, "best_value": best_row[t.metric], "test_metrics": test, "leaderboard": rows}
+
+
+def _fit(cfg: Config, space: dict[str, Dimension], state: dict, parent: Tracker | None, resume: bool) -> tune.ResultGrid:
+    """Run the Tune experiment of the sweep (restored with ``resume`` when Tune saved one)."""
+    t, path = cfg.tune, f"{state['storage_path']}/{EXPERIMENT}"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()),
+                                    {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
+    if resume and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
+    callbacks = [MlflowTrials(parent.uri, cfg.mlflow.experiment, state["parent_run_id"], list(space))] if parent else []
+    return tune.Tuner(
+        trainable, param_space={key: dim.tune_domain() for key, dim in space.items()},
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent,
+            reuse_actors=True,  # no process start and imports per trial
+            search_alg=OptunaSearch(seed=t.seed),
+            scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=t.grace_period,
+                                    reduction_factor=t.reduction_factor)),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=state["storage_path"], callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1))).fit()

@@ -79,6 +79,7 @@ def test_bad_config_and_data_exit_2_with_the_reason(medmnist_root, tmp_path, cap
     assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--output-dir", str(tmp_path)]) == 2
 
 
+@pytest.mark.integration
 def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, capsys):
     args = ["train", "--config", "configs/quick.yaml", "--set", "data.name=folder", "--set", f"data.root={mednist_root}",
             "--set", "data.num_folds=3", "--set", "train.epochs=1", "--set", "data.size=28",
@@ -91,6 +92,7 @@ def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, c
     assert summary["std"]["accuracy"] >= 0 and "± " in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_a_killed_run_resumes_from_its_last_checkpoint(medmnist_root, tmp_path):
     """SIGKILL mid-training, then --resume: finished epochs are kept, the same MLflow run finishes."""
     import torch
@@ -117,6 +119,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(medmnist_root, tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
 
 
+@pytest.mark.integration
 def test_resume_logs_checkpointed_epochs_that_mlflow_never_received(medmnist_root, tmp_path):
     """Epochs in last.pt but not in MLflow (a kill between the two writes) are logged on resume."""
     out, uri = tmp_path / "run", f"sqlite:///{tmp_path}/mlruns.db"
@@ -133,3 +136,44 @@ def test_evaluate_reports_an_unreadable_checkpoint(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "junk.pt"), "--output-dir", str(tmp_path)]) == 2
     assert "junk.pt is not a readable checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_evaluate_builds_the_checkpoints_model_and_links_its_training_run(medmnist_root, tmp_path):
+    """A model trained with a non-default model key evaluates; --split val logs val_* metrics, in
+    a run tagged with the training run named in the checkpoint."""
+    import torch
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--set", "model.d_state=8", "--tracking-uri", uri)) == 0
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    client = MlflowClient(uri)
+    (trained,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+    assert best["run_id"] == trained.info.run_id and best["experiment"] == "medmamba-quick"
+    assert best["model"]["stages.0.blocks.0.ssm.A_log"].shape[-1] == 8
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "val",
+                 "--output-dir", str(tmp_path / "eval"), "--tracking-uri", uri]) == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-evaluate").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "val_auc" in run.data.metrics and not any(k.startswith("test_") for k in run.data.metrics)
+    assert run.data.tags["source_run_id"] == trained.info.run_id
+    assert run.data.tags["source_experiment"] == "medmamba-quick"
+    assert sum(map(sum, json.loads((tmp_path / "eval" / "metrics.json").read_text())["confusion_matrix"])) == 78
+
+
+def test_a_sweeps_best_trial_is_tested_with_its_own_model_keys(medmnist_root, tmp_path):
+    """The sweep's test pass builds the best trial's model from its checkpoint (model.d_state=8)."""
+    from ray import tune
+
+    from medmamba.config import load_config
+    from medmamba.data import build_datasets
+    from medmamba.orchestrator.sweep import _test_best
+    from medmamba.train import Trainer
+
+    cfg = load_config("configs/quick.yaml", ["data.name=breastmnist", f"data.root={medmnist_root}",
+                                             "train.epochs=1", "model.d_state=8"])
+    Trainer(cfg, build_datasets(cfg.data), tmp_path / "trial", progress=False).fit(test=False)
+    base = load_config("configs/quick.yaml", ["data.name=breastmnist", f"data.root={medmnist_root}"])
+    metrics = _test_best(base, tune.Checkpoint.from_directory(tmp_path / "trial"), tmp_path, None, None)
+    assert 0 <= metrics["auc"] <= 1 and (tmp_path / "metrics.json").is_file()

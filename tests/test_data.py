@@ -124,3 +124,18 @@ def test_bad_size_and_partial_split_folders(medmnist_root, mednist_root, tmp_pat
 def test_fold_on_medmnist_is_refused(medmnist_root):
     with pytest.raises(DataError, match="data.fold selects a k-fold split of an image folder; breastmnist has official splits"):
         build_datasets(DataConfig(name="breastmnist", root=str(medmnist_root), fold=0))
+
+
+def test_the_positive_class_of_binary_datasets(medmnist_root, mednist_root, tmp_path):
+    breast = build_datasets(DataConfig(name="breastmnist", root=str(medmnist_root)))
+    pneumonia = build_datasets(DataConfig(name="pneumoniamnist", root=str(medmnist_root)))
+    assert breast.class_names[breast.positive_class] == "malignant" and breast.positive_class == 0
+    assert pneumonia.class_names[pneumonia.positive_class] == "pneumonia"
+    for name in ("BreastMRI", "CXR"):
+        (tmp_path / name).symlink_to(mednist_root / name)
+    folder = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    assert folder.class_names == ["BreastMRI", "CXR"] and folder.positive_class == 1  # the second, sorted
+    chosen = build_datasets(DataConfig(name="folder", root=str(tmp_path), positive_class="BreastMRI"))
+    assert chosen.positive_class == 0
+    with pytest.raises(DataError, match=r"data.positive_class is 'Hand'; the classes are \['BreastMRI', 'CXR'\]"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path), positive_class="Hand"))

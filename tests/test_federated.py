@@ -15,13 +15,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
+from conftest import tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.data import labels_of
 from medmamba.errors import ConfigError
 from medmamba.federated.client_app import SiteError, make_client_app, only_parameters_and_metrics
 from medmamba.federated.simulation import run_federated
-from medmamba.federated.task import build_site, global_test_set, is_batchnorm_key, new_model, site_names
+from medmamba.federated.task import build_site, is_batchnorm_key, pooled_datasets, site_names
+from medmamba.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +58,8 @@ def test_simulated_sites_split_the_pool_without_overlap(medmnist_root, partition
     indices = [np.concatenate([s.train.indices, s.val.indices, s.test.indices]) for s in sites]
     everything = np.concatenate(indices)
     assert len(everything) == len(set(everything.tolist())) == 4708 + 524  # PneumoniaMNIST train + val
-    test, classes = global_test_set(cfg)
+    pooled = pooled_datasets(cfg)
+    test, classes = pooled.test, pooled.class_names
     assert len(test) == 624 and classes == ["normal", "pneumonia"]
     sizes = [len(i) for i in indices]
     shares = [np.bincount(labels_of(s.train), minlength=2)[1] / len(s.train) for s in sites]
@@ -77,7 +80,8 @@ def test_natural_sites_share_one_class_list(mednist_root, tmp_path, caplog):
     assert a.class_names == c.class_names and len(c.class_names) == 6
     assert "HeadCT" not in {c.class_names[y] for y in labels_of(c.train)}
     assert "hospital_c has no images of ['HeadCT']" in caplog.text
-    test, classes = global_test_set(cfg)
+    pooled = pooled_datasets(cfg)
+    test, classes = pooled.test, pooled.class_names
     assert len(test) == sum(len(build_site(cfg, i).test) for i in range(3))
 
 
@@ -130,7 +134,7 @@ def _train_message(cfg, model) -> Message:
 
 def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_flower_node):
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.local_epochs=1")
-    model = new_model(cfg, 2)
+    model = build_model(cfg.model, 2)
     app = make_client_app(cfg.to_dict())
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config={})
@@ -156,7 +160,7 @@ def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_fl
 
 
 def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
-    model = new_model(_cfg(medmnist_root), 2)
+    model = build_model(_cfg(medmnist_root).model, 2)
     keys = [k for k in model.state_dict() if is_batchnorm_key(model, k)]
     assert keys and all(any(s in k for s in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"))
                         for k in keys)
@@ -165,10 +169,11 @@ def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
 
 # --- real simulations -----------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     cfg = _cfg(medmnist_root, "federated.centralized_baseline=false")  # (tested on BreastMNIST below)
-    report = run_federated(cfg, tmp_path / "fed", uri)
+    report = run_federated(tracked(cfg, uri), tmp_path / "fed")
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[2]["global"]["auc"] > rounds[0]["global"]["auc"]
@@ -193,12 +198,24 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_roo
         a.path for a in client.list_artifacts(run.info.run_id)}
 
     # the final global model is a normal checkpoint
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "fed/best.pt"), "--data-root", str(medmnist_root),
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "fed/final.pt"), "--data-root", str(medmnist_root),
                  "--output-dir", str(tmp_path / "eval"), "--no-mlflow"]) == 0
     evaluated = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert evaluated["auc"] == pytest.approx(rounds[-1]["global"]["auc"], abs=1e-6)
 
+    # best.pt is the round with the best federated validation AUC (the sites' weighted mean), not the last
+    validation = [row["validation"]["val_auc"] for row in rounds]
+    best = report["best"]
+    assert best["round"] == 1 + validation.index(max(validation)) and best["metric"] == "federated val_auc"
+    saved_best = torch.load(tmp_path / "fed/best.pt", weights_only=True)
+    assert saved_best["round"] == best["round"] and saved_best["run_id"] == run.info.run_id
+    assert report["final"] == {"file": "final.pt", "round": 3, "test": rounds[-1]["global"]}
+    tested = json.loads((tmp_path / "fed/metrics.json").read_text())  # the best round on the global test set
+    assert tested["auc"] == pytest.approx(rounds[best["round"] - 1]["global"]["auc"], abs=1e-6)
+    assert run.data.tags["best_round"] == str(best["round"]) and "test_auc" in run.data.metrics
 
+
+@pytest.mark.integration
 @pytest.mark.parametrize("strategy", ["fedprox", "fedbn"])
 def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, strategy):
     root = _natural_root(mednist_root, tmp_path)
@@ -206,12 +223,13 @@ def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, stra
                       ["data.name=folder", f"data.root={root}", "federated.partition=natural",
                        f"federated.strategy={strategy}", "federated.rounds=2", "federated.centralized_baseline=false",
                        "train.batch_size=32"])
-    report = run_federated(cfg, tmp_path / "fed", None)
+    report = run_federated(tracked(cfg, None), tmp_path / "fed")
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert set(report["rounds"][-1]["sites"]) == {"hospital_a", "hospital_b", "hospital_c"}
     assert report["rounds"][-1]["global"]["accuracy"] > 1 / 6  # better than chance on 6 classes
 
 
+@pytest.mark.integration
 def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(mednist_root, tmp_path):
     root = _natural_root(mednist_root, tmp_path)
     out = tmp_path / "fed"
@@ -245,13 +263,13 @@ def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_
     from medmamba.federated.client_app import LOCAL_BN, _local_model
 
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn")
-    app, model = make_client_app(cfg.to_dict()), new_model(cfg, 2)
+    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2)
     contexts = [Context(run_id=1, node_id=i, node_config={"partition-id": i, "num-partitions": 3},
                         state=RecordDict(), run_config={}) for i in (0, 1)]
     for context in contexts:
         assert not app(_train_message(cfg, model), context).has_error()
         assert LOCAL_BN in context.state
-    new_global = _train_message(cfg, new_model(cfg, 2))  # the next round's global model
+    new_global = _train_message(cfg, build_model(cfg.model, 2))  # the next round's global model
     a, b = (_local_model(new_global, c, cfg, 2).state_dict() for c in contexts)
     bn = [k for k in a if is_batchnorm_key(model, k)]
     shared = [k for k in a if k not in bn]
@@ -259,11 +277,12 @@ def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_
     assert any(not torch.equal(a[k], b[k]) for k in bn if a[k].is_floating_point())
 
 
+@pytest.mark.integration
 def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.rounds=1", "federated.centralized_baseline=true",
                "federated.dp_clipping_norm=5.0", "federated.dp_noise_multiplier=0.1", "federated.partition=iid")
-    report = run_federated(cfg, tmp_path / "fed", uri)
+    report = run_federated(tracked(cfg, uri), tmp_path / "fed")
     assert len(report["rounds"]) == 1 and len(report["rounds"][0]["sites"]) == 3
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
@@ -276,6 +295,7 @@ def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_pa
     assert sum(map(sum, central["confusion_matrix"])) == 156  # the same global test set
 
 
+@pytest.mark.integration
 def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "fed"

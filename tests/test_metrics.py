@@ -40,7 +40,27 @@ def test_binary_auc_is_the_roc_auc_of_the_positive_probability():
     assert m["accuracy"] == pytest.approx(3 / 4)
     assert m["per_class"]["1"]["sensitivity"] == pytest.approx(1 / 2)
     assert m["per_class"]["1"]["specificity"] == pytest.approx(1.0)
-    assert m["specificity"] == pytest.approx((1.0 + 0.5) / 2)  # class 0's specificity is class 1's sensitivity
+    # the paper's macro average (class 0's specificity is class 1's sensitivity); the headline is class 1's
+    assert m["specificity_macro"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_binary_headline_metrics_are_the_positive_class_and_macro_ones_are_kept():
+    """Macro Se and macro Sp are both the balanced accuracy: the headline is the disease class's."""
+    y = np.array([0] * 6 + [1] * 4)
+    pred = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 0])  # class 0: 5 of 6 right, class 1: 3 of 4
+    probs = np.stack([1 - pred * 0.8 - 0.1, pred * 0.8 + 0.1], axis=1)
+    m = classification_metrics(y, probs, positive_class=1, class_names=["normal", "pneumonia"])
+    assert (m["sensitivity"], m["specificity"]) == (pytest.approx(3 / 4), pytest.approx(5 / 6))
+    assert m["precision"] == pytest.approx(3 / 4) and m["f1"] == pytest.approx(3 / 4)
+    assert m["sensitivity_macro"] == m["specificity_macro"] == pytest.approx((5 / 6 + 3 / 4) / 2)
+    assert m["positive_class"] == "pneumonia"
+    malignant = classification_metrics(y, probs, positive_class=0, class_names=["malignant", "benign"])
+    assert (malignant["sensitivity"], malignant["specificity"]) == (pytest.approx(5 / 6), pytest.approx(3 / 4))
+    assert malignant["precision"] == pytest.approx(5 / 6) and malignant["auc"] == pytest.approx(m["auc"])
+    three = classification_metrics([0, 1, 2], np.eye(3), positive_class=0)
+    assert "positive_class" not in three and three["sensitivity"] == three["sensitivity_macro"] == 1.0
+    with pytest.raises(ValueError, match="positive_class is 2"):
+        classification_metrics(y, probs, positive_class=2)
 
 
 def test_single_class_labels_give_nan_auc_and_bad_shapes_fail():

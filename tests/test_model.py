@@ -1,8 +1,6 @@
 """MedMamba against the published implementation's facts: checkpoints, parameter counts, FLOPs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,13 +8,10 @@ from medmamba import MedMamba, convert_official, create_model, infer_config, lis
 from medmamba.cli import main as cli_main
 from medmamba.flops import complexity
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-FIXTURE = REFERENCE / "official_mini_fixture.pt"
-
 
 @pytest.fixture(scope="module")
-def fixture():
-    return torch.load(FIXTURE, weights_only=True)
+def fixture(reference_root):
+    return torch.load(reference_root / "official_mini_fixture.pt", weights_only=True)
 
 
 def test_published_checkpoint_reproduces_logits(fixture):
@@ -30,9 +25,9 @@ def test_published_checkpoint_reproduces_logits(fixture):
     torch.testing.assert_close(logits, fixture["logits"], rtol=0, atol=1e-4)
 
 
-def test_create_model_loads_published_and_own_checkpoints(fixture, tmp_path):
+def test_create_model_loads_published_and_own_checkpoints(fixture, reference_root, tmp_path):
     kwargs = dict(num_classes=5, depths=(1, 1, 2, 1), dims=(32, 64, 128, 256))
-    published = create_model("medmamba_t", checkpoint=FIXTURE, **kwargs).eval()
+    published = create_model("medmamba_t", checkpoint=reference_root / "official_mini_fixture.pt", **kwargs).eval()
     own_path = tmp_path / "own.pt"
     torch.save({"model": published.state_dict(), "epoch": 3}, own_path)  # a training checkpoint
     own = create_model("medmamba_t", checkpoint=own_path, **kwargs).eval()
@@ -40,9 +35,9 @@ def test_create_model_loads_published_and_own_checkpoints(fixture, tmp_path):
         torch.testing.assert_close(own(fixture["input"]), fixture["logits"], rtol=0, atol=1e-4)
 
 
-def test_official_key_layout_maps_one_to_one():
+def test_official_key_layout_maps_one_to_one(reference_root):
     # Every key of the published MedMamba-T state dict maps onto ours, with the same shape.
-    rows = [line.rstrip("\n").split("\t") for line in open(REFERENCE / "medmamba_t_state_dict.tsv")]
+    rows = [line.rstrip("\n").split("\t") for line in open(reference_root / "medmamba_t_state_dict.tsv")]
     shapes = {k: tuple(eval(s)) for k, s in rows if not k.startswith("#")}
     converted = convert_official({k: torch.empty(s) for k, s in shapes.items()})
     ours = create_model("medmamba_t").state_dict()
@@ -101,14 +96,14 @@ def test_grayscale_input_channels():
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 2)
 
 
-def test_bad_names_and_checkpoints_fail_clearly(tmp_path):
+def test_bad_names_and_checkpoints_fail_clearly(reference_root, tmp_path):
     assert list_models() == ["medmamba_b", "medmamba_s", "medmamba_t"]
     with pytest.raises(ValueError, match="unknown model 'medmamba_xl'; registered: medmamba_b, medmamba_s, medmamba_t"):
         create_model("medmamba_xl")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("medmamba_t", checkpoint=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="does not fit medmamba_t with num_classes=7"):
-        create_model("medmamba_t", num_classes=7, checkpoint=FIXTURE)
+        create_model("medmamba_t", num_classes=7, checkpoint=reference_root / "official_mini_fixture.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt is not a readable checkpoint"):
         create_model("medmamba_t", checkpoint=tmp_path / "junk.pt")

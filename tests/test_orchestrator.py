@@ -13,10 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
-from medmamba.metrics import METRIC_KEYS
+from medmamba.metrics import MACRO_KEYS, METRIC_KEYS
 from medmamba.orchestrator.sweep import apply_params, run_sweep, search_space
 from medmamba.orchestrator.train import train_distributed
 
@@ -73,7 +74,7 @@ def test_the_sweep_config_extends_the_quick_recipe():
 def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, medmnist_root, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
-    summary = run_sweep(_sweep_cfg(medmnist_root), out, uri)
+    summary = run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
     board = summary["leaderboard"]
     assert len(board) == 4 and all(row["status"] != "error" for row in board)
     assert any(row["status"] == "stopped early" and row["epochs"] == 1 for row in board)  # ASHA
@@ -110,7 +111,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
     assert evaluated["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
 
     with pytest.raises(ConfigError, match="already holds a sweep"):  # never overwritten silently
-        run_sweep(_sweep_cfg(medmnist_root), out, uri)
+        run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path):
@@ -151,7 +152,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, m
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, medmnist_root, tmp_path):
     with pytest.raises(ConfigError, match="asks for 64 CPUs .* cluster has 2 CPUs"):
-        run_sweep(_sweep_cfg(medmnist_root, "tune.cpus_per_trial=64"), tmp_path / "sweep", None)
+        run_sweep(tracked(_sweep_cfg(medmnist_root, "tune.cpus_per_trial=64"), None), tmp_path / "sweep")
     assert not (tmp_path / "sweep/ray").exists()
 
 
@@ -165,11 +166,12 @@ def _train_cfg(medmnist_root, *extra):
 def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster, medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "ddp"
-    metrics = train_distributed(_train_cfg(medmnist_root, "train.epochs=2"), out, uri)
+    metrics = train_distributed(tracked(_train_cfg(medmnist_root, "train.epochs=2"), uri), out)
     for name in ("best.pt", "last.pt", "metrics.json", "history.json", "config.yaml", "roc.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert set(METRIC_KEYS) | {"confusion_matrix", "per_class", "best_epoch"} == set(saved)
+    assert set(METRIC_KEYS) | set(MACRO_KEYS) | {"confusion_matrix", "per_class", "best_epoch", "positive_class"} \
+        == set(saved)
     assert sum(map(sum, saved["confusion_matrix"])) == 156  # every test image once, gathered from 2 ranks
     assert saved["auc"] == pytest.approx(metrics["auc"]) and 0.5 < saved["auc"] <= 1
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
@@ -187,7 +189,7 @@ def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster,
 
 def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, medmnist_root, tmp_path):
     with pytest.raises(ConfigError, match="ray.num_workers=8 workers asks for 8 CPUs .* has 2 CPUs"):
-        train_distributed(_train_cfg(medmnist_root, "ray.num_workers=8"), tmp_path / "ddp", None)
+        train_distributed(tracked(_train_cfg(medmnist_root, "ray.num_workers=8"), None), tmp_path / "ddp")
     assert main(["train", "--config", str(ROOT / "configs/quick.yaml"), "--workers", "2", "--gpus-per-worker", "1",
                  "--output-dir", str(tmp_path / "gpu"), "--no-mlflow"]) == 2  # no GPU in this cluster
 

@@ -14,7 +14,7 @@ from medmamba.config import load_config
 from medmamba.data import Datasets, build_datasets
 from medmamba.metrics import METRIC_KEYS
 from medmamba.tracking import Tracker
-from medmamba.train import Trainer
+from medmamba.train import MlflowLogger, Trainer
 
 
 def _cfg(medmnist_root, *overrides):
@@ -29,11 +29,12 @@ def breast(medmnist_root):
     return build_datasets(_cfg(medmnist_root).data)
 
 
+@pytest.mark.integration
 def test_breastmnist_learns_and_logs(medmnist_root, breast, tmp_path):
     """MedMamba-T at 28 px on CPU reaches test AUC >= 0.80; outputs and MLflow records are complete."""
     cfg = _cfg(medmnist_root, "train.epochs=10")
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    metrics = Trainer(cfg, breast, tmp_path / "run", tracker=Tracker(uri, "test-train"), progress=False).fit()
+    metrics = Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "test-train"))], progress=False).fit()
     assert metrics["auc"] >= 0.80, metrics
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(METRIC_KEYS) | {"per_class", "confusion_matrix"} <= saved.keys()
@@ -52,11 +53,12 @@ def test_breastmnist_learns_and_logs(medmnist_root, breast, tmp_path):
     assert client.search_logged_models([run.info.experiment_id])  # the model, via mlflow.pytorch
 
 
+@pytest.mark.integration
 def test_resume_continues_the_same_run(medmnist_root, breast, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, tracker=Tracker(uri, "r"), progress=False)
+    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
     first.fit()
-    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path, tracker=Tracker(uri, "r"), progress=False)
+    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
     second.fit(resume=True)
     assert [row["epoch"] for row in second.history] == [1, 2] and second.run_id == first.run_id
     client = MlflowClient(uri)
@@ -64,6 +66,7 @@ def test_resume_continues_the_same_run(medmnist_root, breast, tmp_path):
     assert [m.step for m in client.get_metric_history(first.run_id, "train_loss")] == [1, 2]
 
 
+@pytest.mark.integration
 def test_early_stopping(medmnist_root, breast, tmp_path):
     # A learning rate too small to learn: only BatchNorm statistics move, val loss soon stalls.
     cfg = _cfg(medmnist_root, "train.epochs=8", "optim.lr=1e-30", "train.early_stopping_patience=2",
@@ -87,7 +90,7 @@ def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(medmnist_root, breas
     data = Datasets(_NaNImages(), breast.val, breast.test, breast.class_names, "nan", "x")
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     with pytest.raises(FloatingPointError, match="training loss became nan at epoch 1, step 0"):
-        Trainer(_cfg(medmnist_root, "train.epochs=1"), data, tmp_path, tracker=Tracker(uri, "nan"), progress=False).fit()
+        Trainer(_cfg(medmnist_root, "train.epochs=1"), data, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False).fit()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"
@@ -108,9 +111,63 @@ def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
 def test_a_final_training_batch_of_one_is_dropped_but_never_in_evaluation():
     from torch.utils.data import TensorDataset
 
-    from medmamba.train import make_loader
+    from medmamba.data import make_loader
 
     data = TensorDataset(torch.zeros(65, 3, 28, 28), torch.zeros(65, dtype=torch.long))
     assert [len(y) for _, y in make_loader(data, 64, shuffle=True)] == [64]  # BatchNorm needs 2 per channel
     assert [len(y) for _, y in make_loader(data, 64, shuffle=False)] == [64, 1]
     assert [len(y) for _, y in make_loader(TensorDataset(torch.zeros(66, 1), torch.zeros(66)), 64, True)] == [64, 2]
+
+
+@pytest.mark.integration
+def test_a_resumed_run_continues_the_uninterrupted_one(medmnist_root, breast, tmp_path):
+    """Every RNG (the data order included) is restored: epoch 2 after a resume is epoch 2 of a run
+    that never stopped."""
+    straight = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path / "straight", progress=False)
+    straight.fit(test=False)
+    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path / "resumed", progress=False).fit(test=False)
+    resumed = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path / "resumed", progress=False)
+    resumed.fit(resume=True, test=False)
+    assert resumed.history[1]["train_loss"] == pytest.approx(straight.history[1]["train_loss"], rel=1e-6)
+    assert resumed.history[1]["val_auc"] == pytest.approx(straight.history[1]["val_auc"], rel=1e-6)
+
+
+@pytest.fixture
+def cuda_tagged_saves():
+    """torch.save records every storage as on cuda:0, as a checkpoint written on a GPU does."""
+    import torch.serialization as ts
+
+    entry = (0, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda obj, location: None)
+    ts._package_registry.insert(0, entry)
+    try:
+        yield
+    finally:
+        ts._package_registry.remove(entry)
+
+
+@pytest.mark.integration
+def test_resume_state_written_on_a_gpu_loads_on_the_cpu(medmnist_root, breast, tmp_path, cuda_tagged_saves, caplog):
+    """last.pt is read on the CPU with weights_only=True whatever device wrote it, and the CUDA RNG
+    states in it are restored only where there is CUDA (here: a warning)."""
+    from medmamba.runtime import rng_state
+
+    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False)
+    first.fit(test=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["rng"]["cuda"] = [rng_state()["torch"]]  # a GPU run's CUDA generator state
+    torch.save(state, tmp_path / "last.pt")  # every storage tagged cuda:0 (the fixture)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "last.pt", weights_only=True)  # a load that does not map to the CPU fails here
+    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path, progress=False)
+    second.fit(resume=True, test=False)
+    assert [row["epoch"] for row in second.history] == [1, 2]
+    assert "RNG states of 1 CUDA devices, this process has 0" in caplog.text
+
+
+def test_resume_refuses_a_state_file_that_is_not_tensors_and_plain_data(medmnist_root, breast, tmp_path):
+    from medmamba.errors import CheckpointError
+
+    trainer = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False)
+    torch.save({"model": {}, "payload": _NaNImages()}, tmp_path / "last.pt")  # an arbitrary pickled object
+    with pytest.raises(CheckpointError, match="last.pt is not a readable checkpoint"):
+        trainer.fit(resume=True)

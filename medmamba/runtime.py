@@ -1,0 +1,83 @@
+"""Process-level state a run depends on: the device, the distributed world, seeds and RNG states.
+
+Nothing here depends on which device a run trains on in a way a CPU test cannot see: RNG states
+are captured and restored as CPU tensors and plain data (a checkpoint loads with
+``weights_only=True`` on any machine), and the CUDA generators are restored when the saved state
+has them and this process has CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every random generator a training step draws from, as tensors and plain data: Python's,
+    NumPy's, torch's CPU and CUDA generators, and ``generator`` (a DataLoader's shuffle order)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].copy()),
+                                        "pos": int(np_state["state"]["pos"])}},
+        "torch": torch.get_rng_state(),
+        "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+        "generator": generator.get_state() if generator is not None else None,
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
+    """Restore what ``rng_state`` captured (loaded on the CPU, whatever device wrote it)."""
+    random.setstate(_as_tuples(state["python"]))
+    numpy = dict(state["numpy"])
+    numpy["state"] = {"key": state["numpy"]["state"]["key"].numpy(), "pos": state["numpy"]["state"]["pos"]}
+    np.random.set_state(numpy)
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None:
+        if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        else:
+            log.warning("the checkpoint holds the RNG states of %d CUDA devices, this process has %d: "
+                        "CUDA random draws will differ from an uninterrupted run", len(state["cuda"]),
+                        torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"].cpu())
+
+
+def _as_tuples(value):
+    """random.setstate wants tuples where a checkpoint round trip may give lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
