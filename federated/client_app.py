@@ -27,12 +27,17 @@ def _site_index(context: Context) -> int:
 
 
 def _local_model(msg: Message, context: Context, cfg: Config, num_classes: int) -> nn.Module:
-    """The global model from ``msg``; under FedBN with this site's own BatchNorm layers."""
+    """The global model from ``msg``. Under FedBN the message carries no BatchNorm layers (after
+    round 1): this site's own are used, or fresh ones before the site has trained."""
     model = build_model(cfg.model, num_classes)
-    state = msg.content["arrays"].to_torch_state_dict()
-    if cfg.federated.strategy == "fedbn" and LOCAL_BN in context.state:
-        state.update(context.state[LOCAL_BN].to_torch_state_dict())
-    model.load_state_dict(state)
+    received = msg.content["arrays"].to_torch_state_dict()
+    if cfg.federated.strategy == "fedbn":
+        state = model.state_dict()
+        state.update(received)
+        if LOCAL_BN in context.state:
+            state.update(context.state[LOCAL_BN].to_torch_state_dict())
+        received = state
+    model.load_state_dict(received)
     return model.to(device_for(cfg))
 
 
@@ -65,7 +70,7 @@ def only_parameters_and_metrics(msg: Message, context: Context, call_next) -> Me
         if "arrays" in msg.content.array_records else {}
     for name, record in content.array_records.items():
         shapes = {k: tuple(a.shape) for k, a in record.items()}
-        if name != "arrays" or shapes != expected:
+        if name != "arrays" or not shapes.items() <= expected.items():  # FedBN sends a subset
             raise SiteError(f"reply array record {name!r} is not the model's parameters")
     for record in content.metric_records.values():
         for key, value in record.items():
@@ -94,8 +99,9 @@ def make_client_app(cfg_dict: dict) -> ClientApp:
             mu = float(config.get("proximal-mu", 0.0))  # set by the FedProx strategy
             loss = local_train(model, site, cfg, server_round, device_for(cfg), mu)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if cfg.federated.strategy == "fedbn":
-            context.state[LOCAL_BN] = ArrayRecord({k: v for k, v in state.items() if is_batchnorm_key(model, k)})
+        if cfg.federated.strategy == "fedbn":  # BatchNorm layers stay here, on the wire too
+            local = {k: state.pop(k) for k in list(state) if is_batchnorm_key(model, k)}
+            context.state[LOCAL_BN] = ArrayRecord(local)
         metrics = MetricRecord({"train_loss": loss, "num-examples": len(site.train), "site": index})
         return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 

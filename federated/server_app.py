@@ -24,8 +24,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
 
-from medmamba.config import Config
+from medmamba.config import Config, check_resumable
 from medmamba.data import make_loader
+from medmamba.errors import FederationError
 from medmamba.evaluation import evaluate_checkpoint, predict_metrics
 from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
@@ -65,6 +66,7 @@ class RoundRecorder:
         self.sites: dict[int, dict[str, dict[str, float]]] = {}
         self.failures: dict[int, list[str]] = {}
         self.validation: dict[int, dict[str, float]] = {}  # the sites' example-weighted mean metrics
+        self.node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from the sites' replies
 
     def record(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
@@ -75,6 +77,7 @@ class RoundRecorder:
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
             name = self.names[int(metrics["site"])]
+            self.node_sites[msg.metadata.src_node_id] = name
             row = self.sites.setdefault(server_round, {}).setdefault(name, {})
             row.update({k: float(v) for k, v in metrics.items() if k in SITE_KEYS})
         return replies
@@ -88,7 +91,18 @@ class RoundRecorder:
                 details = [line.strip() for line in itertools.takewhile(
                     lambda line: line.startswith("  ") and "raise " not in line, rest)][:5]
                 return " ".join([f"site {name} failed{first}", *details])
-        return f"node {msg.metadata.src_node_id}: {reason.strip().splitlines()[-1] if reason.strip() else 'no reason'}"
+        last = reason.strip().splitlines()[-1] if reason.strip() else "no reason"
+        node = msg.metadata.src_node_id  # e.g. a site process that died: named by what it sent before
+        who = f"site {self.node_sites[node]}" if node in self.node_sites else f"node {node} (site unknown)"
+        return f"{who} failed: {last}"
+
+    def check_quorum(self, server_round: int, replies: list[Message], needed: int) -> None:
+        """FederationError unless ``needed`` sites trained in this round (federated.min_clients)."""
+        trained = sum(not msg.has_error() for msg in replies)
+        if trained < needed:
+            failures = "; ".join(self.failures.get(server_round, [])) or "no other reply"
+            raise FederationError(f"round {server_round}: {trained} of {len(replies)} sites trained, fewer than "
+                                  f"federated.min_clients={needed}; {failures}")
 
 
 def _recording(base: type) -> type:
@@ -96,7 +110,9 @@ def _recording(base: type) -> type:
         recorder: RoundRecorder
 
         def aggregate_train(self, server_round, replies):
-            return super().aggregate_train(server_round, self.recorder.record(server_round, replies))
+            replies = self.recorder.record(server_round, replies)
+            self.recorder.check_quorum(server_round, replies, self.min_train_nodes)
+            return super().aggregate_train(server_round, replies)
 
         def aggregate_evaluate(self, server_round, replies):
             aggregated = super().aggregate_evaluate(server_round, self.recorder.record(server_round, replies))
@@ -149,6 +165,8 @@ class FederatedRun:
         state_path = self.out / STATE_FILE
         if resume and state_path.is_file():
             state = read_checkpoint(state_path)
+            if "config" in state:  # (state files before this check have none)
+                check_resumable(state["config"], cfg, state_path)
             self.model.load_state_dict(state["model"])
             self.rounds, self.run_id, self.best = state["rounds"], state["run_id"], state["best"]
             log.info("resuming after round %d", len(self.rounds))
@@ -167,7 +185,8 @@ class FederatedRun:
         return mlflow_run(self.tracker, self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
 
     def global_metrics(self, arrays: ArrayRecord) -> dict:
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        # FedBN: the sites send no BatchNorm layers, the global model keeps its initial ones
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=self.cfg.federated.strategy != "fedbn")
         return predict_metrics(self.model, self.test_loader, self.device, self.data.class_names,
                                self.data.positive_class)[0]
 
@@ -207,8 +226,8 @@ class FederatedRun:
         _atomic(torch.save, checkpoint, self.out / "final.pt")
         if improved:
             _atomic(torch.save, {**checkpoint, "val": self.best}, self.out / "best.pt")
-        _atomic(torch.save, {"model": model, "rounds": self.rounds, "run_id": self.run_id, "best": self.best},
-                self.out / STATE_FILE)
+        _atomic(torch.save, {"model": model, "rounds": self.rounds, "run_id": self.run_id, "best": self.best,
+                             "config": self.cfg.to_dict()}, self.out / STATE_FILE)
         self.write_report()
 
     def write_report(self, centralized: dict | None = None) -> dict:

@@ -93,9 +93,13 @@ def _simulated(cfg_key: str) -> tuple[list[Datasets], Datasets]:
     labels = labels_of(pool)
     partitioner = _partitioner(cfg)
     partitioner.dataset = HFDataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
-    sites = [_site_split(pool, np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64), labels, cfg,
-                         f"site_{i}", data)
-             for i in range(cfg.federated.num_sites)]
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+                 for i in range(cfg.federated.num_sites)]
+    except ValueError as exc:  # e.g. a Dirichlet draw that cannot give every site enough examples
+        raise DataError(f"cannot split {data.name} into {cfg.federated.num_sites} {cfg.federated.partition} sites: "
+                        f"{exc} (lower federated.num_sites or raise federated.alpha)") from exc
+    sites = [_site_split(pool, part, labels, cfg, f"site_{i}", data) for i, part in enumerate(parts)]
     return sites, data
 
 

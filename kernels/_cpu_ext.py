@@ -1,9 +1,9 @@
 """Build (once, cached) and load the compiled CPU selective-scan extension.
 
 The C++ source is JIT-compiled with torch's cpp_extension on first use and cached under
-``$MEDMAMBA_EXT_DIR`` (default ``~/.cache/medmamba/ext``). The cache key covers the source, the
-torch version and the host CPU's instruction-set flags, because the code is built for
-``-march=native``. If the build fails (no compiler, no ninja), :func:`load` returns ``None`` and
+``$MEDMAMBA_EXT_DIR`` (default ``~/.cache/medmamba/ext``). The cache key (``build_key``) covers
+the source, the flags, the host CPU's instruction-set flags (the code is built for
+``-march=native``), and the compiler, torch and Python used. If the build fails (no compiler, no ninja), :func:`load` returns ``None`` and
 :func:`load_error` says why; callers fall back to the vectorised PyTorch path.
 """
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
+import sys
+import sysconfig
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -34,9 +37,19 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_key() -> str:
+    """Everything that changes the build: the source, the flags, the CPU, and the compiler, torch
+    and Python it is built with and against (their paths too: two virtualenvs must not share a
+    build directory, or each switch rebuilds it)."""
+    from torch.utils.cpp_extension import include_paths
+
+    return "|".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature(), torch.__version__,
+                     *include_paths(), sysconfig.get_paths()["include"], sys.executable,
+                     os.environ.get("CXX", "c++"), shutil.which(os.environ.get("CXX", "c++")) or ""])
+
+
 def _build_name() -> str:
-    key = "|".join([_SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_signature()])
-    return "medmamba_scan_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "medmamba_scan_cpu_" + hashlib.sha256(build_key().encode()).hexdigest()[:16]
 
 
 def load() -> ModuleType | None:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .config import load_config, validate
-from .errors import MedMambaError
+from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
 
@@ -197,14 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_dir(path: Path | None) -> None:
+    """ConfigError unless ``path`` is (or can become) a writable folder."""
+    if path is None:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".medmamba-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {path} cannot be written ({exc.strerror or exc}); choose another folder") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_output_dir(getattr(args, "output_dir", None))
         return args.func(args)
     except (MedMambaError, FileNotFoundError) as exc:
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = " (run the same command with --resume to continue)" if hasattr(args, "resume") else ""
+        print(f"medmamba {args.command}: interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

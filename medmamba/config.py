@@ -6,6 +6,7 @@ values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +18,21 @@ import yaml
 from .errors import ConfigError
 
 
-# Allowed values are declared once, as Literal types on the fields; ``set_key`` checks them and
-# names the key. ``Annotated[Literal[...], "a description"]`` words the error.
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric config value: ``ge <= value`` and ``value < lt`` where given."""
+    ge: float | None = None
+    lt: float | None = None
+
+    def check(self, key: str, value: float) -> None:
+        if (self.ge is not None and value < self.ge) or (self.lt is not None and value >= self.lt):
+            bounds = f"in [{self.ge}, {self.lt})" if self.lt is not None else f">= {self.ge}"
+            raise ConfigError(f"config key {key}: must be {bounds}, got {value}")
+
+
+# Allowed values are declared once, on the fields: Literal types, and ``Annotated[..., Range(...)]``
+# bounds; ``set_key`` checks them and names the key. ``Annotated[Literal[...], "a description"]``
+# words the error.
 MetricName = Annotated[Literal["accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "loss"],
                        "a metric name"]
 
@@ -26,28 +40,28 @@ MetricName = Annotated[Literal["accuracy", "precision", "sensitivity", "specific
 @dataclass
 class ModelConfig:
     name: str = "medmamba_t"
-    num_classes: int | None = None  # None: from the data
-    drop_path_rate: float = 0.1
-    d_state: int = 16
+    num_classes: Annotated[int, Range(ge=2)] | None = None  # None: from the data
+    drop_path_rate: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    d_state: Annotated[int, Range(ge=1)] = 16  # SSM state size
 
 
 @dataclass
 class DataConfig:
     name: str = "pneumoniamnist"  # a MedMNIST 2D flag, or "folder"
     root: str | None = None  # MedMNIST: default ~/.medmnist; folder: required
-    size: int = 28  # image side in pixels (MedMNIST: 28, 64, 128 or 224)
+    size: Annotated[int, Range(ge=4)] = 28  # image side in pixels (MedMNIST: 28, 64, 128 or 224); >= the 4 px patch
     seed: int = 0  # for the folder split and k-fold
     download: bool = True  # MedMNIST: download a missing file
     allow_md5_mismatch: bool = False  # MedMNIST: accept a local file whose MD5 differs
     split_ratios: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])  # folder: train/val/test
-    num_folds: int = 5  # folder: k for k-fold cross-validation
+    num_folds: Annotated[int, Range(ge=2)] = 5  # folder: k for k-fold cross-validation
     fold: int | None = None  # folder: which fold is the test set (None: no k-fold)
     skip_corrupt: bool = False  # folder: skip unreadable images (logged) instead of failing
     augment: Literal["none", "autoaugment"] = "none"  # none: the paper's setting; autoaugment: MedMamba-X
     # binary tasks: the class whose precision, sensitivity, specificity and F1 are the headline metrics
     # (None: pneumoniamnist "pneumonia", breastmnist "malignant", folders the second class in sorted order)
     positive_class: str | None = None
-    num_workers: int = 0
+    num_workers: Annotated[int, Range(ge=0)] = 0  # DataLoader worker processes
 
 
 @dataclass
@@ -155,11 +169,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """value if it fits annotation (ints are accepted for floats), else ConfigError naming key."""
     origin = typing.get_origin(annotation)
     if origin is Annotated:
-        inner, description = typing.get_args(annotation)
+        inner, *extras = typing.get_args(annotation)
         try:
-            return _check_type(key, value, inner)
+            value = _check_type(key, value, inner)
         except ConfigError as exc:
-            raise ConfigError(f"config key {key}: expected {description}: {str(exc).split('expected ', 1)[1]}") from None
+            descriptions = [e for e in extras if isinstance(e, str)]
+            if not descriptions:
+                raise
+            raise ConfigError(f"config key {key}: expected {descriptions[0]}: {str(exc).split('expected ', 1)[1]}") from None
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(key, value)
+        return value
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -186,7 +207,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is dict and not isinstance(value, dict):
         raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key}: must be a finite number, got {value}")
         return float(value)
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"config key {key}: expected {annotation.__name__}, got {value!r}")
@@ -288,10 +311,31 @@ def validate(cfg: Config) -> None:
     if fed.min_clients > fed.num_sites and fed.partition != "natural":  # natural: checked against the folders
         raise ConfigError(f"config key federated.min_clients is {fed.min_clients} but there are only "
                           f"{fed.num_sites} sites (federated.num_sites)")
+    if fed.strategy == "fedbn" and fed.dp_clipping_norm is not None:
+        raise ConfigError("config key federated.dp_clipping_norm cannot be used with federated.strategy=fedbn: "
+                          "Flower's clipping pairs each sent array with a received one, and FedBN keeps the "
+                          "BatchNorm layers at the sites")
     if not 0 < fed.fraction_fit <= 1:
         raise ConfigError(f"config key federated.fraction_fit: must be in (0, 1], got {fed.fraction_fit}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:
         raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
+
+
+# What a --resume may change: the length of the run, where and how it runs, and tracking.
+RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "data.root", "data.download",
+             "data.num_workers", "federated.rounds", "federated.round_timeout", "federated.client_cpus",
+             "federated.client_gpus", "mlflow.", "ray.", "tune.")
+
+
+def check_resumable(saved: dict, cfg: Config, what: str | Path) -> None:
+    """ConfigError naming every key in which ``cfg`` differs from the config ``saved`` with a run
+    (``what``), but for those a resume may change (``RESUMABLE``)."""
+    old, new = config_from_dict(saved).flat(), cfg.flat()
+    changed = [f"{k}={new[k]!r} (was {old[k]!r})" for k in new if new[k] != old[k] and not k.startswith(RESUMABLE)]
+    if changed:
+        raise ConfigError(f"--resume: {what} was made with another config: {'; '.join(changed)}. Only "
+                          f"{', '.join(k.rstrip('.') + ('*' if k.endswith('.') else '') for k in RESUMABLE)} may "
+                          "change on resume; use a new --output-dir for a different run")
 
 
 def absolute_paths(cfg: Config) -> Config:

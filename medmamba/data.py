@@ -60,8 +60,23 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                       persistent_workers=num_workers > 0)
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of an image as PIL opens it. 16- and 32-bit integer grayscale (16-bit PNG and TIFF
+    exports) is scaled from the full 16-bit range, which ``convert("RGB")`` would clip at 255;
+    floating-point grayscale from its own min-max range; alpha is dropped, CMYK and palettes are
+    converted by PIL."""
+    if im.mode.startswith("I"):  # I;16, I;16B, I
+        pixels = np.asarray(im).astype(np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        pixels = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        low, span = pixels.min(), np.ptp(pixels)
+        im = Image.fromarray(np.rint((pixels - low) / (span or 1) * 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def image_transform(size: int, augment: str = "none") -> transforms.Compose:
-    steps = [transforms.Lambda(lambda im: im.convert("RGB")), transforms.Resize((size, size))]
+    steps = [transforms.Lambda(to_rgb), transforms.Resize((size, size))]
     if augment == "autoaugment":
         steps.append(transforms.AutoAugment())
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
@@ -71,6 +86,8 @@ def image_transform(size: int, augment: str = "none") -> transforms.Compose:
 def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datasets:
     """The configured dataset's train, val and test splits. ``classes`` fixes an image folder's
     class list (and label indices), e.g. the same for every hospital of a federation."""
+    if cfg.root and Path(cfg.root).expanduser().is_file():
+        raise DataError(f"data.root {cfg.root} is a file; expected a folder")
     if cfg.name == "folder":
         data = _folder_datasets(cfg, classes)
     elif cfg.name in MEDMNIST_2D:
@@ -138,11 +155,15 @@ def _medmnist_datasets(cfg: DataConfig) -> Datasets:
     train_tf = image_transform(cfg.size, cfg.augment)
     eval_tf = image_transform(cfg.size)
     cls = getattr(medmnist, info["python_class"])
-    splits = {
-        s: cls(split=s, root=str(root), size=cfg.size, as_rgb=True, download=False,
-               transform=train_tf if s == "train" else eval_tf, target_transform=_label)
-        for s in SPLITS
-    }
+    try:
+        splits = {
+            s: cls(split=s, root=str(root), size=cfg.size, as_rgb=True, download=False,
+                   transform=train_tf if s == "train" else eval_tf, target_transform=_label)
+            for s in SPLITS
+        }
+    except Exception as exc:  # a truncated or foreign file (BadZipFile, missing arrays, wrong sizes)
+        raise DataError(f"{path} is not a readable {flag} file ({type(exc).__name__}: {exc}); replace it "
+                        f"(MD5 {md5}, from {url})") from exc
     names = [info["label"][str(i)] for i in range(len(info["label"]))]
     return Datasets(**splits, class_names=names, name=flag, checksum=actual)
 
@@ -171,8 +192,12 @@ class ImageFolderSplit(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im), label
+        try:
+            with Image.open(path) as im:
+                return self.transform(im), label
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's decode errors
+            raise DataError(f"{path} cannot be decoded ({type(exc).__name__}: {exc}); it decoded when the dataset "
+                            "was built, so it changed since: restore it or remove it") from exc
 
 
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
@@ -183,12 +208,13 @@ def _scan_classes(root: Path) -> list[tuple[Path, str]]:
 
 
 def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path, str]]:
-    """Drop (skip=True, logged) or report (DataError listing them) images PIL cannot read."""
+    """Drop (skip=True, logged) or report (DataError listing them) images PIL cannot decode
+    (decoded in full: a truncated file passes ``Image.verify``)."""
     good, bad = [], []
     for path, label in files:
         try:
             with Image.open(path) as im:
-                im.verify()
+                im.load()
             good.append((path, label))
         except Exception as exc:
             bad.append(f"{path} ({type(exc).__name__})")

@@ -18,4 +18,12 @@ class TrackingError(MedMambaError, RuntimeError):
 
 
 class CheckpointError(MedMambaError, ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+    """A checkpoint file that cannot be read, written or does not fit the model."""
+
+
+class FederationError(MedMambaError, RuntimeError):
+    """A federated run that cannot go on, e.g. fewer sites trained in a round than it needs."""
+
+
+class TrainingError(MedMambaError, FloatingPointError):
+    """Training that cannot go on as configured (e.g. the loss stopped being finite)."""

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import DataConfig, ModelConfig, config_from_dict
 from .data import Datasets, build_datasets, make_loader
 from .metrics import classification_metrics
-from .registry import build_model, read_checkpoint
+from .registry import build_model, load_state_dict, read_checkpoint
 from .reports import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from .runtime import resolve_device, world
 
@@ -107,6 +107,7 @@ def evaluate_checkpoint(checkpoint: str | Path | dict, split: str, output_dir: s
     ``model`` config; a checkpoint without one (e.g. a published state dict) is taken as
     ``model_name`` with default keys."""
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+    load_state_dict(state)  # one that holds no weights fails here, before any data is read
     cfg = config_from_dict(state["config"]) if "config" in state else None
     if data is None:
         data_cfg = replace(cfg.data if cfg else DataConfig(), **(data_overrides or {}), augment="none")

@@ -31,8 +31,11 @@ def read_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # torch's own message advises weights_only=False: unsafe, so not repeated
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc):
+            reason = "it holds objects other than tensors and plain data, or is not a torch checkpoint"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {reason})") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

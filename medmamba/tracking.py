@@ -9,12 +9,14 @@ given by URI is checked before training starts, so an unreachable one fails in s
 """
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +58,24 @@ def git_commit() -> str:
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a SQLite store (``<db>.lock``) while it is first used: processes
+    started together would otherwise race to create its tables (and the experiment) and all but
+    one fail. Other stores need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -102,17 +122,25 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str):
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        with _first_use_lock(self.uri):  # the store's schema and the experiment are created once
+            self.client = MlflowClient(tracking_uri=self.uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id: str | None = None
 
     def start(self, run_name: str | None, params: dict, tags: dict, run_id: str | None = None) -> str:
         """Start a run, or continue ``run_id`` (after --resume, or a run its caller created);
         params are logged once per run, tags every time."""
         if run_id is None:
+            # MLflow draws default names from Python's random module, which runs seed: use the OS's randomness
+            run_name = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
         else:
+            try:
+                self.client.get_run(run_id)
+            except Exception as exc:
+                raise TrackingError(f"MLflow run {run_id} (recorded with the run being resumed) is not in {self.uri}; "
+                                    "resume from the directory the run started in, or pass its --tracking-uri") from exc
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         if params and not self.client.get_run(run_id).data.params:

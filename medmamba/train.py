@@ -12,10 +12,12 @@ after a kill, a resume loses at most the epoch in progress and the one being wri
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -30,11 +32,12 @@ from torch.utils.data.distributed import DistributedSampler
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from .config import Config, OptimConfig, SchedConfig, save_config
+from .config import Config, OptimConfig, SchedConfig, check_resumable, save_config
 from .data import Datasets, make_loader
 from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import count_params
 from .metrics import METRIC_KEYS, is_better
+from .errors import CheckpointError, TrainingError
 from .registry import build_model, read_checkpoint
 from .runtime import resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
@@ -64,7 +67,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass over ``loader``; returns the mean training loss.
 
     ``proximal=(mu, reference_params)`` adds FedProx's (mu / 2) ||w - w_ref||^2 to the loss.
-    Raises FloatingPointError when the loss stops being finite.
+    Raises TrainingError (a FloatingPointError) when the loss stops being finite.
     """
     model.train()
     total, count = 0.0, 0
@@ -77,7 +80,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             mu, ref = proximal
             loss = loss + mu / 2 * sum((p - r).pow(2).sum() for p, r in zip(model.parameters(), ref))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
+            raise TrainingError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
                                      "lower optim.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -98,9 +101,26 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file: a crash mid-write never leaves a
+    truncated checkpoint, and a failed write (a full disk) leaves no partial file."""
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        reason = "no space left on device" if _no_space(exc, path) else f"{type(exc).__name__}: {exc}"
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{reason} writing {path}") from exc
+
+
+def _no_space(exc: BaseException, path: Path) -> bool:
+    """Whether a failed write was a full disk (torch reports it as a RuntimeError of its zip writer)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def _snapshot(obj):
@@ -190,9 +210,13 @@ class MlflowLogger(Callback):
         cfg, data = trainer.cfg, trainer.data
         tags = {"git_commit": git_commit(), "dataset": data.name, "dataset_md5": data.checksum,
                 "model": cfg.model.name, "parameters": count_params(trainer.model)}
+        run_file = trainer.out / RUN_FILE  # a kill before the first checkpoint must not start a second run
+        known = json.loads(run_file.read_text())["run_id"] if run_file.is_file() and trainer.resuming else None
         trainer.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags,
-                                            run_id=trainer.run_id or self.run_id)
+                                            run_id=trainer.run_id or self.run_id or known)
         trainer.experiment = cfg.mlflow.experiment
+        if trainer.is_main:
+            run_file.write_text(json.dumps({"run_id": trainer.run_id, "experiment": trainer.experiment}))
         # epochs in last.pt that a kill between checkpoint and MLflow call left unlogged
         self.logged = self.tracker.logged_steps("train_loss")
         self.pending = list(trainer.history)
@@ -216,6 +240,9 @@ class MlflowLogger(Callback):
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         self._log_persisted(trainer.checkpoints.persisted)
         self.tracker.end(status)
+
+
+RUN_FILE = "mlflow_run.json"  # the MLflow run of an output directory, written when the run starts
 
 
 def tracking_callbacks(cfg: Config) -> list[Callback]:
@@ -265,6 +292,7 @@ class Trainer:
         self.run_id: str | None = None  # the MLflow run, kept in every checkpoint
         self.experiment: str | None = None
         self.should_stop = False
+        self.resuming = False  # fit(resume=True): continue what output_dir holds
 
     def _resume_state(self) -> dict:
         return {
@@ -279,6 +307,7 @@ class Trainer:
         """Continue from ``last.pt``: read on the CPU (tensors and plain data only, whatever device
         wrote it), then loaded into the model and optimizer on the training device."""
         state = read_checkpoint(path)
+        check_resumable(state["config"], self.cfg, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -298,6 +327,7 @@ class Trainer:
         """Train, keep the best checkpoint, and return the best checkpoint's test metrics
         (with ``test=False``: the last epoch's history row, and no test pass)."""
         last = self.out / "last.pt"
+        self.resuming = resume
         if resume and last.is_file():
             self._restore(last)
         if self.is_main:

@@ -177,3 +177,40 @@ def test_a_sweeps_best_trial_is_tested_with_its_own_model_keys(medmnist_root, tm
     base = load_config("configs/quick.yaml", ["data.name=breastmnist", f"data.root={medmnist_root}"])
     metrics = _test_best(base, tune.Checkpoint.from_directory(tmp_path / "trial"), tmp_path, None, None)
     assert 0 <= metrics["auc"] <= 1 and (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.integration
+def test_ctrl_c_prints_one_line_with_the_resume_command(medmnist_root, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    args = _train_args(medmnist_root, out, "--no-mlflow")
+    args[args.index("train.epochs=1")] = "train.epochs=50"
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("medmamba train: interrupted (run the same command with --resume "
+                                            "to continue)")
+
+
+def test_a_bad_device_is_a_one_line_error(medmnist_root, tmp_path, capsys):
+    assert main(_train_args(medmnist_root, tmp_path, "--set", "train.device=tpu7", "--no-mlflow")) == 2
+    assert "train.device is 'tpu7': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_runs_started_together_share_a_new_sqlite_store(tmp_path):
+    """The first use of the embedded store is safe when several processes start at once."""
+    probe = ("import sys; from medmamba.tracking import Tracker; "
+             "t = Tracker(sys.argv[1], 'together'); t.start(None, {}, {}); t.end()")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    procs = [subprocess.Popen([sys.executable, "-c", probe, uri], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), errors
+    client = MlflowClient(uri)
+    assert len(client.search_runs([client.get_experiment_by_name("together").experiment_id])) == 3

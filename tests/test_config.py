@@ -103,3 +103,18 @@ def test_absolute_paths_makes_the_data_root_independent_of_the_working_directory
     cfg = absolute_paths(load_config(None, ["data.root=data/medmnist"]))
     assert cfg.data.root == str(tmp_path / "data/medmnist")
     assert absolute_paths(load_config(None)).data.root is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.d_state=0", "config key model.d_state: must be >= 1, got 0"),
+    ("model.drop_path_rate=1.0", r"config key model.drop_path_rate: must be in \[0, 1\), got 1.0"),
+    ("model.num_classes=1", "config key model.num_classes: must be >= 2, got 1"),
+    ("data.size=0", "config key data.size: must be >= 4, got 0"),
+    ("data.num_workers=-1", "config key data.num_workers: must be >= 0, got -1"),
+    ("optim.lr=.inf", "config key optim.lr: must be a finite number, got inf"),
+    ("sched.gamma=.nan", "config key sched.gamma: must be a finite number, got nan"),
+])
+def test_out_of_range_and_non_finite_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    assert load_config(None, ["model.num_classes=2", "model.drop_path_rate=0"]).model.num_classes == 2

@@ -139,3 +139,52 @@ def test_the_positive_class_of_binary_datasets(medmnist_root, mednist_root, tmp_
     assert chosen.positive_class == 0
     with pytest.raises(DataError, match=r"data.positive_class is 'Hand'; the classes are \['BreastMRI', 'CXR'\]"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path), positive_class="Hand"))
+
+
+def test_high_bit_depth_alpha_and_cmyk_images_become_the_expected_rgb():
+    from PIL import Image
+
+    from medmamba.data import to_rgb
+
+    gradient = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)  # a full-range 16-bit export
+    for im in (Image.fromarray(gradient), Image.fromarray(gradient).convert("I")):  # "I;16" and "I"
+        rgb = np.asarray(to_rgb(im))
+        assert rgb.shape == (16, 16, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+        np.testing.assert_array_equal(rgb[..., 0], np.rint(gradient / 257).astype(np.uint8))  # not clipped at 255
+        assert (rgb == 255).mean() < 0.01
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
+    cmyk = Image.new("CMYK", (2, 2), (255, 0, 0, 0))  # full cyan
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [0, 255, 255]
+    assert np.asarray(to_rgb(Image.new("CMYK", (1, 1), (0, 0, 0, 255))))[0, 0].tolist() == [0, 0, 0]
+    floats = Image.fromarray(np.array([[0.5, 1.5], [2.5, 4.5]], dtype=np.float32))  # min-max range
+    assert np.asarray(to_rgb(floats))[..., 0].tolist() == [[0, 64], [128, 255]]
+
+
+def test_16_bit_pngs_in_an_image_folder_keep_their_contrast(tmp_path):
+    from PIL import Image
+
+    for label, level in (("dark", 8000), ("bright", 50000)):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), level + i, dtype=np.uint16)).save(tmp_path / label / f"{i}.png")
+    data = build_datasets(DataConfig(name="folder", root=str(tmp_path), size=8, split_ratios=[0.5, 0.25, 0.25]))
+    x, y = data.train[0]
+    expected = (round((8000 if data.class_names[y] == "dark" else 50000) / 257) / 255 - 0.5) / 0.5
+    assert x.mean().item() == pytest.approx(expected, abs=0.01) and x.max() < 1  # was 1.0 (clipped white)
+
+
+def test_a_truncated_jpeg_is_found_before_training(mednist_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(mednist_root, root)
+    victim = sorted((root / "Hand").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # passes Image.verify
+    with pytest.raises(DataError, match=f"(?s)1 unreadable images .*{victim.name}"):
+        build_datasets(DataConfig(name="folder", root=str(root)))
+    data = build_datasets(DataConfig(name="folder", root=str(root), skip_corrupt=True))
+    assert victim not in {path for split in (data.train, data.val, data.test) for path, _ in split.samples}
+    # a file that breaks after the check fails with its name when it is loaded
+    loaded = data.train.samples[0][0]
+    loaded.write_bytes(b"broken")
+    with pytest.raises(DataError, match=f"{loaded} cannot be decoded"):
+        data.train[0]

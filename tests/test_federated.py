@@ -318,3 +318,39 @@ def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, t
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
+
+
+def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_node):
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn")
+    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2)
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    bn = {k for k in model.state_dict() if is_batchnorm_key(model, k)}
+    reply = app(_train_message(cfg, model), context)
+    sent = set(reply.content["arrays"].keys())
+    assert bn and not sent & bn and sent == set(model.state_dict()) - bn
+    # the next round's global model comes without BatchNorm layers: the site trains with its own
+    shared = {k: v for k, v in build_model(cfg.model, 2).state_dict().items() if k not in bn}
+    content = RecordDict({"arrays": ArrayRecord(shared),
+                          "config": ConfigRecord({"server-round": 2, "round-offset": 0})})
+    again = app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    assert not again.has_error() and not set(again.content["arrays"].keys()) & bn
+    with pytest.raises(ConfigError, match="cannot be used with federated.strategy=fedbn"):
+        _cfg(medmnist_root, "federated.strategy=fedbn", "federated.dp_clipping_norm=1.0")
+
+
+@pytest.mark.integration
+def test_a_round_with_fewer_sites_than_min_clients_fails_the_run_and_names_the_site(mednist_root, tmp_path):
+    from medmamba.errors import FederationError
+
+    root = _natural_root(mednist_root, tmp_path, corrupt_site="hospital_b")
+    cfg = load_config(ROOT / "configs/federated_quick.yaml",
+                      ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=2",
+                       "federated.min_clients=3", "federated.centralized_baseline=false", "train.batch_size=32"])
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    with pytest.raises(FederationError, match="round 1: 2 of 3 sites trained, fewer than federated.min_clients=3; "
+                                              "site hospital_b failed to train"):
+        run_federated(tracked(cfg, uri), tmp_path / "fed")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "FAILED"

@@ -187,3 +187,15 @@ def test_non_contiguous_inputs_and_large_state():
     want = _grads(selective_scan_ref, inputs, softplus=True)
     for name in want:
         assert rel_err(got[name], want[name]) <= 1e-10, name
+
+
+def test_the_build_cache_key_covers_the_toolchain_and_environment():
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    from medmamba.kernels import _cpu_ext
+
+    key = _cpu_ext.build_key()
+    assert all(path in key for path in include_paths())  # this virtualenv's torch headers
+    assert sysconfig.get_paths()["include"] in key and sys.executable in key and torch.__version__ in key

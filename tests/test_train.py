@@ -153,7 +153,7 @@ def test_resume_state_written_on_a_gpu_loads_on_the_cpu(medmnist_root, breast, t
 
     first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False)
     first.fit(test=False)
-    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     state["rng"]["cuda"] = [rng_state()["torch"]]  # a GPU run's CUDA generator state
     torch.save(state, tmp_path / "last.pt")  # every storage tagged cuda:0 (the fixture)
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -171,3 +171,64 @@ def test_resume_refuses_a_state_file_that_is_not_tensors_and_plain_data(medmnist
     torch.save({"model": {}, "payload": _NaNImages()}, tmp_path / "last.pt")  # an arbitrary pickled object
     with pytest.raises(CheckpointError, match="last.pt is not a readable checkpoint"):
         trainer.fit(resume=True)
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breast, tmp_path):
+    from medmamba.errors import ConfigError
+
+    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False).fit(test=False)
+    changed = Trainer(_cfg(medmnist_root, "train.epochs=2", "optim.lr=0.05", "model.d_state=8"), breast, tmp_path,
+                      progress=False)
+    with pytest.raises(ConfigError, match=r"was made with another config: model.d_state=8 \(was 16\); "
+                                          r"optim.lr=0.05 \(was 0.001\)\. Only train.epochs"):
+        changed.fit(resume=True)
+    longer = Trainer(_cfg(medmnist_root, "train.epochs=2", "data.num_workers=1"), breast, tmp_path, progress=False)
+    longer.fit(resume=True, test=False)  # more epochs (and other workers) continue the run
+    assert [row["epoch"] for row in longer.history] == [1, 2]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(medmnist_root, breast,
+                                                                                       tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    broken = Datasets(_NaNImages(), breast.val, breast.test, breast.class_names, "breastmnist", breast.checksum)
+    cfg = _cfg(medmnist_root, "train.epochs=1")
+    with pytest.raises(FloatingPointError):
+        Trainer(cfg, broken, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit(
+        resume=True, test=False)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
+
+
+def test_default_run_names_differ_even_after_the_same_seed(tmp_path):
+    import random
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlruns.db", "names")
+    names = []
+    for _ in range(2):
+        random.seed(0)  # as every run seeds Python's random before its MLflow run starts
+        names.append(tracker.client.get_run(tracker.start(None, {}, {})).info.run_name)
+    assert names[0] != names[1]
+
+
+def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path):
+    import subprocess
+
+    from medmamba.errors import CheckpointError
+    from medmamba.train import _atomic_save
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        _atomic_save({"w": torch.zeros(10)}, disk / "last.pt")
+        with pytest.raises(CheckpointError, match=f"no space left on device writing {disk / 'last.pt'}"):
+            _atomic_save({"w": torch.zeros(2**21)}, disk / "last.pt")  # 8 MiB on a 4 MiB disk
+        assert sorted(p.name for p in disk.iterdir()) == ["last.pt"]
+        assert torch.load(disk / "last.pt", weights_only=True)["w"].shape == (10,)  # the previous one intact
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
