@@ -145,6 +145,7 @@ class CheckpointWriter:
         self._thread.start()
 
     def _write(self, epoch: int, files: list[tuple[dict, Path]]) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # training keeps the cores
         try:
             for obj, path in files:
                 _atomic_save(obj, path)
