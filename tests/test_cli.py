@@ -214,3 +214,46 @@ def test_runs_started_together_share_a_new_sqlite_store(tmp_path):
     assert all(proc.returncode == 0 for proc in procs), errors
     client = MlflowClient(uri)
     assert len(client.search_runs([client.get_experiment_by_name("together").experiment_id])) == 3
+
+
+def test_bad_inputs_are_one_line_errors(medmnist_root, tmp_path, capsys):
+    import torch
+
+    def error(args) -> str:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert "data.root " + str(afile) + " is a file; expected a folder" in error(
+        _train_args(afile, tmp_path / "a", "--no-mlflow"))
+    assert "cannot be written" in error(_train_args(medmnist_root, afile / "out", "--no-mlflow"))
+    truncated = tmp_path / "npz"
+    truncated.mkdir()
+    data = (medmnist_root / "breastmnist.npz").read_bytes()
+    (truncated / "breastmnist.npz").write_bytes(data[: len(data) // 2])
+    assert "breastmnist.npz is not a readable breastmnist file" in error(
+        _train_args(truncated, tmp_path / "b", "--set", "data.allow_md5_mismatch=true", "--no-mlflow"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    assert "weights_only=False" not in error(["evaluate", "--checkpoint", str(junk), "--output-dir",
+                                              str(tmp_path / "c"), "--no-mlflow"])
+    torch.save({"epoch": 3}, tmp_path / "empty.pt")
+    assert "holds no state dict" in error(["evaluate", "--checkpoint", str(tmp_path / "empty.pt"),
+                                           "--output-dir", str(tmp_path / "d"), "--no-mlflow"])
+    assert "cannot split breastmnist into 50 dirichlet sites" in error(
+        ["federate", "--config", "configs/federated_quick.yaml", "--set", f"data.root={medmnist_root}",
+         "--set", "data.name=breastmnist", "--set", "federated.num_sites=50", "--set", "federated.alpha=0.01",
+         "--output-dir", str(tmp_path / "e"), "--no-mlflow"])
+
+
+def test_resume_in_another_directory_names_the_missing_mlflow_run(tmp_path):
+    """The default SQLite store is relative to the working directory: a resume from elsewhere says so."""
+    from medmamba.errors import TrackingError
+    from medmamba.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/elsewhere.db", "gone")
+    with pytest.raises(TrackingError, match="MLflow run 0123abc .* is not in sqlite:///.*elsewhere.db; resume from"):
+        tracker.start(None, {}, {}, run_id="0123abc")
