@@ -80,8 +80,7 @@ def test_natural_sites_share_one_class_list(mednist_root, tmp_path, caplog):
     assert a.class_names == c.class_names and len(c.class_names) == 6
     assert "HeadCT" not in {c.class_names[y] for y in labels_of(c.train)}
     assert "hospital_c has no images of ['HeadCT']" in caplog.text
-    pooled = pooled_datasets(cfg)
-    test, classes = pooled.test, pooled.class_names
+    test = pooled_datasets(cfg).test
     assert len(test) == sum(len(build_site(cfg, i).test) for i in range(3))
 
 
