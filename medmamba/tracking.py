@@ -10,6 +10,7 @@ given by URI is checked before training starts, so an unreachable one fails in s
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 import subprocess
@@ -19,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
@@ -28,6 +30,7 @@ from .config import MlflowConfig
 from .errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlruns.db"
+log = logging.getLogger(__name__)
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -117,7 +120,15 @@ def mlflow_run(tracker: Tracker | None, run_name: str | None = None, params: dic
 
 
 class Tracker:
-    """One MLflow run: params, per-epoch metrics, artifacts, final status. Resumable by run id."""
+    """One MLflow run: params, per-epoch metrics, artifacts, final status. Resumable by run id.
+
+    A tracking server that goes away after the run started does not stop the work: records are
+    kept in order and sent when it answers again (checked at most every ``RETRY_SECONDS``),
+    with one warning each way; what is still unsent when the run ends is reported, and a
+    ``--resume`` sends the run's epochs and test results again.
+    """
+
+    RETRY_SECONDS = 30.0
 
     def __init__(self, uri: str | None, experiment: str):
         self.uri = resolve_uri(uri)
@@ -127,6 +138,37 @@ class Tracker:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id: str | None = None
+        self.pending: list[Callable[[], object]] = []  # records not yet delivered, in order
+        self._down_since: float | None = None
+        self._last_try = 0.0
+
+    def _send(self, record: Callable[[], object]) -> None:
+        """Deliver ``record`` (a client call), after any kept ones; keep it while the server is down."""
+        self.pending.append(record)
+        if self._down_since is None or time.time() - self._last_try >= self.RETRY_SECONDS:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send the kept records if the server answers; True when none is left."""
+        self._last_try = time.time()
+        while self.pending:
+            try:
+                check_reachable(self.uri, timeout=2.0)  # a dead server fails here in ms, not after MLflow's retries
+                try:
+                    self.pending[0]()
+                except Exception:
+                    check_reachable(self.uri, timeout=2.0)  # it went away during the call: keep the record
+                    raise  # it answers: a real error
+            except TrackingError as exc:
+                if self._down_since is None:
+                    self._down_since = time.time()
+                    log.warning("%s; the run goes on and its MLflow records are kept until the server answers", exc)
+                return False
+            self.pending.pop(0)
+        if self._down_since is not None:
+            log.warning("MLflow server %s answers again: the kept records were sent", self.uri)
+            self._down_since = None
+        return True
 
     def start(self, run_name: str | None, params: dict, tags: dict, run_id: str | None = None) -> str:
         """Start a run, or continue ``run_id`` (after --resume, or a run its caller created);
@@ -157,17 +199,17 @@ class Tracker:
         values = [Metric(prefix + k, float(v), now, step or 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         if values:
-            self.client.log_batch(self.run_id, metrics=values)
+            self._send(partial(self.client.log_batch, self.run_id, metrics=values))
 
     def logged_steps(self, key: str) -> set[int]:
         """Steps at which this run already holds metric ``key``."""
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: dict) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send(partial(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send(partial(self.client.log_artifact, self.run_id, str(path), artifact_path))
 
     def log_evaluation(self, split: str, metrics: dict, files: list[Path]) -> None:
         """An evaluation's metrics as ``<split>_*`` and its report files as artifacts."""
@@ -177,9 +219,12 @@ class Tracker:
                 self.log_artifact(path)
 
     def log_model(self, model) -> None:
-        """The model as an MLflow PyTorch model under ``model`` in this run. MLflow's model
-        logging reads the global tracking URI: it is set for the call only, and no run is made
-        active."""
+        """The model as an MLflow PyTorch model under ``model`` in this run."""
+        self._send(partial(self._log_model, model))
+
+    def _log_model(self, model) -> None:
+        """MLflow's model logging reads the global tracking URI: it is set for the call only, and
+        no run is made active."""
         import mlflow.pytorch
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -191,5 +236,10 @@ class Tracker:
                                      serialization_format="pickle")  # pt2 would trace the C++ scan
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+        if self.run_id is None:
+            return
+        self._send(partial(self.client.set_terminated, self.run_id, status=status))
+        if self.pending and not self.flush():
+            log.warning("MLflow server %s is still unreachable: %d records of run %s were not sent; run the same "
+                        "command with --resume once it answers to send the run's epochs and results", self.uri,
+                        len(self.pending), self.run_id)

@@ -14,33 +14,45 @@ from conftest import free_port
 from medmamba.cli import main
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def _start_mlflow_server(root, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with a SQLite store in root, answering /health."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
          "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
         except OSError:
             if proc.poll() is not None:
                 pytest.fail("mlflow server exited during start-up")
             time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start within 90 s")
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    _stop(proc)
+    pytest.fail("mlflow server did not start within 90 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server and the processes it started (its session) by PID."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    port = free_port()
+    proc = _start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
 
 
 def _train_args(medmnist_root, out, *extra):
@@ -257,3 +269,39 @@ def test_resume_in_another_directory_names_the_missing_mlflow_run(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path}/elsewhere.db", "gone")
     with pytest.raises(TrackingError, match="MLflow run 0123abc .* is not in sqlite:///.*elsewhere.db; resume from"):
         tracker.start(None, {}, {}, run_id="0123abc")
+
+
+@pytest.mark.integration
+def test_training_goes_on_while_the_tracking_server_is_down_and_resume_catches_up(medmnist_root, tmp_path):
+    """The server dies after epoch 1: training finishes, one warning says so, and a --resume once
+    it is back delivers every epoch and the test results to the same run."""
+    port, root = free_port(), tmp_path / "mlflow"
+    root.mkdir()
+    server = _start_mlflow_server(root, port)
+    uri = f"http://127.0.0.1:{port}"
+    args = _train_args(medmnist_root, tmp_path / "run", "--tracking-uri", uri)
+    args[args.index("train.epochs=1")] = "train.epochs=3"
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        experiment = client.get_experiment_by_name("medmamba-quick")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            break
+        time.sleep(0.5)
+    _stop(server)  # after epoch 1 reached MLflow
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("is unreachable") == 1, err[-3000:]  # said once, when it went away
+    assert "is still unreachable" in err and "run the same command with --resume once it answers" in err
+
+    server = _start_mlflow_server(root, port)
+    try:
+        assert main(args + ["--resume"]) == 0
+        (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+        assert run.info.status == "FINISHED" and "test_auc" in run.data.metrics
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    finally:
+        _stop(server)
