@@ -215,7 +215,7 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_roo
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("strategy", ["fedprox", "fedbn"])
+@pytest.mark.parametrize("strategy", [pytest.param("fedprox", marks=pytest.mark.slow), "fedbn"])  # (CI time)
 def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, strategy):
     root = _natural_root(mednist_root, tmp_path)
     cfg = load_config(ROOT / "configs/federated_quick.yaml",

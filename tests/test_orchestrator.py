@@ -114,6 +114,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
         run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
 
 
+@pytest.mark.slow  # 1.5 min; make test-all
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
@@ -224,6 +225,7 @@ def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster
 
 # --- a Ray job -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 2 min; the sweep itself runs in CI above
 def test_ray_job_submit_runs_a_sweep_and_reports_its_outcome(ray_cluster, medmnist_root, tmp_path):
     out = tmp_path / "job"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
