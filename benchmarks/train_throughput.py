@@ -1,7 +1,10 @@
-"""Training and inference throughput: MedMamba-T vs torchvision ResNet-18 / ResNet-50.
+"""Training and inference throughput: MedMamba-T vs timm's ResNet-18/50, ConvNeXt-T, Swin-T, ViT-S.
 
 Images per second at 28, 64 and 224 px with the same batch size, threads and optimizer (the
-AdamW that ``medmamba train`` builds, fused), cross-entropy, 2 classes. Training = forward +
+AdamW that ``medmamba train`` builds, fused), cross-entropy, 2 classes. Every model is built as
+``medmamba train`` builds it for that size (``create_model(..., img_size=size)``: ResNets get
+MedMNIST v2's stride-1 stem at 28 px, ViT-S pads 28 px to 32); one that cannot run at a size
+is listed as such. Training = forward +
 backward + optimizer step; inference = forward under no_grad in eval mode. Medians over several
 steps after warm-up, all measured in this run. Also measured: the time MedMamba-T's selective scans
 alone take per training step (forward + backward of every SS2D scan at its shape), next to the
@@ -18,31 +21,40 @@ import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from medmamba import create_model
+from medmamba.config import OptimConfig
+from medmamba.errors import ConfigError
 from medmamba.kernels import cross_selective_scan
 from medmamba.model import SS2D
-from medmamba.config import OptimConfig
 from medmamba.train import make_optimizer
 
-MODELS = {
-    "medmamba_t": lambda: create_model("medmamba_t", num_classes=2),
-    "resnet18": lambda: torchvision.models.resnet18(num_classes=2),
-    "resnet50": lambda: torchvision.models.resnet50(num_classes=2),
-}
+MODELS = ["medmamba_t", "resnet18", "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
+          "vit_small_patch16_224"]
 # (size, the model MedMamba-T must at least match in training throughput)
 TARGETS = {28: "resnet18", 64: "resnet18", 224: "resnet50"}
 
 
-def images_per_second(size: int, batch: int, steps: int, train: bool) -> dict[str, float]:
+def models_at(size: int) -> tuple[dict[str, torch.nn.Module], list[str]]:
+    """The models that run at ``size`` px, and the names of those that cannot."""
+    built, skipped = {}, []
+    for name in MODELS:
+        try:
+            built[name] = create_model(name, num_classes=2, img_size=size)
+        except ConfigError:
+            skipped.append(name)
+    return built, skipped
+
+
+def images_per_second(models: dict[str, torch.nn.Module], size: int, batch: int, steps: int,
+                      train: bool) -> dict[str, float]:
     """Images/s of every model, measured in interleaved rounds (one step of each model per round)
     so that the machine's speed drifting during the run affects all models alike."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
     steppers = {}
-    for name, build in MODELS.items():
-        model = build().train(train)
+    for name, model in models.items():
+        model.train(train)
         optimizer = make_optimizer(model.parameters(), OptimConfig(name="adamw", lr=1e-3))
 
         def step(model=model, optimizer=optimizer) -> None:
@@ -56,7 +68,7 @@ def images_per_second(size: int, batch: int, steps: int, train: bool) -> dict[st
                     model(x)
 
         steppers[name] = step
-    times: dict[str, list[float]] = {name: [] for name in MODELS}
+    times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(steps + 2):  # two warm-up rounds
         for name, step in steppers.items():
             start = time.perf_counter()
@@ -79,7 +91,7 @@ def _median_seconds(fn, steps: int) -> float:
 def scan_seconds(size: int, batch: int, steps: int) -> float:
     """Seconds per MedMamba-T training step spent in the selective scan alone: forward and backward
     of ``cross_selective_scan`` at every SS2D's shape, on random inputs with the model's A."""
-    model, shapes = MODELS["medmamba_t"](), []
+    model, shapes = create_model("medmamba_t", num_classes=2), []
     for m in model.modules():
         if isinstance(m, SS2D):
             m.register_forward_hook(lambda mod, args, _out: shapes.append((*args[0].shape[1:], mod.d_state)))
@@ -105,15 +117,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; median of {args.steps} steps")
-    print(f"{'size':>4} {'batch':>5} {'model':12} {'train img/s':>12} {'infer img/s':>12} {'MedMamba-T train rate / this':>30}")
+    print(f"{'size':>4} {'batch':>5} {'model':28} {'train img/s':>12} {'infer img/s':>12} "
+          f"{'MedMamba-T train rate / this':>30}")
     verdicts = []
     for size in map(int, args.sizes.split(",")):
         batch = args.batch if size < 224 else max(1, args.batch // 2)
-        train, infer = (images_per_second(size, batch, args.steps, mode) for mode in (True, False))
-        rows = {name: (train[name], infer[name]) for name in MODELS}
+        models, skipped = models_at(size)
+        train, infer = (images_per_second(models, size, batch, args.steps, mode) for mode in (True, False))
+        rows = {name: (train[name], infer[name]) for name in models}
         ours = rows["medmamba_t"][0]
         for name, (train, infer) in rows.items():
-            print(f"{size:4d} {batch:5d} {name:12} {train:12.1f} {infer:12.1f} {ours / train:29.2f}x")
+            print(f"{size:4d} {batch:5d} {name:28} {train:12.1f} {infer:12.1f} {ours / train:29.2f}x")
+        for name in skipped:
+            print(f"{size:4d} {batch:5d} {name:28} {'does not run at this size':>56}")
         rival = TARGETS.get(size)
         if rival:
             ratio = ours / rows[rival][0]

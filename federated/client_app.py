@@ -29,7 +29,7 @@ def _site_index(context: Context) -> int:
 def _local_model(msg: Message, context: Context, cfg: Config, num_classes: int) -> nn.Module:
     """The global model from ``msg``. Under FedBN the message carries no BatchNorm layers (after
     round 1): this site's own are used, or fresh ones before the site has trained."""
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, cfg.data.size, pretrained=False)
     received = msg.content["arrays"].to_torch_state_dict()
     if cfg.federated.strategy == "fedbn":
         state = model.state_dict()

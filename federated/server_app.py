@@ -158,12 +158,14 @@ class FederatedRun:
         self.data = pooled_datasets(cfg)
         self.device = device_for(cfg)
         self.test_loader = make_loader(self.data.test, cfg.train.batch_size, shuffle=False)
-        self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
+        state_path = self.out / STATE_FILE
+        resuming = resume and state_path.is_file()
+        self.model = build_model(cfg.model, self.data.num_classes, cfg.data.size,
+                                 pretrained=not resuming).to(self.device)  # the round-1 global model
         self.rounds: list[dict] = []
         self.best: dict | None = None  # {"round", "metric", "value"} of best.pt
         self.run_id = None
-        state_path = self.out / STATE_FILE
-        if resume and state_path.is_file():
+        if resuming:
             state = read_checkpoint(state_path)
             if "config" in state:  # (state files before this check have none)
                 check_resumable(state["config"], cfg, state_path)

@@ -19,13 +19,14 @@ EVALUATE_EXPERIMENT = "medmamba-evaluate"  # evaluation runs, each tagged with t
 
 
 def _info(args: argparse.Namespace) -> int:
-    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans, img_size=args.img_size)
     c = complexity(model, args.img_size, args.in_chans)
     print(f"{args.model}  img {args.img_size}px  {args.num_classes} classes  {args.in_chans} channels")
     print(f"  parameters                      {c.params / 1e6:8.2f} M")
     print(f"  GFLOPs, paper (conv + linear)   {c.paper_macs / 1e9:8.1f} G   ({c.paper_macs / 1e9:.3f})")
-    print(f"  GFLOPs, full (+ einsum + scan)  {c.full_macs / 1e9:8.2f} G"
-          f"   (einsum {c.einsum_macs / 1e9:.2f} G, scan {c.scan_macs / 1e9:.2f} G)")
+    parts = {"einsum": c.einsum_macs, "scan": c.scan_macs} if c.scan_macs else {"attention etc.": c.other_macs}
+    print(f"  GFLOPs, full (all products)     {c.full_macs / 1e9:8.2f} G"
+          f"   ({', '.join(f'{k} {v / 1e9:.2f} G' for k, v in parts.items())})")
     return 0
 
 
@@ -160,8 +161,8 @@ def _run_command(sub, name: str, help: str, config_help: str, resume_help: str) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmamba", description="MedMamba: models, training, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="parameters and FLOPs of a model variant")
-    info.add_argument("model", choices=list_models())
+    info = sub.add_parser("info", help="parameters and FLOPs of a model (ours or any timm architecture)")
+    info.add_argument("model", help=f"{', '.join(list_models())}, or a timm name such as resnet18")
     info.add_argument("--img-size", type=int, default=224)
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)

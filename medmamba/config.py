@@ -39,10 +39,11 @@ MetricName = Annotated[Literal["accuracy", "precision", "sensitivity", "specific
 
 @dataclass
 class ModelConfig:
-    name: str = "medmamba_t"
+    name: str = "medmamba_t"  # ours (medmamba_t/s/b, the Table 7 ablations) or any timm architecture
     num_classes: Annotated[int, Range(ge=2)] | None = None  # None: from the data
     drop_path_rate: Annotated[float, Range(ge=0, lt=1)] = 0.1
-    d_state: Annotated[int, Range(ge=1)] = 16  # SSM state size
+    d_state: Annotated[int, Range(ge=1)] | None = None  # MedMamba's SSM state size (None: 16)
+    pretrained: str | None = None  # fine-tune from this checkpoint (ours, published MedMamba or timm); new head
 
 
 @dataclass

@@ -114,5 +114,7 @@ def evaluate_checkpoint(checkpoint: str | Path | dict, split: str, output_dir: s
         data = build_datasets(data_cfg)
     model_cfg = replace(cfg.model if cfg else ModelConfig(name=model_name), num_classes=None)
     target = resolve_device(device)
-    model = build_model(model_cfg, data.num_classes, checkpoint=state).to(target)
+    # the size it was trained at (fixed-size models such as ViTs are built for one)
+    size = cfg.data.size if cfg else (data_overrides or {}).get("size")
+    model = build_model(model_cfg, data.num_classes, size, checkpoint=state).to(target)
     return Evaluation(*evaluate_model(model, data, split, output_dir, target, batch_size), data, model_cfg)

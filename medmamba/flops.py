@@ -1,9 +1,10 @@
-"""Parameter and FLOP counts in the paper's convention and in full.
+"""Parameter and FLOP counts in the paper's convention and in full, for any model.
 
 The paper's GFLOPs (Table 1: 2.0 / 3.5 / 7.4 G for T / S / B at 224 px) count multiply-adds of
 convolutions and linear layers only, as thop does. The full count adds SS2D's x/dt projections
 (parameter tensors applied with matmul/einsum, not nn.Linear layers) and the selective scan
-itself, which the paper leaves out.
+itself, which the paper leaves out, and for other models (timm baselines) every other product
+torch's FlopCounterMode sees, such as attention's.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .model import SS2D
@@ -27,10 +29,11 @@ class Complexity:
     paper_macs: float  # convolution + linear multiply-adds (thop's convention)
     einsum_macs: float  # SS2D's x/dt projections
     scan_macs: float  # the selective scan, counted as documented above
+    other_macs: float = 0.0  # models without SS2D: other products, e.g. attention's (bmm, SDPA)
 
     @property
     def full_macs(self) -> float:
-        return self.paper_macs + self.einsum_macs + self.scan_macs
+        return self.paper_macs + self.einsum_macs + self.scan_macs + self.other_macs
 
 
 def count_params(model: nn.Module) -> int:
@@ -52,14 +55,17 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans
     was_training = model.training
     model.eval()
     try:
-        with counter:
+        with counter, sdpa_kernel(SDPBackend.MATH):  # fused attention kernels are invisible to the counter
             model(torch.zeros(1, in_chans, h, w))
     finally:
         model.train(was_training)
         for hook in hooks:
             hook.remove()
     flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    macs = sum(flops.get(op, 0) for op in ("aten.convolution", "aten.mm", "aten.addmm")) / 2
+    layers = ("aten.convolution", "aten.mm", "aten.addmm")
+    macs = sum(flops.get(op, 0) for op in layers) / 2
+    # on the reference scan path SS2D's dt projection is a bmm, already in einsum_macs below
+    other = 0.0 if scans else sum(n for op, n in flops.items() if op not in layers) / 2
     # per direction and step: x_proj (d -> dt_rank + 2 N), a matmul the counter sees, and
     # dt_proj (dt_rank -> d), an einsum (bmm, left out above) or part of the CPU scan kernel
     x_proj = sum(4 * L * d * (r + 2 * n) for d, L, n, r in scans)
@@ -70,4 +76,5 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans
         paper_macs=macs - x_proj,
         einsum_macs=float(x_proj + dt_proj),
         scan_macs=float(scan),
+        other_macs=float(other),
     )

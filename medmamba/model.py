@@ -129,38 +129,67 @@ def concat_shuffle(parts: list[Tensor]) -> Tensor:
     return torch.stack(parts, dim=-1).flatten(-2)
 
 
-class SSConvSSM(nn.Module):
-    """The SS-Conv-SSM block: split -> Conv branch | SSM branch -> concat -> shuffle -> residual."""
+# How an SS-Conv-SSM block combines its branches: the paper's design and the base models of its
+# ablation study (Table 7), which build it step by step.
+BLOCKS = {
+    "split_shuffle": "channel split -> Conv | SSM -> concat -> channel shuffle (MedMamba)",
+    "split_concat": "channel split -> Conv | SSM -> concat, no shuffle (Table 7, Base Model-III)",
+    "parallel_add": "Conv and SSM on all channels, fused by addition (Table 7, Base Model-II)",
+    "ssm_only": "the SSM branch alone, on all channels (Table 7, Base Model-I)",
+}
 
-    def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16):
+
+def conv_branch(dim: int) -> nn.Sequential:
+    """BN-Conv3x3-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1-ReLU on ``dim`` channels (NCHW)."""
+    return nn.Sequential(OrderedDict([
+        ("norm0", nn.BatchNorm2d(dim)),
+        ("conv1", nn.Conv2d(dim, dim, 3, padding=1)),
+        ("norm1", nn.BatchNorm2d(dim)),
+        ("act1", nn.ReLU()),
+        ("conv2", nn.Conv2d(dim, dim, 3, padding=1)),
+        ("norm2", nn.BatchNorm2d(dim)),
+        ("act2", nn.ReLU()),
+        ("conv3", nn.Conv2d(dim, dim, 1)),
+        ("act3", nn.ReLU()),
+    ]))
+
+
+class SSConvSSM(nn.Module):
+    """The SS-Conv-SSM block: split -> Conv branch | SSM branch -> concat -> shuffle -> residual.
+
+    ``block`` selects one of ``BLOCKS``: the paper's block (default) or an ablation base model."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 16, block: str = "split_shuffle"):
         super().__init__()
-        half = dim // 2
-        self.conv_branch = nn.Sequential(OrderedDict([
-            ("norm0", nn.BatchNorm2d(half)),
-            ("conv1", nn.Conv2d(half, half, 3, padding=1)),
-            ("norm1", nn.BatchNorm2d(half)),
-            ("act1", nn.ReLU()),
-            ("conv2", nn.Conv2d(half, half, 3, padding=1)),
-            ("norm2", nn.BatchNorm2d(half)),
-            ("act2", nn.ReLU()),
-            ("conv3", nn.Conv2d(half, half, 1)),
-            ("act3", nn.ReLU()),
-        ]))
-        self.ssm_norm = nn.LayerNorm(half)
-        self.ssm = SS2D(half, d_state=d_state)
+        if block not in BLOCKS:
+            raise ValueError(f"unknown block {block!r}; expected one of {', '.join(BLOCKS)}")
+        self.block = block
+        width = dim // 2 if block.startswith("split") else dim
+        self.conv_branch = conv_branch(width) if block != "ssm_only" else None
+        self.ssm_norm = nn.LayerNorm(width)
+        self.ssm = SS2D(width, d_state=d_state)
         self.drop_path = DropPath(drop_path)
 
+    def _conv(self, x: Tensor) -> Tensor:
+        return self.conv_branch(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)  # NCHW: faster here
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.block == "ssm_only":
+            return x + self.drop_path(self.ssm(self.ssm_norm(x)))
+        if self.block == "parallel_add":
+            return x + self._conv(x) + self.drop_path(self.ssm(self.ssm_norm(x)))
         conv_in, ssm_in = x.chunk(2, dim=-1)
         ssm_out = self.drop_path(self.ssm(self.ssm_norm(ssm_in)))
-        conv_out = self.conv_branch(conv_in.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)  # NCHW: faster here
-        return concat_shuffle([conv_out, ssm_out]) + x
+        if self.block == "split_concat":
+            return torch.cat([self._conv(conv_in), ssm_out], dim=-1) + x
+        return concat_shuffle([self._conv(conv_in), ssm_out]) + x
 
 
 class Stage(nn.Module):
-    def __init__(self, dim: int, depth: int, drop_paths: list[float], d_state: int, downsample: bool):
+    def __init__(self, dim: int, depth: int, drop_paths: list[float], d_state: int, downsample: bool,
+                 block: str = "split_shuffle"):
         super().__init__()
-        self.blocks = nn.ModuleList(SSConvSSM(dim, p, d_state) for p in drop_paths[:depth])
+        self.blocks = nn.ModuleList(SSConvSSM(dim, p, d_state, block) for p in drop_paths[:depth])
         self.downsample = PatchMerging(dim) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,7 +202,8 @@ class MedMamba(nn.Module):
     """MedMamba classifier. Input (B, in_chans, H, W) of any size; output logits (B, num_classes)."""
 
     def __init__(self, depths=(2, 2, 4, 2), dims=(96, 192, 384, 768), num_classes: int = 1000,
-                 in_chans: int = 3, drop_path_rate: float = 0.1, d_state: int = 16, patch_size: int = 4):
+                 in_chans: int = 3, drop_path_rate: float = 0.1, d_state: int = 16, patch_size: int = 4,
+                 block: str = "split_shuffle"):
         super().__init__()
         if len(depths) != len(dims):
             raise ValueError(f"depths {list(depths)} and dims {list(dims)} must have the same length")
@@ -182,7 +212,7 @@ class MedMamba(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.stages = nn.ModuleList(
-            Stage(dims[i], depths[i], rates[starts[i]:], d_state, downsample=i < len(depths) - 1)
+            Stage(dims[i], depths[i], rates[starts[i]:], d_state, downsample=i < len(depths) - 1, block=block)
             for i in range(len(depths))
         )
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -205,8 +235,11 @@ class MedMamba(nn.Module):
             x = stage(x)
         return x.mean(dim=(1, 2))
 
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
 
 # Published name -> our name, applied in order to every key.
@@ -225,7 +258,7 @@ _OFFICIAL_CONV_BRANCH = {"0": "norm0", "1": "conv1", "2": "norm1", "4": "conv2",
 
 def is_official_state_dict(state_dict: dict) -> bool:
     """True for a state dict saved from the published MedMamba.py."""
-    return any(k.startswith("layers.") or ".conv33conv33conv11." in k for k in state_dict)
+    return any(".self_attention." in k or ".conv33conv33conv11." in k for k in state_dict)
 
 
 def convert_official(state_dict: dict) -> dict:
@@ -273,4 +306,10 @@ VARIANTS = {
     "medmamba_t": dict(depths=(2, 2, 4, 2), dims=(96, 192, 384, 768)),    # 15.22M, 2.0 G
     "medmamba_s": dict(depths=(2, 2, 12, 2), dims=(96, 192, 384, 768)),   # 23.56M, 3.5 G
     "medmamba_b": dict(depths=(2, 2, 16, 2), dims=(128, 256, 512, 1024)), # 48.14M, 7.4 G
+}
+# The paper's Table 7: MedMamba-T built step by step (counts at 5 classes and 224 px, as printed).
+ABLATIONS = {
+    "medmamba_t_ssm_only": dict(VARIANTS["medmamba_t"], block="ssm_only"),          # I: 16.2 M, 2.0 G
+    "medmamba_t_parallel_add": dict(VARIANTS["medmamba_t"], block="parallel_add"),  # II: 51.6 M, 7.4 G
+    "medmamba_t_no_shuffle": dict(VARIANTS["medmamba_t"], block="split_concat"),    # III: 14.5 M, 2.0 G
 }

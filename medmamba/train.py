@@ -36,9 +36,10 @@ from .config import Config, OptimConfig, SchedConfig, check_resumable, save_conf
 from .data import Datasets, make_loader
 from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import count_params
+from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
 from .errors import CheckpointError, TrainingError
-from .registry import build_model, read_checkpoint
+from .registry import build_model, load_pretrained, read_checkpoint
 from .runtime import resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
 
@@ -210,7 +211,8 @@ class MlflowLogger(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
         tags = {"git_commit": git_commit(), "dataset": data.name, "dataset_md5": data.checksum,
-                "model": cfg.model.name, "parameters": count_params(trainer.model)}
+                "model": cfg.model.name, "parameters": count_params(trainer.model),
+                "model_source": "medmamba" if isinstance(trainer.model, MedMamba) else "timm"}
         run_file = trainer.out / RUN_FILE  # a kill before the first checkpoint must not start a second run
         known = json.loads(run_file.read_text())["run_id"] if run_file.is_file() and trainer.resuming else None
         trainer.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags,
@@ -268,7 +270,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
-        self.model = build_model(cfg.model, data.num_classes, data_name=data.name).to(self.device)
+        # model.pretrained is loaded by fit(), unless it resumes
+        self.model = build_model(cfg.model, data.num_classes, cfg.data.size, pretrained=False,
+                                 data_name=data.name).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.sched)
         use_amp = cfg.train.amp and self.device.type == "cuda"
@@ -331,6 +335,8 @@ class Trainer:
         self.resuming = resume
         if resume and last.is_file():
             self._restore(last)
+        elif self.cfg.model.pretrained:
+            load_pretrained(self.model, self.cfg.model.pretrained)
         if self.is_main:
             save_config(self.cfg, self.out / "config.yaml")
         with finishing(lambda status: self._emit("on_fit_end", status)):

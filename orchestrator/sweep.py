@@ -28,7 +28,7 @@ from medmamba.config import Config, absolute_paths, config_from_dict, save_confi
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.evaluation import evaluate_checkpoint
-from medmamba.registry import read_checkpoint
+from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Callback, Trainer
 
@@ -123,6 +123,8 @@ def search_space(cfg: Config) -> dict[str, Dimension]:
         for value in dim.extremes():
             try:
                 apply_params(cfg, {dim.key: value})
+                if dim.key == "model.name":
+                    check_model_name(value)
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{dim.key} can draw {value!r}, which the config refuses: {exc}") from exc
     return dims

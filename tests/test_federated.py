@@ -319,9 +319,10 @@ def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, t
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
 
 
-def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_node):
-    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn")
-    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2)
+@pytest.mark.parametrize("model_name", ["medmamba_t", "resnet18"])  # a timm ResNet's BatchNorm layers too
+def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_node, model_name):
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn", f"model.name={model_name}")
+    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2, cfg.data.size)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     bn = {k for k in model.state_dict() if is_batchnorm_key(model, k)}
@@ -329,11 +330,13 @@ def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_no
     sent = set(reply.content["arrays"].keys())
     assert bn and not sent & bn and sent == set(model.state_dict()) - bn
     # the next round's global model comes without BatchNorm layers: the site trains with its own
-    shared = {k: v for k, v in build_model(cfg.model, 2).state_dict().items() if k not in bn}
+    shared = {k: v for k, v in build_model(cfg.model, 2, cfg.data.size).state_dict().items() if k not in bn}
     content = RecordDict({"arrays": ArrayRecord(shared),
                           "config": ConfigRecord({"server-round": 2, "round-offset": 0})})
     again = app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
     assert not again.has_error() and not set(again.content["arrays"].keys()) & bn
+    if model_name == "resnet18":
+        assert {"bn1.weight", "layer4.1.bn2.running_var"} <= bn
     with pytest.raises(ConfigError, match="cannot be used with federated.strategy=fedbn"):
         _cfg(medmnist_root, "federated.strategy=fedbn", "federated.dp_clipping_norm=1.0")
 

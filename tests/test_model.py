@@ -97,8 +97,10 @@ def test_grayscale_input_channels():
 
 
 def test_bad_names_and_checkpoints_fail_clearly(reference_root, tmp_path):
-    assert list_models() == ["medmamba_b", "medmamba_s", "medmamba_t"]
-    with pytest.raises(ValueError, match="unknown model 'medmamba_xl'; registered: medmamba_b, medmamba_s, medmamba_t"):
+    assert list_models() == ["medmamba_b", "medmamba_s", "medmamba_t", "medmamba_t_no_shuffle",
+                             "medmamba_t_parallel_add", "medmamba_t_ssm_only"]
+    with pytest.raises(ValueError, match="unknown model 'medmamba_xl': neither ours .* nor a timm architecture"
+                                         ".*did you mean medmamba_t"):
         create_model("medmamba_xl")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("medmamba_t", checkpoint=tmp_path / "missing.pt")

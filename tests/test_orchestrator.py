@@ -46,6 +46,8 @@ def _children(client, parent_id):
     ({"optim.lrate": {"choice": [1e-3]}}, "unknown config key 'optim.lrate'"),
     ({"sched.milestones": {"choice": ["0.5", "1.5"]}}, "fractions of train.epochs in (0, 1]"),
     ({"sched.gamma": {"choice": []}}, "non-empty list"),
+    ({"model.name": {"choice": ["resnet18", "resnet_18"]}}, "can draw 'resnet_18', which the config refuses: "
+                                                            "unknown model 'resnet_18'"),
 ])
 def test_a_bad_search_space_is_refused_with_the_key(space, message):
     cfg = load_config(ROOT / "configs/sweep_quick.yaml")
@@ -74,7 +76,9 @@ def test_the_sweep_config_extends_the_quick_recipe():
 def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, medmnist_root, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
-    summary = run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
+    cfg = _sweep_cfg(medmnist_root)  # the model is a dimension too: ours against a timm baseline
+    cfg.tune.space["model.name"] = {"choice": ["medmamba_t", "resnet18"]}
+    summary = run_sweep(tracked(cfg, uri), out)
     board = summary["leaderboard"]
     assert len(board) == 4 and all(row["status"] != "error" for row in board)
     assert any(row["status"] == "stopped early" and row["epochs"] == 1 for row in board)  # ASHA
@@ -102,6 +106,9 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")]
         assert steps == list(range(1, row["epochs"] + 1)) and child.info.status == "FINISHED"
         assert float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
+        assert child.data.params["model.name"] == row["model.name"]
+    assert {row["model.name"] for row in board} == {"medmamba_t", "resnet18"}
+    assert best.model.name == summary["best_params"]["model.name"]
     assert [c.data.tags.get("best_trial") for c in children].count("true") == 1
 
     # the best trial's checkpoint is a normal one
