@@ -79,6 +79,18 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    from medmamba.orchestrator.matrix import run_matrix
+
+    result = run_matrix(_run_config(args), args.output_dir, resume=args.resume)
+    failed = [row for row in result["cells"] if row["status"] != "done"]
+    for row in failed:
+        print(f"failed cell: {', '.join(f'{k}={row[k]}' for k in row if '.' in k)}: {row['error']}")
+    print(f"{len(result['cells']) - len(failed)} of {len(result['cells'])} cells finished; per cell: "
+          f"{args.output_dir}/matrix.csv, mean ± std per group: {args.output_dir}/summary.csv")
+    return 1 if failed else 0
+
+
 def _federate(args: argparse.Namespace) -> int:
     from medmamba.federated.simulation import run_federated
 
@@ -133,6 +145,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from .comparison import read_results, write_report
+    from .config import MlflowConfig
+    from .tracking import check_reachable, mlflow_run, open_tracker, resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    check_reachable(uri)
+    if not (args.experiment or args.run_id):
+        raise ConfigError("say which runs to report: --experiment NAME and/or --run-id ID")
+    tags = dict(parse_tag(t) for t in args.tag)
+    results, counts = read_results(MlflowClient(uri), args.experiment, args.run_id, args.parent_run, tags)
+    title = args.title or f"MedMamba report: {', '.join(args.experiment + args.run_id)}"
+    files = write_report(results, counts, args.output_dir, title)
+    tracker = open_tracker(MlflowConfig(enabled=not args.no_mlflow, tracking_uri=uri,
+                                        experiment=args.report_experiment))
+    with mlflow_run(tracker, None, {"experiments": ",".join(args.experiment), "runs": len(results)},
+                    {"kind": "report", **{f"filter.{k}": v for k, v in tags.items()}}):
+        for file in files if tracker else []:
+            tracker.log_artifact(file)
+    print((args.output_dir / "report.md").read_text())
+    print(f"{len(results)} runs; files in {args.output_dir} (report.html, report.md, report.tex, report.csv)")
+    return 0
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--tag {text!r} is not KEY=VALUE")
+    return key, value
+
+
 def print_metrics(metrics: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -178,9 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     _run_command(sub, "tune", "a Ray Tune + Optuna + ASHA sweep over the config's tune.space",
                  "sweep config (configs/sweep_*.yaml)", "continue the sweep in OUTPUT_DIR").set_defaults(func=_tune)
+    _run_command(sub, "matrix", "train every combination of the config's matrix: axes on Ray (one run per cell)",
+                 "matrix config (configs/matrix_*.yaml)",
+                 "skip finished cells and continue the others").set_defaults(func=_matrix)
     _run_command(sub, "federate", "a Flower simulation of multi-hospital training",
                  "federated config (configs/federated_*.yaml)",
                  "continue after the last completed round").set_defaults(func=_federate)
+
+    report = sub.add_parser("report", help="paper-style tables and plots comparing runs in MLflow")
+    report.add_argument("--experiment", action="append", default=[], help="an MLflow experiment to read (repeatable)")
+    report.add_argument("--run-id", action="append", default=[], help="a run to include (repeatable)")
+    report.add_argument("--parent-run", help="only the runs nested under this one (a matrix or a sweep)")
+    report.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only runs with this tag")
+    report.add_argument("--title")
+    report.add_argument("--output-dir", type=Path, required=True)
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    report.add_argument("--report-experiment", default="medmamba-reports", help="where the report run is logged")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
+    report.set_defaults(func=_report)
 
     ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
     ev.add_argument("--checkpoint", required=True)

@@ -157,6 +157,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    # `medmamba matrix`: {config key: [values]}; every combination is one training run (a cell)
+    matrix: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,6 +224,12 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections or not name:
         raise ConfigError(f"unknown config key {key!r}; sections: {', '.join(sections)}")
+    if section == "matrix":
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"config key {key}: a matrix axis is a non-empty list of values, got {value!r}")
+        set_key(Config(), name, value[0])  # an axis must name a config key
+        cfg.matrix[name] = list(value)
+        return
     target = getattr(cfg, section)
     fields = {f.name: f for f in dataclasses.fields(target)}
     if name not in fields:

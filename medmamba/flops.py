@@ -56,7 +56,7 @@ def complexity(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans
     model.eval()
     try:
         with counter, sdpa_kernel(SDPBackend.MATH):  # fused attention kernels are invisible to the counter
-            model(torch.zeros(1, in_chans, h, w))
+            model(torch.zeros(1, in_chans, h, w, device=next(model.parameters()).device))
     finally:
         model.train(was_training)
         for hook in hooks:

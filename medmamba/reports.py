@@ -1,6 +1,8 @@
-"""Report figures as PNG: confusion matrix, ROC curves, training curves."""
+"""Report files: figures as PNG (confusion matrix, ROC curves, training curves) and tables
+(CSV, and printed to the terminal)."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import matplotlib
@@ -77,3 +79,26 @@ def plot_federated_curves(rounds: list[dict], sites: list[str], centralized: dic
         ax.set(xlabel="round", ylabel=f"test {key}", title=f"test {key} per round")
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """``rows`` (dicts with the same keys) as a CSV file with a header."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
+
+
+def print_table(rows: list[dict], title: str, columns: list[str] | None = None) -> None:
+    """``rows`` as a table on the terminal (floats to 4 significant digits)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = columns or list(rows[0])
+    table = Table(title=title)
+    for key in columns:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns))
+    Console().print(table)

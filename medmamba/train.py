@@ -20,6 +20,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from .config import Config, OptimConfig, SchedConfig, check_resumable, save_config
 from .data import Datasets, make_loader
 from .evaluation import evaluate_model, predict_metrics, shard
-from .flops import count_params
+from .flops import complexity
 from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
 from .errors import CheckpointError, TrainingError
@@ -203,16 +204,18 @@ class MlflowLogger(Callback):
     resumed run continues its MLflow run (its id is in last.pt); ``run_id`` names a run to
     continue when the trainer has none (a Ray Train worker group restarted from scratch)."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None = None):
-        self.tracker, self.run_id = tracker, run_id
+    def __init__(self, tracker: Tracker, run_id: str | None = None, tags: dict[str, Any] | None = None):
+        self.tracker, self.run_id, self.tags = tracker, run_id, dict(tags or {})
         self.pending: list[dict] = []
         self.logged: set[int] = set()
 
     def on_fit_start(self, trainer: Trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
+        cost = complexity(trainer.model, cfg.data.size)
         tags = {"git_commit": git_commit(), "dataset": data.name, "dataset_md5": data.checksum,
-                "model": cfg.model.name, "parameters": count_params(trainer.model),
-                "model_source": "medmamba" if isinstance(trainer.model, MedMamba) else "timm"}
+                "model": cfg.model.name, "parameters": cost.params,
+                "gflops": f"{cost.paper_macs / 1e9:.4f}", "gflops_full": f"{cost.full_macs / 1e9:.4f}",
+                "model_source": "medmamba" if isinstance(trainer.model, MedMamba) else "timm", **self.tags}
         run_file = trainer.out / RUN_FILE  # a kill before the first checkpoint must not start a second run
         known = json.loads(run_file.read_text())["run_id"] if run_file.is_file() and trainer.resuming else None
         trainer.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags,
@@ -248,10 +251,11 @@ class MlflowLogger(Callback):
 RUN_FILE = "mlflow_run.json"  # the MLflow run of an output directory, written when the run starts
 
 
-def tracking_callbacks(cfg: Config) -> list[Callback]:
-    """``[MlflowLogger]`` for a config whose ``mlflow.enabled`` is true, else ``[]``."""
+def tracking_callbacks(cfg: Config, tags: dict[str, Any] | None = None) -> list[Callback]:
+    """``[MlflowLogger]`` (its run also tagged with ``tags``) for a config whose ``mlflow.enabled``
+    is true, else ``[]``."""
     tracker = open_tracker(cfg.mlflow)
-    return [MlflowLogger(tracker)] if tracker else []
+    return [MlflowLogger(tracker, tags=tags)] if tracker else []
 
 
 class Trainer:

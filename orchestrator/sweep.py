@@ -29,6 +29,7 @@ from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.evaluation import evaluate_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
+from medmamba.reports import print_table, write_csv
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Callback, Trainer
 
@@ -208,23 +209,8 @@ def leaderboard(results: tune.ResultGrid, cfg: Config) -> list[dict]:
 
 
 def _write_leaderboard(rows: list[dict], out: Path, title: str) -> Path:
-    import csv
-
-    from rich.console import Console
-    from rich.table import Table
-
-    path = out / "leaderboard.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = Table(title=title)
-    for key in rows[0]:
-        table.add_column(key)
-    for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
-    return path
+    print_table(rows, title)
+    return write_csv(rows, out / "leaderboard.csv")
 
 
 def _optuna_plots(rows: list[dict], cfg: Config, space: dict[str, Dimension], out: Path) -> list[Path]:

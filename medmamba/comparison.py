@@ -1,0 +1,288 @@
+"""``medmamba report``: paper-style comparison tables and plots from runs in MLflow.
+
+Runs of every kind are read under the metric names of metrics.json: a training run's (or a
+sweep's best trial's) ``test_auc`` and a federated run's final ``global/auc`` are both ``auc``.
+Runs are read as they were logged; nothing in MLflow is rewritten. Runs that differ only in
+seed or fold (same model, dataset and image size) are aggregated: mean, sample standard
+deviation (n - 1; 0 for one run) and count, with the ids of the runs behind every number.
+Published results (``published.csv``: the MedMamba paper's Tables 3-7 and MedMNIST v2's ResNet
+rows, each row with its source) give the deltas a reproduction is judged by.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import MedMambaError
+from .metrics import MACRO_KEYS, METRIC_KEYS
+from .reports import write_csv
+
+PUBLISHED = Path(__file__).with_name("published.csv")
+METRICS = METRIC_KEYS + MACRO_KEYS
+TABLE6 = (("auc", "AUC"), ("accuracy", "OA"))
+# Tables 3-5: the paper's P, Se, Sp and F1 are macro averages over classes
+DETAILS = (("precision_macro", "P"), ("sensitivity_macro", "Se"), ("specificity_macro", "Sp"),
+           ("f1_macro", "F1"), ("accuracy", "OA"), ("auc", "AUC"))
+SKIPPED_KINDS = ("matrix", "report")  # parent runs that only summarise their children
+
+
+class ReportError(MedMambaError):
+    """Nothing to report, or a selection that names nothing."""
+
+
+@dataclass
+class Result:
+    """The unified test metrics of one run."""
+    run_id: str
+    model: str
+    dataset: str
+    size: str
+    kind: str
+    metrics: dict[str, float]
+    params: float | None = None  # parameters, as tagged by the training run
+    gflops: float | None = None  # conv + linear GFLOPs, as tagged by the training run
+
+
+@dataclass
+class Cell:
+    """One (model, dataset, size, metric) over its runs."""
+    values: list[float] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
+
+
+def unified_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's test metrics under metrics.json's names, whatever kind of run logged them."""
+    out = {}
+    for key, value in metrics.items():
+        for prefix in ("test_", "global/"):
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name in METRICS and math.isfinite(value):
+                out[name] = value
+    return out
+
+
+def _result(run) -> Result | None:
+    params, tags = run.data.params, run.data.tags
+    if tags.get("kind") in SKIPPED_KINDS:
+        return None
+    metrics = unified_metrics(run.data.metrics)
+    model = params.get("model.name") or tags.get("model")
+    dataset = params.get("data.name") or tags.get("dataset")
+    if dataset == "folder" and params.get("data.root"):
+        dataset = Path(params["data.root"]).name
+    if not (metrics and model and dataset):
+        return None
+    kind = tags.get("kind") or ("federated" if any(k.startswith("global/") for k in run.data.metrics) else "train")
+    number = lambda key: float(tags[key]) if key in tags else None  # noqa: E731
+    return Result(run.info.run_id, model, dataset, params.get("data.size", ""), kind, metrics,
+                  number("parameters"), number("gflops"))
+
+
+def read_results(client, experiments: list[str], run_ids: list[str] = (), parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> tuple[list[Result], dict[str, int]]:
+    """The finished runs of ``experiments`` (and/or ``run_ids``) that match the filters, with the
+    counts of what was left out: ``{"selected", "unfinished", "without_metrics"}``."""
+    ids = []
+    for name in experiments:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise ReportError(f"no MLflow experiment named {name!r} (experiments: {known})")
+        ids.append(experiment.experiment_id)
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    if parent_run_id:
+        clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    runs = client.search_runs(ids, " and ".join(clauses), max_results=50000) if ids else []
+    runs += [client.get_run(run_id) for run_id in run_ids]
+    counts = {"selected": len(runs), "unfinished": 0, "without_metrics": 0}
+    results = []
+    for run in runs:
+        if run.data.tags.get("kind") in SKIPPED_KINDS:
+            counts["selected"] -= 1
+        elif run.info.status != "FINISHED":
+            counts["unfinished"] += 1
+        elif (result := _result(run)) is None:
+            counts["without_metrics"] += 1
+        else:
+            results.append(result)
+    if not results:
+        what = ", ".join(experiments + list(run_ids)) or "the selection"
+        raise ReportError(f"nothing to report in {what}: {counts['selected']} runs match, {counts['unfinished']} "
+                          f"unfinished, {counts['without_metrics']} finished without test metrics")
+    return results, counts
+
+
+def aggregate(results: list[Result]) -> dict[tuple[str, str, str, str], Cell]:
+    """{(model, dataset, size, metric): Cell} over the runs."""
+    cells: dict[tuple[str, str, str, str], Cell] = {}
+    for r in results:
+        for metric, value in r.metrics.items():
+            cell = cells.setdefault((r.model, r.dataset, r.size, metric), Cell())
+            cell.values.append(value)
+            cell.run_ids.append(r.run_id)
+    return cells
+
+
+def published(path: Path = PUBLISHED) -> list[dict]:
+    with path.open() as f:
+        return [{**row, "value": float(row["value"])} for row in csv.DictReader(f)]
+
+
+def _label(model: str, size: str, sizes: set[str]) -> str:
+    return f"{model} ({size})" if size and len(sizes) > 1 else model
+
+
+@dataclass
+class Table:
+    """A report table: header, rows of cell texts, and which cells are the best of their column."""
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    bold: set[tuple[int, int]] = field(default_factory=set)
+
+    def markdown(self) -> str:
+        cell = lambda i, j, t: f"**{t}**" if (i, j) in self.bold else t  # noqa: E731
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
+                 "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(cell(i, j, t) for j, t in enumerate(row)) + " |" for i, row in enumerate(self.rows)]
+        return "\n".join(lines) + "\n"
+
+    def latex(self) -> str:
+        esc = lambda t: t.replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")  # noqa: E731
+        cell = lambda i, j, t: rf"\textbf{{{esc(t)}}}" if (i, j) in self.bold else esc(t)  # noqa: E731
+        body = [" & ".join(cell(i, j, t) for j, t in enumerate(row)) + r" \\" for i, row in enumerate(self.rows)]
+        return "\n".join([rf"% {self.title}", r"\begin{tabular}{l" + "r" * (len(self.header) - 1) + "}",
+                          r"\toprule", " & ".join(esc(h) for h in self.header) + r" \\", r"\midrule", *body,
+                          r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+    def html(self) -> str:
+        cell = lambda i, j, t: f"<td><b>{html.escape(t)}</b></td>" if (i, j) in self.bold else f"<td>{html.escape(t)}</td>"  # noqa: E731
+        rows = "".join("<tr>" + "".join(cell(i, j, t) for j, t in enumerate(row)) + "</tr>" for i, row in enumerate(self.rows))
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _mark_best(rows: list[list[str]], values: list[list[float | None]], first: int = 1) -> set[tuple[int, int]]:
+    bold = set()
+    for j in range(first, len(rows[0]) if rows else 0):
+        column = [(v[j], i) for i, v in enumerate(values) if v[j] is not None]
+        if column:
+            best = max(value for value, _ in column)
+            bold |= {(i, j) for value, i in column if value == best}
+    return bold
+
+
+def table6(cells: dict, sizes: set[str]) -> Table:
+    """Rows: models; columns: datasets x (AUC, OA); each cell mean ± std (n); best per column bold."""
+    datasets = sorted({k[1] for k in cells})
+    models = sorted({(k[0], k[2]) for k in cells})
+    header = ["model"] + [f"{d} {name}" for d in datasets for _, name in TABLE6]
+    rows, values = [], []
+    for model, size in models:
+        found = [cells.get((model, d, size, metric)) for d in datasets for metric, _ in TABLE6]
+        rows.append([_label(model, size, sizes)] + [c.text() if c else "–" for c in found])
+        values.append([None] + [c.mean if c else None for c in found])
+    return Table("Test AUC and overall accuracy (OA) by dataset: mean ± std (runs); best per column in bold",
+                 header, rows, _mark_best(rows, values))
+
+
+def details(cells: dict, results: list[Result], dataset: str, sizes: set[str]) -> Table:
+    """Tables 3-5 for one dataset: parameters, GFLOPs and the macro P, Se, Sp, F1, OA, AUC."""
+    models = sorted({(k[0], k[2]) for k in cells if k[1] == dataset})
+    rows, values = [], []
+    for model, size in models:
+        tagged = [r for r in results if (r.model, r.dataset, r.size) == (model, dataset, size)]
+        params = next((r.params for r in tagged if r.params), None)
+        gflops = next((r.gflops for r in tagged if r.gflops is not None), None)
+        found = [cells.get((model, dataset, size, metric)) for metric, _ in DETAILS]
+        rows.append([_label(model, size, sizes), f"{params / 1e6:.2f}" if params else "–",
+                     f"{gflops:.2f}" if gflops is not None else "–"] + [c.text() if c else "–" for c in found])
+        values.append([None, None, None] + [c.mean if c else None for c in found])
+    return Table(f"{dataset}: parameters (M), GFLOPs (conv + linear) and macro metrics, mean ± std (runs)",
+                 ["model", "params M", "GFLOPs"] + [name for _, name in DETAILS], rows, _mark_best(rows, values, 3))
+
+
+def deltas(cells: dict, reference: list[dict]) -> tuple[Table, list[dict]]:
+    """Our mean against every published value for the same model, dataset, size and metric."""
+    rows = []
+    for ref in reference:
+        cell = cells.get((ref["model"], ref["dataset"], ref["size"], ref["metric"]))
+        if cell:
+            rows.append({"model": ref["model"], "dataset": ref["dataset"], "size": ref["size"], "metric": ref["metric"],
+                         "ours": cell.mean, "std": cell.std, "n": len(cell.values), "published": ref["value"],
+                         "delta": cell.mean - ref["value"], "source": f"{ref['source']}, {ref['table']}"})
+    table = Table("Against published results (delta = ours - published)",
+                  ["model", "dataset", "size", "metric", "ours", "published", "delta", "source"],
+                  [[r["model"], r["dataset"], r["size"], r["metric"], f"{r['ours']:.3f} ± {r['std']:.3f} ({r['n']})",
+                    f"{r['published']:.3f}", f"{r['delta']:+.3f}", r["source"]] for r in rows])
+    return table, rows
+
+
+def plot_accuracy_vs_flops(results: list[Result], path: Path) -> Path | None:
+    """Figure 4-style: mean overall accuracy against GFLOPs, marker area by parameters."""
+    from .reports import plt
+
+    points = {}
+    for r in results:
+        if r.gflops is not None and r.params and "accuracy" in r.metrics:
+            points.setdefault((r.model, r.size), (r.gflops, r.params, []))[2].append(r.metrics["accuracy"])
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for (model, size), (gflops, params, accuracies) in sorted(points.items()):
+        ax.scatter(gflops, 100 * statistics.fmean(accuracies), s=params / 1e5, alpha=0.6)
+        ax.annotate(f"{model} ({size} px)" if size else model, (gflops, 100 * statistics.fmean(accuracies)),
+                    fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="GFLOPs (conv + linear)", ylabel="overall accuracy (%), mean over runs",
+           title="accuracy against cost (marker area: parameters)")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[Result], counts: dict[str, int], out: Path, title: str) -> list[Path]:
+    """Write report.csv, the tables (Markdown, LaTeX, CSV), the plot and report.html into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cells, sizes = aggregate(results), {r.size for r in results}
+    long = [{"model": m, "dataset": d, "size": s, "metric": metric, "mean": c.mean, "std": c.std,
+             "n": len(c.values), "run_ids": " ".join(c.run_ids)} for (m, d, s, metric), c in sorted(cells.items())]
+    delta_table, delta_rows = deltas(cells, published())
+    tables = [table6(cells, sizes)] + [details(cells, results, d, sizes) for d in sorted({r.dataset for r in results})]
+    if delta_rows:
+        tables.append(delta_table)
+    files = [write_csv(long, out / "report.csv")]
+    if delta_rows:
+        files.append(write_csv(delta_rows, out / "deltas.csv"))
+    summary = (f"{len(results)} finished runs with test metrics; left out: {counts['unfinished']} unfinished, "
+               f"{counts['without_metrics']} without test metrics")
+    (out / "report.md").write_text(f"# {title}\n\n{summary}\n\n" + "\n".join(t.markdown() for t in tables))
+    (out / "report.tex").write_text("\n".join(t.latex() for t in tables))
+    files += [out / "report.md", out / "report.tex"]
+    plot = plot_accuracy_vs_flops(results, out / "accuracy_vs_gflops.png")
+    figure = (f'<img alt="accuracy against GFLOPs" src="data:image/png;base64,'
+              f'{base64.b64encode(plot.read_bytes()).decode()}">' if plot else "")
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
+    (out / "report.html").write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
+        + "".join(t.html() for t in tables) + figure + "</body></html>")
+    files.append(out / "report.html")
+    return files + ([plot] if plot else [])

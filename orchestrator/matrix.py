@@ -1,0 +1,185 @@
+"""Experiment matrices: every combination of the config's ``matrix:`` axes, each a full training run.
+
+``matrix: {model.name: [medmamba_t, resnet18], train.seed: [0, 1, 2]}`` on top of a recipe gives
+six cells. Each cell is a normal ``Trainer`` run (its own output folder under ``OUTPUT_DIR/cells``
+with best.pt, metrics.json, ...; its own MLflow run, nested under the matrix's parent run and
+tagged with every axis value), scheduled as a Ray Tune grid without early stopping, so as many
+cells run at once as the cluster has room for (``tune.cpus_per_trial`` / ``gpus_per_trial`` each).
+A cell that fails is reported and the others go on. ``--resume`` skips finished cells and
+continues unfinished ones from their last checkpoint. The parent run and ``summary.csv`` hold the
+mean ± std of each cell group's test metrics over its replicates (seeds and folds): a matrix over
+``data.fold`` is k-fold cross-validation with the folds in parallel.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from medmamba.config import Config, absolute_paths, config_from_dict
+from medmamba.data import build_datasets
+from medmamba.errors import ConfigError
+from medmamba.registry import check_model_name
+from medmamba.reports import print_table, write_csv
+from medmamba.tracking import Tracker, mlflow_run, open_tracker
+from medmamba.train import Trainer, tracking_callbacks
+
+from .cluster import check_resources, init_ray
+from .sweep import apply_params
+
+STATE_FILE = "matrix.json"  # the parent MLflow run of an output directory
+DONE_FILE = "cell.json"  # in a cell's folder once its run (test pass and MLflow record) is complete
+REPLICATES = ("train.seed", "data.seed", "data.fold")  # axes averaged over in the summary
+SUMMARY_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity", "precision")
+
+
+def cell_name(params: dict[str, Any]) -> str:
+    """A cell's folder name: its axis values, e.g. ``model.name=resnet18,train.seed=0``."""
+    return ",".join(f"{k}={re.sub(r'[^A-Za-z0-9_.-]', '_', str(v))}" for k, v in params.items())
+
+
+def cells(cfg: Config) -> list[dict[str, Any]]:
+    """Every combination of ``cfg.matrix``'s axes, each checked against the config schema first."""
+    if not cfg.matrix:
+        raise ConfigError("the config has no matrix section: give lists of values by config key, e.g. "
+                          "matrix: {model.name: [medmamba_t, resnet18], train.seed: [0, 1]}")
+    grid = [dict(zip(cfg.matrix, values)) for values in itertools.product(*cfg.matrix.values())]
+    for params in grid:
+        try:
+            apply_params(cfg, params)
+        except ConfigError as exc:
+            raise ConfigError(f"matrix cell {cell_name(params)}: {exc}") from exc
+    for name in cfg.matrix.get("model.name", []):
+        check_model_name(name)
+    return grid
+
+
+def cell_config(base: Config, params: dict[str, Any]) -> Config:
+    """The training config of one cell: the base recipe with the cell's values and no matrix."""
+    cfg = apply_params(base, params)
+    cfg.matrix = {}
+    cfg.mlflow.run_name = cfg.mlflow.run_name or cell_name(params)
+    return cfg
+
+
+def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> None:
+    """Tune trainable: train one cell (or report the finished one) and report its test metrics."""
+    params = config["cell"]
+    cfg = cell_config(config_from_dict(base), params)
+    out = Path(root) / cell_name(params)
+    done = out / DONE_FILE
+    if not done.is_file():
+        tags = {"mlflow.parentRunId": parent_run_id, "matrix_cell": cell_name(params),
+                **{k: str(v) for k, v in params.items()}} if parent_run_id else None
+        trainer = Trainer(cfg, build_datasets(cfg.data), out, callbacks=tracking_callbacks(cfg, tags), progress=False)
+        metrics = trainer.fit(resume=(out / "last.pt").is_file())
+        done.write_text(json.dumps({"params": params, "run_id": trainer.run_id,
+                                    "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
+    tune.report({f"test_{k}": v for k, v in json.loads(done.read_text())["test"].items()})
+
+
+def _groups(rows: list[dict], axes: list[str]) -> dict[tuple, list[dict]]:
+    keys = [k for k in axes if k not in REPLICATES]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple((k, row[k]) for k in keys), []).append(row)
+    return groups
+
+
+def summarise(rows: list[dict], axes: list[str]) -> list[dict]:
+    """Per group of cells that differ only in replicate axes (seeds, folds): the mean, standard
+    deviation (n - 1; 0 for one run) and count of each test metric over its finished cells."""
+    summary = []
+    for group, members in _groups(rows, axes).items():
+        done = [r for r in members if r["status"] == "done"]
+        row = {**dict(group), "cells": len(members), "finished": len(done)}
+        for metric in SUMMARY_METRICS:
+            values = [r[f"test_{metric}"] for r in done if not math.isnan(r.get(f"test_{metric}", math.nan))]
+            row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else math.nan
+        summary.append(row)
+    return summary
+
+
+def _metric_prefix(group: dict) -> str:
+    label = "/".join(str(v) for v in group.values())
+    return re.sub(r"[^A-Za-z0-9_./ -]", "_", label) + "/" if label else ""
+
+
+def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
+    """Run (or with ``resume``, continue) the matrix of ``cfg`` into ``output_dir``; returns
+    ``{"cells": [one row per cell], "summary": [one row per group]}``. A cell's row has its axis
+    values, ``status`` (done or failed), ``error``, its MLflow ``run_id`` and ``test_*`` metrics."""
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    grid, axes = cells(cfg), list(cfg.matrix)
+    absolute_paths(cfg)
+    parent = open_tracker(cfg.mlflow)
+    init_ray(cfg.ray.address)
+    check_resources(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
+                    "one cell (tune.cpus_per_trial, tune.gpus_per_trial)", cfg.ray.autoscaling)
+    state_file = out / STATE_FILE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if state and not resume:
+        raise ConfigError(f"{out} already holds a matrix; continue it with --resume or choose another --output-dir")
+    state = state or {"parent_run_id": None, "name": f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"}
+    params = {f"matrix.{k}": v for k, v in cfg.matrix.items()} | {k: v for k, v in cfg.flat().items()
+                                                                  if not k.startswith("matrix.")}
+    with mlflow_run(parent, state["name"], params, {"kind": "matrix", "output_dir": out},
+                    run_id=state["parent_run_id"]) as parent_run_id:
+        state["parent_run_id"] = parent_run_id
+        state_file.write_text(json.dumps(state))
+        results = _fit(cfg, grid, out, parent_run_id)
+        rows = [_cell_row(out, params, results) for params in grid]
+        summary = summarise(rows, axes)
+        files = [write_csv(rows, out / "matrix.csv"), write_csv(summary, out / "summary.csv")]
+        print_table(rows, f"matrix: {len(rows)} cells, {sum(r['status'] == 'done' for r in rows)} finished",
+                    [*axes, "status", "test_auc", "test_accuracy"])
+        failed = [r for r in rows if r["status"] != "done"]
+        if parent:
+            _log_summary(parent, summary, axes, files, len(failed))
+    return {"cells": rows, "summary": summary}
+
+
+def _fit(cfg: Config, grid: list[dict], out: Path, parent_run_id: str | None) -> dict[str, str]:
+    """Run every cell on Ray Tune; the first line of each failed cell's error by cell name."""
+    trainable = tune.with_resources(
+        tune.with_parameters(run_cell, base=cfg.to_dict(), root=str(out / "cells"), parent_run_id=parent_run_id),
+        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+    results = tune.Tuner(
+        trainable, param_space={"cell": tune.grid_search(grid)},
+        run_config=tune.RunConfig(name="matrix", storage_path=cfg.ray.storage_path or str(out / "ray"),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))).fit()
+    return {cell_name(r.config["cell"]): str(r.error).strip().splitlines()[-1] for r in results if r.error}
+
+
+def _cell_row(out: Path, params: dict, errors: dict[str, str]) -> dict:
+    done = out / "cells" / cell_name(params) / DONE_FILE
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        test = {f"test_{k}": saved["test"].get(k, math.nan) for k in SUMMARY_METRICS}
+        return {**params, "status": "done", "error": "", "run_id": saved["run_id"] or "", **test}
+    error = errors.get(cell_name(params), "did not finish")
+    return {**params, "status": "failed", "error": error, "run_id": "", **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
+
+
+def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: list[Path], failed: int) -> None:
+    metrics = {}
+    for row in summary:
+        prefix = _metric_prefix({k: row[k] for k in axes if k not in REPLICATES})
+        for metric in SUMMARY_METRICS:
+            for stat in ("mean", "std"):
+                value = row[f"{metric}_{stat}"]
+                if not math.isnan(value):
+                    metrics[f"{prefix}test_{metric}_{stat}"] = value
+    parent.log_metrics(metrics)
+    parent.set_tags({"cells_failed": failed})
+    for file in files:
+        parent.log_artifact(file)

@@ -1,0 +1,139 @@
+"""Experiment matrices on a real Ray cluster, and `medmamba report` over their MLflow runs."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from medmamba.cli import main
+from medmamba.comparison import Cell, ReportError, published, read_results, table6, unified_metrics
+from medmamba.config import load_config
+from medmamba.errors import ConfigError
+from medmamba.orchestrator.matrix import cell_name, cells, run_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_matrix_is_the_cross_product_of_its_axes_checked_before_anything_runs():
+    cfg = load_config(ROOT / "configs/matrix_quick.yaml")
+    grid = cells(cfg)
+    assert grid == [{"model.name": m, "train.seed": s} for m in ("medmamba_t", "resnet18") for s in (0, 1)]
+    assert cell_name(grid[1]) == "model.name=medmamba_t,train.seed=1"
+    assert len(cells(load_config(ROOT / "configs/matrix_paper_medmnist.yaml"))) == 5 * 10 * 3
+    with pytest.raises(ConfigError, match="matrix cell model.name=medmamba_t,train.seed=0,optim.name=adagrad: config key optim.name"):
+        cells(load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.optim.name=[adam,adagrad]"]))
+    with pytest.raises(ConfigError, match="unknown model 'resnet_18'"):
+        cells(load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.model.name=[resnet_18]"]))
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrate'"):
+        load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.optim.lrate=[0.1]"])
+    with pytest.raises(ConfigError, match="a matrix axis is a non-empty list"):
+        load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.train.seed=3"])
+    with pytest.raises(ConfigError, match="no matrix section"):
+        cells(load_config(ROOT / "configs/quick.yaml"))
+
+
+def test_metric_names_are_unified_across_run_kinds():
+    assert unified_metrics({"test_auc": 0.9, "val_auc": 0.8, "global/accuracy": 0.7, "global/f1_macro": 0.5,
+                            "test_loss": float("nan"), "best_val_auc": 1.0}) == \
+        {"auc": 0.9, "accuracy": 0.7, "f1_macro": 0.5}
+
+
+def test_table_6_marks_the_best_of_each_column_and_published_rows_keep_their_source():
+    cells_ = {("medmamba_t", "breastmnist", "28", "auc"): Cell([0.8, 0.9], ["a", "b"]),
+              ("resnet18", "breastmnist", "28", "auc"): Cell([0.88], ["c"]),
+              ("resnet18", "breastmnist", "28", "accuracy"): Cell([0.8], ["c"])}
+    table = table6(cells_, {"28"})
+    assert table.header == ["model", "breastmnist AUC", "breastmnist OA"]
+    assert table.rows == [["medmamba_t", "0.850 ± 0.071 (2)", "–"], ["resnet18", "0.880 ± 0.000 (1)", "0.800 ± 0.000 (1)"]]
+    assert table.bold == {(1, 1), (1, 2)} and "**0.880 ± 0.000 (1)**" in table.markdown()
+    assert r"\textbf{0.880 $\pm$ 0.000 (1)}" in table.latex()
+    rows = published()
+    r18 = [r for r in rows if (r["model"], r["dataset"], r["size"], r["metric"]) == ("resnet18", "breastmnist", "28", "auc")]
+    assert [r["value"] for r in r18] == [0.901] and "MedMNIST v2" in r18[0]["source"]
+    assert {r["table"] for r in rows} == {"Table 6", "Tables 3-5", "Table 7"}
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_cluster, medmnist_root, tmp_path,
+                                                                           capsys):
+    """4 cells (MedMamba-T with 2 seeds, and ConvNeXt-T, which cannot run at 28 px); the driver is
+    killed once a cell finished; --resume trains only what is left; the failed cells are reported
+    and do not stop the others; `medmamba report` then tabulates the MLflow runs."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "matrix"
+    args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
+            "--set", "train.epochs=1", "--set", "matrix.model.name=[medmamba_t,convnext_tiny]",
+            "--output-dir", str(out), "--tracking-uri", uri]
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ray_cluster["env"], start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/cell.json")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/cell.json")}
+    assert finished, "no cell finished before the kill"
+
+    assert main(args + ["--resume"]) == 1  # the two ConvNeXt cells fail at 28 px
+    printed = capsys.readouterr().out
+    assert "failed cell: model.name=convnext_tiny, train.seed=0: " in printed and "it runs at 32 px" in printed
+    assert "2 of 4 cells finished" in printed
+    for name, mtime in finished.items():  # finished cells were not trained again
+        assert (out / "cells" / name / "cell.json").stat().st_mtime_ns == mtime
+    with open(out / "matrix.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model.name"], r["train.seed"], r["status"]) for r in rows] == [
+        ("medmamba_t", "0", "done"), ("medmamba_t", "1", "done"),
+        ("convnext_tiny", "0", "failed"), ("convnext_tiny", "1", "failed")]
+
+    client = MlflowClient(uri)
+    parent_id = json.loads((out / "matrix.json").read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["cells_failed"] == "2"
+    children = _children(client, parent_id)
+    assert sorted(c.data.tags["matrix_cell"] for c in children) == sorted(cell_name(
+        {"model.name": "medmamba_t", "train.seed": s}) for s in (0, 1))  # one run per trained cell, none twice
+    assert all(c.info.status == "FINISHED" and c.data.tags["model.name"] == "medmamba_t" for c in children)
+    aucs = [c.data.metrics["test_auc"] for c in children]
+    assert parent.data.metrics["medmamba_t/test_auc_mean"] == pytest.approx(statistics.fmean(aucs))
+    assert parent.data.metrics["medmamba_t/test_auc_std"] == pytest.approx(statistics.stdev(aucs))
+    with pytest.raises(ConfigError, match="already holds a matrix"):  # never overwritten silently
+        run_matrix(load_config(ROOT / "configs/matrix_quick.yaml", [f"data.root={medmnist_root}"]), out)
+
+    # the report: every number equals the runs' own metrics read back with MlflowClient
+    assert main(["report", "--tracking-uri", uri, "--experiment", "medmamba-matrix",
+                 "--output-dir", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "report.csv") as f:
+        report = {(r["model"], r["dataset"], r["size"], r["metric"]): r for r in csv.DictReader(f)}
+    for metric in ("auc", "accuracy", "f1_macro", "sensitivity"):
+        row = report[("medmamba_t", "breastmnist", "28", metric)]
+        values = [c.data.metrics[f"test_{metric}"] for c in children]
+        assert float(row["mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values)) and row["n"] == "2"
+        assert set(row["run_ids"].split()) == {c.info.run_id for c in children}
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "breastmnist AUC" in markdown and "medmamba_t" in markdown and "2 finished runs" in markdown
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
+    assert (tmp_path / "report" / "report.tex").read_text().count(r"\begin{tabular}") >= 2
+    (report_run,) = client.search_runs([client.get_experiment_by_name("medmamba-reports").experiment_id])
+    assert report_run.data.tags["kind"] == "report"
+    assert {"report.html", "report.csv", "report.md"} <= {a.path for a in client.list_artifacts(report_run.info.run_id)}
+
+    # a report over nothing, or over an unknown experiment, says so
+    with pytest.raises(ReportError, match=r"no MLflow experiment named 'nope' \(experiments: .*medmamba-matrix"):
+        read_results(client, ["nope"])
+    with pytest.raises(ReportError, match="nothing to report in medmamba-reports: 0 runs match"):
+        read_results(client, ["medmamba-reports"])
