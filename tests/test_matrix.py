@@ -137,3 +137,55 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_c
         read_results(client, ["nope"])
     with pytest.raises(ReportError, match="nothing to report in medmamba-reports: 0 runs match"):
         read_results(client, ["medmamba-reports"])
+
+
+def _logged_runs(uri: str) -> MlflowClient:
+    """Finished runs as training logs them (params, tags, test metrics), without training."""
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("logged")
+    for model, seed, auc, accuracy, params, gflops in (("medmamba_t", 0, 0.80, 0.81, 14_456_453, 0.04),
+                                                        ("medmamba_t", 1, 0.84, 0.83, 14_456_453, 0.04),
+                                                        ("resnet18", 0, 0.90, 0.85, 11_169_858, 0.56)):
+        run = client.create_run(experiment, tags={"model": model, "parameters": str(params), "gflops": str(gflops)})
+        for key, value in (("model.name", model), ("data.name", "breastmnist"), ("data.size", "28"),
+                           ("train.seed", str(seed))):
+            client.log_param(run.info.run_id, key, value)
+        for key, value in (("test_auc", auc), ("test_accuracy", accuracy), ("val_auc", 0.5)):
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    client.create_run(experiment, tags={"model": "resnet50"})  # still running: left out, counted
+    return client
+
+
+def test_the_report_compares_with_published_rows_and_renders_in_a_browser(tmp_path):
+    import shutil
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    _logged_runs(uri)
+    out = tmp_path / "report"
+    assert main(["report", "--tracking-uri", uri, "--experiment", "logged", "--output-dir", str(out),
+                 "--no-mlflow"]) == 0
+    markdown = (out / "report.md").read_text()
+    assert "3 finished runs with test metrics; left out: 1 unfinished" in markdown
+    assert "| medmamba_t | 0.820 ± 0.028 (2) | 0.820 ± 0.014 (2) |" in markdown
+    assert "| resnet18 | **0.900 ± 0.000 (1)** | **0.850 ± 0.000 (1)** |" in markdown
+    assert "| resnet18 | 11.17 | 0.56 |" in markdown  # parameters and GFLOPs from the runs' tags
+    with open(out / "deltas.csv") as f:
+        deltas = {(r["model"], r["metric"]): r for r in csv.DictReader(f)}
+    assert float(deltas[("resnet18", "auc")]["published"]) == 0.901  # MedMNIST v2's ResNet-18 (28)
+    assert float(deltas[("resnet18", "auc")]["delta"]) == pytest.approx(0.90 - 0.901)
+    assert float(deltas[("resnet18", "accuracy")]["delta"]) == pytest.approx(0.85 - 0.863)
+    assert (out / "accuracy_vs_gflops.png").stat().st_size > 0
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium) for the browser check")
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           f"--screenshot={shot}", "--window-size=1200,1000", (out / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    assert "Uncaught" not in proc.stderr and "Failed to load" not in proc.stderr
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table>") == 3 and "<img" in dom  # Table 6, the dataset's table, the deltas; the plot
