@@ -46,6 +46,9 @@ class Result:
     metrics: dict[str, float]
     params: float | None = None  # parameters, as tagged by the training run
     gflops: float | None = None  # conv + linear GFLOPs, as tagged by the training run
+    name: str = ""  # the MLflow run name
+    tags: dict[str, str] = field(default_factory=dict)
+    logged: dict[str, float] = field(default_factory=dict)  # every metric as logged (last values)
 
 
 @dataclass
@@ -67,10 +70,11 @@ class Cell:
 
 
 def unified_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """A run's test metrics under metrics.json's names, whatever kind of run logged them."""
+    """A run's test metrics under metrics.json's names, whatever kind of run logged them. A
+    federated run's ``test_*`` (its best.pt) take precedence over its last round's ``global/*``."""
     out = {}
-    for key, value in metrics.items():
-        for prefix in ("test_", "global/"):
+    for prefix in ("global/", "test_"):
+        for key, value in metrics.items():
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name in METRICS and math.isfinite(value):
                 out[name] = value
@@ -91,7 +95,7 @@ def _result(run) -> Result | None:
     kind = tags.get("kind") or ("federated" if any(k.startswith("global/") for k in run.data.metrics) else "train")
     number = lambda key: float(tags[key]) if key in tags else None  # noqa: E731
     return Result(run.info.run_id, model, dataset, params.get("data.size", ""), kind, metrics,
-                  number("parameters"), number("gflops"))
+                  number("parameters"), number("gflops"), run.info.run_name or "", dict(tags), dict(run.data.metrics))
 
 
 def read_results(client, experiments: list[str], run_ids: list[str] = (), parent_run_id: str | None = None,
@@ -234,6 +238,47 @@ def deltas(cells: dict, reference: list[dict]) -> tuple[Table, list[dict]]:
     return table, rows
 
 
+def sweep_table(results: list[Result]) -> Table | None:
+    """The best trial of each sweep: its parameters, best validation value and test metrics."""
+    sweeps = [r for r in results if r.kind == "sweep"]
+    rows = []
+    for r in sorted(sweeps, key=lambda r: r.name):
+        best = ", ".join(f"{k[5:]}={v}" for k, v in sorted(r.tags.items()) if k.startswith("best."))
+        validation = next((f"{k[5:]} {v:.3f}" for k, v in r.logged.items() if k.startswith("best_")), "–")
+        rows.append([r.name, r.model, r.dataset, r.tags.get("best_trial", "–"), best or "–", validation,
+                     f"{r.metrics.get('auc', math.nan):.3f}", f"{r.metrics.get('accuracy', math.nan):.3f}"])
+    return Table("Sweeps: the best trial of each", ["sweep", "model", "dataset", "best trial", "parameters",
+                                                   "best validation", "test AUC", "test OA"], rows) if rows else None
+
+
+def federated_table(results: list[Result]) -> Table | None:
+    """Strategy x partition: global test AUC (best.pt), the worst site's own test AUC (last round),
+    the centralised baseline on the pooled sites and the gap to it; mean over runs."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.kind == "federated":
+            key = (r.tags.get("strategy", "?"), r.tags.get("partition", "?"), r.dataset, r.model)
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for (strategy, partition, dataset, model), runs in sorted(groups.items()):
+        mean = lambda xs: statistics.fmean(xs) if xs else math.nan  # noqa: E731
+        glob = mean([r.metrics["auc"] for r in runs if "auc" in r.metrics])
+        worst = mean([min(sites) for r in runs if (sites := [v for k, v in r.logged.items()
+                                                                if k.startswith("site/") and k.endswith("/test_auc")])])
+        central = mean([r.logged["centralized/auc"] for r in runs if "centralized/auc" in r.logged])
+        worst_name = ""
+        if len(runs) == 1:
+            site_aucs = {k.split("/")[1]: v for k, v in runs[0].logged.items()
+                         if k.startswith("site/") and k.endswith("/test_auc")}
+            worst_name = f" ({min(site_aucs, key=site_aucs.get)})" if site_aucs else ""
+        fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        rows.append([strategy, partition, dataset, model, str(len(runs)), fmt(glob), fmt(worst) + worst_name,
+                     fmt(central), "–" if math.isnan(central) else f"{glob - central:+.3f}"])
+    return Table("Federated runs: test AUC of the global model, its worst site, and the centralised baseline",
+                 ["strategy", "partition", "dataset", "model", "runs", "global AUC", "worst-site AUC",
+                  "centralised AUC", "gap"], rows) if rows else None
+
+
 def plot_accuracy_vs_flops(results: list[Result], path: Path) -> Path | None:
     """Figure 4-style: mean overall accuracy against GFLOPs, marker area by parameters."""
     from .reports import plt
@@ -267,6 +312,7 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     tables = [table6(cells, sizes)] + [details(cells, results, d, sizes) for d in sorted({r.dataset for r in results})]
     if delta_rows:
         tables.append(delta_table)
+    tables += [t for t in (sweep_table(results), federated_table(results)) if t is not None]
     files = [write_csv(long, out / "report.csv")]
     if delta_rows:
         files.append(write_csv(delta_rows, out / "deltas.csv"))
