@@ -213,3 +213,16 @@ def test_sweeps_and_federated_runs_get_their_own_summaries(tmp_path):
                                           "optim.lr=0.001, optim.name=adam", "val_auc 0.910", "0.880", "0.800"]]
     assert federated_table(results).rows == [["fedbn", "natural", "pneumoniamnist", "medmamba_t", "1", "0.860",
                                               "0.750 (hospital_b)", "0.900", "-0.040"]]
+
+
+def test_k_fold_as_a_matrix_over_data_fold_summarises_mean_and_std_over_the_folds():
+    from medmamba.orchestrator.matrix import _metric_prefix, summarise
+
+    rows = [{"data.fold": f, "status": "done", "test_auc": auc, "test_accuracy": 0.8}
+            for f, auc in enumerate((0.9, 0.8, 0.7))] + [{"data.fold": 3, "status": "failed"}]
+    (summary,) = summarise(rows, ["data.fold"])
+    assert summary["cells"] == 4 and summary["finished"] == 3
+    assert summary["auc_mean"] == pytest.approx(0.8) and summary["auc_std"] == pytest.approx(0.1)
+    assert _metric_prefix({}) == ""  # logged as test_auc_mean, test_auc_std on the matrix's run
+    by_model = summarise([{"model.name": "a", "train.seed": 0, "status": "done", "test_auc": 0.5}], ["model.name", "train.seed"])
+    assert by_model[0]["auc_std"] == 0.0 and _metric_prefix({"model.name": "a"}) == "a/"
