@@ -51,9 +51,11 @@ def main() -> None:
     assert all(row["status"] == "done" for row in result["cells"])
     ideal = sum(one_by_one) / args.cpus
     print(f"\n{len(grid)} cells, {args.cpus} CPUs, torch {torch.__version__}")
-    print(f"  cells one by one (1 thread each): {sum(one_by_one):7.1f} s  (per cell {min(one_by_one):.1f}-"
-          f"{max(one_by_one):.1f} s)")
+    print(f"  cells one by one (1 thread each): {sum(one_by_one):7.1f} s  (per cell: "
+          f"{', '.join(f'{t:.1f}' for t in one_by_one)})")
     print(f"  sum / concurrency ({args.cpus}):            {ideal:7.1f} s")
+    print(f"  the same cells inside the matrix:  {sum(r['seconds'] for r in result['cells']):7.1f} s  (per cell: "
+          f"{', '.join(str(r['seconds']) for r in result['cells'])})")
     print(f"  matrix on Ray, wall time:         {wall:7.1f} s  = {wall / ideal:.2f}x the ideal "
           f"(target <= 1.10x: {'met' if wall <= 1.1 * ideal else 'NOT met'})")
 

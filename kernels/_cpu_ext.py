@@ -20,7 +20,9 @@ from types import ModuleType
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+# resolved: imported from the checkout (medmamba/kernels -> ../kernels) or through the editable
+# install's links, the build sees one path, so that ninja does not recompile on every switch
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -1,7 +1,9 @@
 """``medmamba report``: paper-style comparison tables and plots from runs in MLflow.
 
 Runs of every kind are read under the metric names of metrics.json: a training run's (or a
-sweep's best trial's) ``test_auc`` and a federated run's final ``global/auc`` are both ``auc``.
+sweep's best trial's, or ``medmamba evaluate``'s) ``test_auc`` and a federated run's final
+``global/auc`` are both ``auc``. An evaluation on another dataset than the checkpoint was
+trained on is a row of its own, "Y (trained on X)".
 Runs are read as they were logged; nothing in MLflow is rewritten. Runs that differ only in
 seed or fold (same model, dataset and image size) are aggregated: mean, sample standard
 deviation (n - 1; 0 for one run) and count, with the ids of the runs behind every number.
@@ -81,21 +83,43 @@ def unified_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _result(run) -> Result | None:
+def _dataset(params: dict, tags: dict) -> str | None:
+    name = params.get("data.name") or tags.get("dataset")
+    return Path(params["data.root"]).name if name == "folder" and params.get("data.root") else name
+
+
+def _result(run, source=None) -> Result | None:
+    """The Result of ``run``; ``source``, for an evaluation run (``medmamba evaluate``), is the run
+    that trained its checkpoint: its model, size and cost, and the dataset it was trained on,
+    which labels a cross-dataset evaluation "Y (trained on X)"."""
     params, tags = run.data.params, run.data.tags
-    if tags.get("kind") in SKIPPED_KINDS:
-        return None
     metrics = unified_metrics(run.data.metrics)
     model = params.get("model.name") or tags.get("model")
-    dataset = params.get("data.name") or tags.get("dataset")
-    if dataset == "folder" and params.get("data.root"):
-        dataset = Path(params["data.root"]).name
+    dataset, size = _dataset(params, tags), params.get("data.size", "")
+    kind = tags.get("kind") or ("federated" if any(k.startswith("global/") for k in run.data.metrics) else "train")
+    cost = tags
+    if source is not None:
+        kind, cost = "evaluate", source.data.tags
+        model, size = source.data.params.get("model.name", model), source.data.params.get("data.size", size)
+        trained_on = _dataset(source.data.params, source.data.tags)
+        if trained_on and trained_on != dataset:
+            dataset = f"{dataset} (trained on {trained_on})"
     if not (metrics and model and dataset):
         return None
-    kind = tags.get("kind") or ("federated" if any(k.startswith("global/") for k in run.data.metrics) else "train")
-    number = lambda key: float(tags[key]) if key in tags else None  # noqa: E731
-    return Result(run.info.run_id, model, dataset, params.get("data.size", ""), kind, metrics,
-                  number("parameters"), number("gflops"), run.info.run_name or "", dict(tags), dict(run.data.metrics))
+    number = lambda key: float(cost[key]) if key in cost else None  # noqa: E731
+    return Result(run.info.run_id, model, dataset, size, kind, metrics, number("parameters"), number("gflops"),
+                  run.info.run_name or "", dict(tags), dict(run.data.metrics))
+
+
+def _source(client, run):
+    """The run that trained an evaluation run's checkpoint, when it is still in the store."""
+    run_id = run.data.tags.get("source_run_id")
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted or in another store: the evaluation stands alone
+        return None
 
 
 def read_results(client, experiments: list[str], run_ids: list[str] = (), parent_run_id: str | None = None,
@@ -121,7 +145,7 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
             counts["selected"] -= 1
         elif run.info.status != "FINISHED":
             counts["unfinished"] += 1
-        elif (result := _result(run)) is None:
+        elif (result := _result(run, _source(client, run))) is None:
             counts["without_metrics"] += 1
         else:
             results.append(result)

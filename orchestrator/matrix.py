@@ -76,11 +76,12 @@ def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> 
     out = Path(root) / cell_name(params)
     done = out / DONE_FILE
     if not done.is_file():
+        start = time.perf_counter()
         tags = {"mlflow.parentRunId": parent_run_id, "matrix_cell": cell_name(params),
                 **{k: str(v) for k, v in params.items()}} if parent_run_id else None
         trainer = Trainer(cfg, build_datasets(cfg.data), out, callbacks=tracking_callbacks(cfg, tags), progress=False)
         metrics = trainer.fit(resume=(out / "last.pt").is_file())
-        done.write_text(json.dumps({"params": params, "run_id": trainer.run_id,
+        done.write_text(json.dumps({"params": params, "run_id": trainer.run_id, "seconds": time.perf_counter() - start,
                                     "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
     tune.report({f"test_{k}": v for k, v in json.loads(done.read_text())["test"].items()})
 
@@ -155,6 +156,7 @@ def _fit(cfg: Config, grid: list[dict], out: Path, parent_run_id: str | None) ->
         {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     results = tune.Tuner(
         trainable, param_space={"cell": tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(reuse_actors=True),  # no process start and imports per cell
         run_config=tune.RunConfig(name="matrix", storage_path=cfg.ray.storage_path or str(out / "ray"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))).fit()
     return {cell_name(r.config["cell"]): str(r.error).strip().splitlines()[-1] for r in results if r.error}
@@ -165,9 +167,11 @@ def _cell_row(out: Path, params: dict, errors: dict[str, str]) -> dict:
     if done.is_file():
         saved = json.loads(done.read_text())
         test = {f"test_{k}": saved["test"].get(k, math.nan) for k in SUMMARY_METRICS}
-        return {**params, "status": "done", "error": "", "run_id": saved["run_id"] or "", **test}
+        return {**params, "status": "done", "error": "", "run_id": saved["run_id"] or "",
+                "seconds": round(saved["seconds"], 1), **test}
     error = errors.get(cell_name(params), "did not finish")
-    return {**params, "status": "failed", "error": error, "run_id": "", **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
+    return {**params, "status": "failed", "error": error, "run_id": "", "seconds": math.nan,
+            **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
 
 
 def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: list[Path], failed: int) -> None:

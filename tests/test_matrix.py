@@ -226,3 +226,22 @@ def test_k_fold_as_a_matrix_over_data_fold_summarises_mean_and_std_over_the_fold
     assert _metric_prefix({}) == ""  # logged as test_auc_mean, test_auc_std on the matrix's run
     by_model = summarise([{"model.name": "a", "train.seed": 0, "status": "done", "test_auc": 0.5}], ["model.name", "train.seed"])
     assert by_model[0]["auc_std"] == 0.0 and _metric_prefix({"model.name": "a"}) == "a/"
+
+
+def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    trained = client.create_run(client.create_experiment("train"), tags={"parameters": "14456453", "gflops": "0.04"})
+    for key, value in (("model.name", "medmamba_s"), ("data.name", "pneumoniamnist"), ("data.size", "28")):
+        client.log_param(trained.info.run_id, key, value)
+    client.set_terminated(trained.info.run_id)
+    evaluations = client.create_experiment("medmamba-evaluate")
+    for dataset, auc in (("cpn_xray", 0.98), ("pneumoniamnist", 0.95)):
+        run = client.create_run(evaluations, tags={"source_run_id": trained.info.run_id, "dataset": dataset,
+                                                   "model": "medmamba_s"})
+        client.log_param(run.info.run_id, "split", "test")
+        client.log_metric(run.info.run_id, "test_auc", auc)
+        client.set_terminated(run.info.run_id)
+    results, _ = read_results(client, ["medmamba-evaluate"])
+    assert sorted((r.dataset, r.model, r.size, r.kind, r.metrics["auc"], r.params) for r in results) == [
+        ("cpn_xray (trained on pneumoniamnist)", "medmamba_s", "28", "evaluate", 0.98, 14456453.0),
+        ("pneumoniamnist", "medmamba_s", "28", "evaluate", 0.95, 14456453.0)]
