@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,10 +64,6 @@ def ray_cluster():
     Yields {"address": GCS address, "dashboard": http URL}; RAY_ADDRESS points drivers in this
     process and in subprocesses at it. Stopped with `ray stop` at the end of the session.
     """
-    import os
-    import subprocess
-    import sys
-
     import ray
 
     bin_dir = str(Path(sys.executable).parent)
@@ -92,3 +90,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"ray_cluster", "mlflow_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+def start_medmamba(args: list[str], **popen) -> subprocess.Popen:
+    """`python -m medmamba.cli ARGS` in its own process group (to kill it with what it started),
+    output discarded unless ``popen`` says otherwise."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], **popen)

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
-from conftest import tracked
+from conftest import start_medmamba, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.data import labels_of
@@ -301,8 +301,7 @@ def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, t
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
             "--output-dir", str(out), "--tracking-uri", uri]
-    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_medmamba(args)
     deadline = time.time() + 300
     while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -6,13 +6,13 @@ import json
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import start_medmamba
 from medmamba.cli import main
 from medmamba.comparison import Cell, ReportError, published, read_results, table6, unified_metrics
 from medmamba.config import load_config
@@ -76,8 +76,7 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_c
     args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "train.epochs=1", "--set", "matrix.model.name=[medmamba_t,convnext_tiny]",
             "--output-dir", str(out), "--tracking-uri", uri]
-    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ray_cluster["env"], start_new_session=True)
+    proc = start_medmamba(args, env=ray_cluster["env"])
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/cell.json")):
         time.sleep(0.5)
