@@ -333,7 +333,7 @@ def validate(cfg: Config) -> None:
 # What a --resume may change: the length of the run, where and how it runs, and tracking.
 RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "data.root", "data.download",
              "data.num_workers", "federated.rounds", "federated.round_timeout", "federated.client_cpus",
-             "federated.client_gpus", "mlflow.", "ray.", "tune.")
+             "federated.client_gpus", "mlflow.", "ray.", "tune.", "matrix.")
 
 
 def check_resumable(saved: dict, cfg: Config, what: str | Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ray import tune
 
-from medmamba.config import Config, absolute_paths, config_from_dict
+from medmamba.config import Config, absolute_paths, check_resumable, config_from_dict
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import check_model_name
@@ -122,15 +122,18 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
     out.mkdir(parents=True, exist_ok=True)
     grid, axes = cells(cfg), list(cfg.matrix)
     absolute_paths(cfg)
-    parent = open_tracker(cfg.mlflow)
-    init_ray(cfg.ray.address)
-    check_resources(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
-                    "one cell (tune.cpus_per_trial, tune.gpus_per_trial)", cfg.ray.autoscaling)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state and not resume:
         raise ConfigError(f"{out} already holds a matrix; continue it with --resume or choose another --output-dir")
+    if state:  # the recipe must be the one the finished cells ran (axes may grow)
+        check_resumable(state["config"], cfg, state_file)
     state = state or {"parent_run_id": None, "name": f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"}
+    state["config"] = cfg.to_dict()
+    parent = open_tracker(cfg.mlflow)
+    init_ray(cfg.ray.address)
+    check_resources(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
+                    "one cell (tune.cpus_per_trial, tune.gpus_per_trial)", cfg.ray.autoscaling)
     params = {f"matrix.{k}": v for k, v in cfg.matrix.items()} | {k: v for k, v in cfg.flat().items()
                                                                   if not k.startswith("matrix.")}
     with mlflow_run(parent, state["name"], params, {"kind": "matrix", "output_dir": out},
@@ -138,7 +141,7 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
         state["parent_run_id"] = parent_run_id
         state_file.write_text(json.dumps(state))
         results = _fit(cfg, grid, out, parent_run_id)
-        rows = [_cell_row(out, params, results) for params in grid]
+        rows = [_cell_row(out, cell, results) for cell in grid]
         summary = summarise(rows, axes)
         files = [write_csv(rows, out / "matrix.csv"), write_csv(summary, out / "summary.csv")]
         print_table(rows, f"matrix: {len(rows)} cells, {sum(r['status'] == 'done' for r in rows)} finished",

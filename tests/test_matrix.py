@@ -110,6 +110,9 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_c
     assert parent.data.metrics["medmamba_t/test_auc_std"] == pytest.approx(statistics.stdev(aucs))
     with pytest.raises(ConfigError, match="already holds a matrix"):  # never overwritten silently
         run_matrix(load_config(ROOT / "configs/matrix_quick.yaml", [f"data.root={medmnist_root}"]), out)
+    with pytest.raises(ConfigError, match=r"matrix.json was made with another config: optim.lr=0.01 \(was 0.001\)"):
+        run_matrix(load_config(ROOT / "configs/matrix_quick.yaml", [f"data.root={medmnist_root}", "train.epochs=1",
+                                                                  "optim.lr=0.01"]), out, resume=True)
 
     # the report: every number equals the runs' own metrics read back with MlflowClient
     assert main(["report", "--tracking-uri", uri, "--experiment", "medmamba-matrix",
