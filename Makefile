@@ -1,7 +1,7 @@
 # Fresh-machine entry points: each target creates .venv and installs the project into it first.
 #   make demo   install, then train MedMamba-T on PneumoniaMNIST with configs/quick.yaml
 #   make test   install, then run the test suite (what CI runs)
-#   make test-fast  the tests without a Ray cluster, Flower simulation, server or long training (< 2 min)
+#   make test-fast  the tests without a Ray cluster, Flower simulation, server or long training (~3 min)
 #   make bench  the benchmarks (selective scan, training throughput, ASHA sweep, federation)
 PYTHON ?= python3
 VENV ?= .venv
