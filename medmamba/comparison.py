@@ -96,7 +96,7 @@ def _result(run, source=None) -> Result | None:
     metrics = unified_metrics(run.data.metrics)
     model = params.get("model.name") or tags.get("model")
     dataset, size = _dataset(params, tags), params.get("data.size", "")
-    kind = tags.get("kind") or ("federated" if any(k.startswith("global/") for k in run.data.metrics) else "train")
+    kind = tags.get("kind", "train")  # federated and sweep runs are tagged with their kind
     cost = tags
     if source is not None:
         kind, cost = "evaluate", source.data.tags

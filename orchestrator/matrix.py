@@ -134,9 +134,7 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
     init_ray(cfg.ray.address)
     check_resources(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
                     "one cell (tune.cpus_per_trial, tune.gpus_per_trial)", cfg.ray.autoscaling)
-    params = {f"matrix.{k}": v for k, v in cfg.matrix.items()} | {k: v for k, v in cfg.flat().items()
-                                                                  if not k.startswith("matrix.")}
-    with mlflow_run(parent, state["name"], params, {"kind": "matrix", "output_dir": out},
+    with mlflow_run(parent, state["name"], cfg.flat(), {"kind": "matrix", "output_dir": out},
                     run_id=state["parent_run_id"]) as parent_run_id:
         state["parent_run_id"] = parent_run_id
         state_file.write_text(json.dumps(state))

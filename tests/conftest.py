@@ -97,3 +97,9 @@ def start_medmamba(args: list[str], **popen) -> subprocess.Popen:
     output discarded unless ``popen`` says otherwise."""
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True, **popen}
     return subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], **popen)
+
+
+def child_runs(client, parent_id: str) -> list:
+    """The MLflow runs nested under ``parent_id`` (a sweep's trials, a matrix's cells)."""
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}'")

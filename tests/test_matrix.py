@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import start_medmamba
+from conftest import child_runs, start_medmamba
 from medmamba.cli import main
 from medmamba.comparison import Cell, ReportError, published, read_results, table6, unified_metrics
 from medmamba.config import load_config
@@ -61,11 +61,6 @@ def test_table_6_marks_the_best_of_each_column_and_published_rows_keep_their_sou
     assert {r["table"] for r in rows} == {"Table 6", "Tables 3-5", "Table 7"}
 
 
-def _children(client, parent_id):
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
-
-
 def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_cluster, medmnist_root, tmp_path,
                                                                            capsys):
     """4 cells (MedMamba-T with 2 seeds, and ConvNeXt-T, which cannot run at 28 px); the driver is
@@ -101,7 +96,7 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_c
     parent_id = json.loads((out / "matrix.json").read_text())["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["cells_failed"] == "2"
-    children = _children(client, parent_id)
+    children = child_runs(client, parent_id)
     assert sorted(c.data.tags["matrix_cell"] for c in children) == sorted(cell_name(
         {"model.name": "medmamba_t", "train.seed": s}) for s in (0, 1))  # one run per trained cell, none twice
     assert all(c.info.status == "FINISHED" and c.data.tags["model.name"] == "medmamba_t" for c in children)

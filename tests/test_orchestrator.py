@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import tracked
+from conftest import child_runs, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _sweep_cfg(medmnist_root, *extra):
     return load_config(ROOT / "configs/sweep_quick.yaml",
                        [f"data.root={medmnist_root}", "tune.num_samples=4", "train.epochs=2", *extra])
-
-
-def _children(client, parent_id):
-    exp = client.get_run(parent_id).info.experiment_id
-    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 # --- the search space, checked before anything starts (no Ray needed) ---------------------------
@@ -99,7 +94,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
     assert parent.data.metrics["test_auc"] == pytest.approx(metrics["auc"])
     assert {"leaderboard.csv", "best_config.yaml", "optuna_history.png"} <= {
         a.path for a in client.list_artifacts(parent_id)}
-    children = _children(client, parent_id)
+    children = child_runs(client, parent_id)
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(row["trial"] for row in board)
     for child in children:
         row = next(r for r in board if r["trial"] == child.data.tags["trial_id"])
@@ -134,7 +129,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, m
         state = out / "sweep.json"
         if state.is_file():
             parent_id = json.loads(state.read_text())["parent_run_id"]
-            done = [c for c in _children(client, parent_id) if c.info.status == "FINISHED"]
+            done = [c for c in child_runs(client, parent_id) if c.info.status == "FINISHED"]
             if done:
                 break
         time.sleep(1)
@@ -146,11 +141,11 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, m
     assert main(args[3:] + ["--resume"]) == 0
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
-    children = [c for c in _children(client, parent_id) if c.info.status == "FINISHED"]
+    children = [c for c in child_runs(client, parent_id) if c.info.status == "FINISHED"]
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(
         line.split(",")[0] for line in (out / "leaderboard.csv").read_text().splitlines()[1:])
     assert all(c.info.status == "KILLED" and c.data.tags["lost_in_interruption"] == "true"
-               for c in _children(client, parent_id) if c.info.status != "FINISHED")
+               for c in child_runs(client, parent_id) if c.info.status != "FINISHED")
     for trial_id, run_id in finished_before.items():  # finished trials kept their run and did not re-run
         steps = [m.step for m in client.get_metric_history(run_id, "val_auc")]
         assert steps == sorted(set(steps)), f"trial {trial_id} logged an epoch twice"
