@@ -153,11 +153,11 @@ def _report(args: argparse.Namespace) -> int:
     from .config import MlflowConfig
     from .tracking import check_reachable, mlflow_run, open_tracker, resolve_uri
 
-    uri = resolve_uri(args.tracking_uri)
-    check_reachable(uri)
     if not (args.experiment or args.run_id):
         raise ConfigError("say which runs to report: --experiment NAME and/or --run-id ID")
     tags = dict(parse_tag(t) for t in args.tag)
+    uri = resolve_uri(args.tracking_uri)
+    check_reachable(uri)
     results, counts = read_results(MlflowClient(uri), args.experiment, args.run_id, args.parent_run, tags)
     title = args.title or f"MedMamba report: {', '.join(args.experiment + args.run_id)}"
     files = write_report(results, counts, args.output_dir, title)

@@ -190,3 +190,10 @@ def test_a_vit_trains_at_28_px(medmnist_root, tmp_path):
     assert main(_train_args(medmnist_root, tmp_path / "vit", "vit_small_patch16_224", "--no-mlflow")) == 0
     metrics = json.loads((tmp_path / "vit" / "metrics.json").read_text())
     assert sum(map(sum, metrics["confusion_matrix"])) == 156 and 0 <= metrics["auc"] <= 1
+
+
+def test_a_swin_at_a_size_its_patch_does_not_divide_says_what_it_does_not_see(caplog):
+    with caplog.at_level(logging.WARNING, "medmamba.baselines"):
+        model = create_model("swin_tiny_patch4_window7_224", num_classes=2, img_size=30)
+    assert model(torch.randn(1, 3, 30, 30)).shape == (1, 2)
+    assert "30 px is not a multiple of its 4 px patch; the last 2 px of each side are not seen" in caplog.text

@@ -242,3 +242,21 @@ def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(tmp_path):
     assert sorted((r.dataset, r.model, r.size, r.kind, r.metrics["auc"], r.params) for r in results) == [
         ("cpn_xray (trained on pneumoniamnist)", "medmamba_s", "28", "evaluate", 0.98, 14456453.0),
         ("pneumoniamnist", "medmamba_s", "28", "evaluate", 0.95, 14456453.0)]
+
+
+def test_report_selections_that_name_nothing_are_one_line_errors(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = _logged_runs(uri)
+    experiment = client.get_experiment_by_name("logged").experiment_id
+    bare = client.create_run(experiment)  # finished, but no test metrics: left out and counted
+    client.log_metric(bare.info.run_id, "val_auc", 0.7)
+    client.set_terminated(bare.info.run_id)
+    _, counts = read_results(client, ["logged"])
+    assert counts == {"selected": 5, "unfinished": 1, "without_metrics": 1}
+    capsys.readouterr()  # (MLflow's messages while the store was made)
+    for args, message in ((["--experiment", "logged", "--tag", "model"], "--tag 'model' is not KEY=VALUE"),
+                          ([], "say which runs to report: --experiment NAME and/or --run-id ID"),
+                          (["--experiment", "logged", "--tag", "model=vit"], "nothing to report in logged: 0 runs")):
+        assert main(["report", "--tracking-uri", uri, "--output-dir", str(tmp_path / "r"), "--no-mlflow", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
