@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from medmamba.config import Config, check_resumable
 from medmamba.data import make_loader
 from medmamba.errors import FederationError
-from medmamba.evaluation import evaluate_checkpoint, predict_metrics
+from medmamba.evaluation import evaluate_checkpoint, load_checkpoint, predict_metrics
 from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
 from medmamba.reports import plot_federated_curves
@@ -267,8 +267,8 @@ class FederatedRun:
             shutil.copy2(self.out / "final.pt", self.out / "best.pt")
             last = self.rounds[-1]["round"]
             self.best = {"round": last, "metric": "none (no federated validation): the final round", "value": None}
-        evaluation = evaluate_checkpoint(self.out / "best.pt", "test", self.out, data=self.data,
-                                         device=self.cfg.train.device, batch_size=self.cfg.train.batch_size)
+        best = load_checkpoint(self.out / "best.pt", device=self.cfg.train.device, data=self.data)
+        evaluation = evaluate_checkpoint(best, "test", self.out, self.cfg.train.batch_size)
         report = self.write_report(centralized)
         table = self.out / "federated_rounds.csv"
         with table.open("w", newline="") as f:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import logging
@@ -124,25 +125,158 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _checkpoint_run(args: argparse.Namespace, kind: str, params: dict | None = None, with_data: bool = True):
+    """The checkpoint of ``args`` loaded with its data, inside one MLflow run of the evaluation
+    experiment tagged with its kind, the datasets and the run that trained the checkpoint.
+    Yields (Loaded, Tracker or None)."""
     from .config import MlflowConfig
-    from .evaluation import evaluate_checkpoint
+    from .data import parse_class_map
+    from .evaluation import load_checkpoint
     from .registry import read_checkpoint
     from .tracking import mlflow_run, open_tracker
 
+    class_map = parse_class_map(args.class_map) if args.class_map else None
     tracker = open_tracker(MlflowConfig(enabled=not args.no_mlflow, tracking_uri=args.tracking_uri,
                                         experiment=EVALUATE_EXPERIMENT))
     state = read_checkpoint(args.checkpoint)  # read once: its config and its weights
     overrides = {k: v for k, v in (("name", args.dataset), ("root", args.data_root), ("size", args.size)) if v}
     source = {"source_run_id": state.get("run_id"), "source_experiment": state.get("experiment")}
-    with mlflow_run(tracker, None, {"checkpoint": args.checkpoint, "split": args.split},
-                    {k: v for k, v in source.items() if v}):
-        ev = evaluate_checkpoint(state, args.split, args.output_dir, data_overrides=overrides, device=args.device,
-                                 batch_size=args.batch_size, model_name=args.model)
+    with mlflow_run(tracker, None, {"checkpoint": args.checkpoint, "split": args.split, **(params or {})},
+                    {"kind": kind, **{k: v for k, v in source.items() if v}}):
+        loaded = load_checkpoint(state, overrides, args.device, args.model, class_map, args.split == "all", with_data)
         if tracker:
-            tracker.set_tags({"dataset": ev.data.name, "dataset_md5": ev.data.checksum, "model": ev.model.name})
+            tracker.set_tags({"model": loaded.model_cfg.name, **loaded.source,
+                              **({"dataset": loaded.data.name, "dataset_md5": loaded.data.checksum} if loaded.data else {}),
+                              **({"class_map": args.class_map} if args.class_map else {})})
+        yield loaded, tracker
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    with _checkpoint_run(args, "evaluate") as (loaded, tracker):
+        ev = evaluate_checkpoint(loaded, args.split, args.output_dir, args.batch_size)
+        if tracker:
             tracker.log_evaluation(args.split, ev.metrics, ev.files)
+    if ev.data.unmapped:
+        print(f"dropped (not in --class-map): {', '.join(f'{k} {v} images' for k, v in ev.data.unmapped.items())}")
+    if ev.metrics.get("classes_without_images"):
+        print(f"model classes without images here: {', '.join(ev.metrics['classes_without_images'])}")
     print_metrics(ev.metrics, f"{ev.data.name} {args.split} split")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .explain import check_methods, explain
+
+    methods = args.method or ["gradcam", "gradcam++"]
+    check_methods(methods)  # before any data is read
+    with _checkpoint_run(args, "explain", {"methods": ",".join(methods)}, with_data=not args.images) as (loaded, tracker):
+        if args.images:
+            images, labels, ids = _image_files(args.images, loaded.size), None, {"paths": np.array(args.images)}
+        else:
+            dataset = getattr(loaded.data, args.split)
+            picked = np.sort(np.random.default_rng(args.seed).choice(len(dataset), min(args.num_images, len(dataset)),
+                                                                     replace=False))
+            images = torch.stack([dataset[int(i)][0] for i in picked])
+            labels, ids = np.array([dataset[int(i)][1] for i in picked]), {"indices": picked}
+        files = explain(loaded.model, images.to(loaded.device), labels, loaded.class_names, args.output_dir,
+                        methods, args.target_layer, args.target, ids)
+        for file in files if tracker else []:
+            tracker.log_artifact(file, "explain")
+    print(f"{len(images)} images, {', '.join(methods)}: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _image_files(paths: list[str], size: int):
+    """Image files as one batch of model inputs (the evaluation transform at ``size`` px)."""
+    import torch
+    from PIL import Image
+
+    from .data import image_transform
+    from .errors import DataError
+
+    transform, images = image_transform(size), []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(transform(im))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{path} cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    return torch.stack(images)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import make_loader
+    from .embed import embed, features
+
+    methods = args.method or ["tsne"]
+    params = {"methods": ",".join(methods), "by_site": args.by_site}
+    with _checkpoint_run(args, "embed", params, with_data=not args.by_site) as (loaded, tracker):
+        parts = {}
+        for name, data in _embedding_groups(args, loaded):
+            dataset = getattr(data, args.split)
+            if args.max_images and len(dataset) > args.max_images:
+                from torch.utils.data import Subset
+
+                keep = np.random.default_rng(args.seed).choice(len(dataset), args.max_images, replace=False)
+                dataset = Subset(dataset, np.sort(keep).tolist())
+            parts[name] = features(loaded.model, make_loader(dataset, args.batch_size, shuffle=False), loaded.device)
+        summary, files = embed(parts, loaded.class_names, args.output_dir, methods, args.seed,
+                               f"{loaded.model_cfg.name} on {', '.join(parts)} {args.split}")
+        if tracker:
+            tracker.log_metrics(summary)
+            for file in files:
+                tracker.log_artifact(file, "embed")
+    print(f"silhouette score of the classes in feature space: {summary['silhouette']:.4f} "
+          f"({summary['points']} images); files: {', '.join(str(f) for f in files)}")
+    return 0
+
+
+def _embedding_groups(args: argparse.Namespace, loaded):
+    """[(group name, Datasets)]: the data, or with --by-site each site of the checkpoint's federation."""
+    if not args.by_site:
+        return [(loaded.data.name, loaded.data)]
+    from medmamba.federated.task import build_site, site_names
+
+    if loaded.config is None:
+        raise ConfigError("--by-site needs a checkpoint with its config (the federation's sites)")
+    cfg = loaded.config
+    if args.data_root:
+        cfg.data.root = args.data_root
+    return [(name, build_site(cfg, i)) for i, name in enumerate(site_names(cfg))]
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    from .reports import print_table
+    from .robustness import PERTURBATIONS, check, drops, evaluate_robustness, write_robustness
+
+    perturbations, severities = args.perturbation or list(PERTURBATIONS), args.severity or [0, 1, 2, 3, 4, 5]
+    check(perturbations, severities)  # before any data is read
+    params = {"perturbations": ",".join(perturbations), "severities": ",".join(map(str, severities)), "seed": args.seed}
+    with _checkpoint_run(args, "robustness", params) as (loaded, tracker):
+        rows = evaluate_robustness(loaded.model, getattr(loaded.data, args.split), loaded.class_names, loaded.device,
+                                   perturbations, severities, args.batch_size, args.seed, loaded.data.positive_class)
+        files = write_robustness(rows, args.output_dir)
+        summary = drops(rows)
+        if tracker:
+            for row in rows:
+                tracker.log_metrics({f"{row['perturbation']}/{k}": v for k, v in row.items()
+                                     if k not in ("perturbation", "severity", "level")}, step=row["severity"])
+            tracker.log_metrics({f"drop/{row['perturbation']}_{m}": row[f"{m}_drop"] for row in summary
+                                 for m in ("accuracy", "auc") if f"{m}_drop" in row})
+            for file in files:
+                tracker.log_artifact(file, "robustness")
+    print_table(summary, f"{loaded.model_cfg.name} on {loaded.data.name} {args.split}: at the highest severity",
+                ["perturbation", "max_severity", "accuracy_clean", "accuracy_worst", "accuracy_drop", "auc_clean",
+                 "auc_worst", "auc_drop"])
+    print(f"files: {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -204,6 +338,27 @@ def _run_command(sub, name: str, help: str, config_help: str, resume_help: str) 
     return cmd
 
 
+def _checkpoint_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that runs a checkpoint on a dataset split: the checkpoint, the data (its own or
+    another, with a class map), the device and MLflow options."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("--checkpoint", required=True)
+    cmd.add_argument("--dataset", help="MedMNIST flag or 'folder' (default: the checkpoint's)")
+    cmd.add_argument("--data-root")
+    cmd.add_argument("--size", type=int)
+    cmd.add_argument("--class-map", metavar="SRC=DST,...",
+                     help="an image folder's class names onto the model's; folders it does not name are dropped")
+    cmd.add_argument("--model", default="medmamba_t", help="model name when the checkpoint has no config")
+    cmd.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
+                     help="all: every image (an external folder's images all become the test set)")
+    cmd.add_argument("--batch-size", type=int, default=128)
+    cmd.add_argument("--device", default="auto")
+    cmd.add_argument("--output-dir", type=Path, required=True)
+    cmd.add_argument("--tracking-uri")
+    cmd.add_argument("--no-mlflow", action="store_true")
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmamba", description="MedMamba: models, training, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,19 +398,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-mlflow", action="store_true", help="do not log the report as an MLflow run")
     report.set_defaults(func=_report)
 
-    ev = sub.add_parser("evaluate", help="the paper's metrics of a checkpoint on a dataset split")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--dataset", help="MedMNIST flag or 'folder' (default: the checkpoint's)")
-    ev.add_argument("--data-root")
-    ev.add_argument("--size", type=int)
-    ev.add_argument("--model", default="medmamba_t", help="model name when the checkpoint has no config")
-    ev.add_argument("--split", choices=["train", "val", "test"], default="test")
-    ev.add_argument("--batch-size", type=int, default=128)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--output-dir", type=Path, required=True)
-    ev.add_argument("--tracking-uri")
-    ev.add_argument("--no-mlflow", action="store_true")
-    ev.set_defaults(func=_evaluate)
+    _checkpoint_command(sub, "evaluate", "the paper's metrics of a checkpoint on a dataset split").set_defaults(
+        func=_evaluate)
+    explain = _checkpoint_command(sub, "explain", "Grad-CAM heatmaps of a checkpoint on images of a split or files")
+    explain.add_argument("--num-images", type=int, default=8, help="images drawn from --split (seeded)")
+    explain.add_argument("--images", nargs="+", metavar="FILE", help="explain these image files instead")
+    explain.add_argument("--method", action="append", metavar="NAME",
+                         help="gradcam, gradcam++, xgradcam or layercam (repeatable; default gradcam and gradcam++)")
+    explain.add_argument("--target-layer", help="module name (default: the model family's last stage)")
+    explain.add_argument("--target", choices=["predicted", "label"], default="predicted",
+                         help="the class each heatmap explains")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.set_defaults(func=_explain)
+    embed = _checkpoint_command(sub, "embed", "features before the classifier in 2-D (t-SNE/UMAP), silhouette score")
+    embed.add_argument("--method", action="append", metavar="NAME", help="tsne or umap (repeatable; default tsne)")
+    embed.add_argument("--by-site", action="store_true", help="a federated checkpoint: every site's split, by site")
+    embed.add_argument("--max-images", type=int, help="a seeded sample of at most this many images per group")
+    embed.add_argument("--seed", type=int, default=0)
+    embed.set_defaults(func=_embed)
+    robust = _checkpoint_command(sub, "robustness", "metrics of a checkpoint under image perturbations by severity")
+    robust.add_argument("--perturbation", action="append", metavar="NAME", help="repeatable; default: all")
+    robust.add_argument("--severity", action="append", type=int, metavar="S", help="0-5, repeatable; default: all")
+    robust.add_argument("--seed", type=int, default=0)
+    robust.set_defaults(func=_robustness)
     return parser
 
 

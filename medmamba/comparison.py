@@ -3,7 +3,8 @@
 Runs of every kind are read under the metric names of metrics.json: a training run's (or a
 sweep's best trial's, or ``medmamba evaluate``'s) ``test_auc`` and a federated run's final
 ``global/auc`` are both ``auc``. An evaluation on another dataset than the checkpoint was
-trained on is a row of its own, "Y (trained on X)".
+trained on is a row of its own, "Y (trained on X)". ``medmamba embed`` and ``robustness`` runs
+add tables of their silhouette scores and drops under perturbation.
 Runs are read as they were logged; nothing in MLflow is rewritten. Runs that differ only in
 seed or fold (same model, dataset and image size) are aggregated: mean, sample standard
 deviation (n - 1; 0 for one run) and count, with the ids of the runs behind every number.
@@ -30,7 +31,8 @@ TABLE6 = (("auc", "AUC"), ("accuracy", "OA"))
 # Tables 3-5: the paper's P, Se, Sp and F1 are macro averages over classes
 DETAILS = (("precision_macro", "P"), ("sensitivity_macro", "Se"), ("specificity_macro", "Sp"),
            ("f1_macro", "F1"), ("accuracy", "OA"), ("auc", "AUC"))
-SKIPPED_KINDS = ("matrix", "report")  # parent runs that only summarise their children
+SKIPPED_KINDS = ("matrix", "report", "explain")  # runs that summarise others, or hold images, not numbers
+ROBUSTNESS_DROP = "drop/"  # `medmamba robustness` logs drop/<perturbation>_<metric>
 
 
 class ReportError(MedMambaError):
@@ -73,9 +75,10 @@ class Cell:
 
 def unified_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """A run's test metrics under metrics.json's names, whatever kind of run logged them. A
-    federated run's ``test_*`` (its best.pt) take precedence over its last round's ``global/*``."""
+    federated run's ``test_*`` (its best.pt) take precedence over its last round's ``global/*``;
+    ``all_*`` is an evaluation on every image of an external set (``--split all``)."""
     out = {}
-    for prefix in ("global/", "test_"):
+    for prefix in ("global/", "all_", "test_"):
         for key, value in metrics.items():
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name in METRICS and math.isfinite(value):
@@ -96,12 +99,17 @@ def _result(run, source=None) -> Result | None:
     metrics = unified_metrics(run.data.metrics)
     model = params.get("model.name") or tags.get("model")
     dataset, size = _dataset(params, tags), params.get("data.size", "")
-    kind = tags.get("kind", "train")  # federated and sweep runs are tagged with their kind
+    kind = tags.get("kind", "train")  # federated, sweep, evaluate, embed and robustness runs are tagged
+    if kind == "embed":
+        metrics = {k: v for k, v in run.data.metrics.items() if k == "silhouette" and math.isfinite(v)}
+    elif kind == "robustness":
+        metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(ROBUSTNESS_DROP)}
     cost = tags
     if source is not None:
-        kind, cost = "evaluate", source.data.tags
+        kind, cost = tags.get("kind", "evaluate"), source.data.tags
         model, size = source.data.params.get("model.name", model), source.data.params.get("data.size", size)
-        trained_on = _dataset(source.data.params, source.data.tags)
+    if source is not None or "trained_on" in tags:  # the source run may be gone: its tag stays
+        trained_on = _dataset(source.data.params, source.data.tags) if source is not None else tags["trained_on"]
         if trained_on and trained_on != dataset:
             dataset = f"{dataset} (trained on {trained_on})"
     if not (metrics and model and dataset):
@@ -303,6 +311,28 @@ def federated_table(results: list[Result]) -> Table | None:
                   "centralised AUC", "gap"], rows) if rows else None
 
 
+def analysis_tables(cells: dict, sizes: set[str]) -> list[Table]:
+    """Feature embeddings (silhouette of the classes) and robustness (AUC and accuracy drop at
+    the highest severity, per perturbation), mean ± std over runs, per model and dataset."""
+    tables = []
+    silhouettes = sorted((k, c) for k, c in cells.items() if k[3] == "silhouette")
+    if silhouettes:
+        tables.append(Table("Feature embeddings: silhouette score of the classes in feature space, mean ± std (runs)",
+                            ["model", "dataset", "silhouette"],
+                            [[_label(m, s, sizes), d, c.text()] for (m, d, s, _), c in silhouettes]))
+    drops = {k: c for k, c in cells.items() if k[3].startswith(ROBUSTNESS_DROP)}
+    for metric, name in (("auc", "AUC"), ("accuracy", "OA")):
+        suffix = f"_{metric}"
+        columns = sorted({k[3][len(ROBUSTNESS_DROP):-len(suffix)] for k in drops if k[3].endswith(suffix)})
+        groups = sorted({(m, d, s) for m, d, s, _ in drops})
+        if columns:
+            rows = [[_label(m, s, sizes), d] + [c.text() if (c := drops.get((m, d, s, f"{ROBUSTNESS_DROP}{p}_{metric}")))
+                                                else "–" for p in columns] for m, d, s in groups]
+            tables.append(Table(f"Robustness: {name} drop at the highest severity per perturbation, mean ± std (runs)",
+                                ["model", "dataset"] + columns, rows))
+    return tables
+
+
 def plot_accuracy_vs_flops(results: list[Result], path: Path) -> Path | None:
     """Figure 4-style: mean overall accuracy against GFLOPs, marker area by parameters."""
     from .reports import plt
@@ -333,10 +363,13 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     long = [{"model": m, "dataset": d, "size": s, "metric": metric, "mean": c.mean, "std": c.std,
              "n": len(c.values), "run_ids": " ".join(c.run_ids)} for (m, d, s, metric), c in sorted(cells.items())]
     delta_table, delta_rows = deltas(cells, published())
-    tables = [table6(cells, sizes)] + [details(cells, results, d, sizes) for d in sorted({r.dataset for r in results})]
+    scores = {k: c for k, c in cells.items() if k[3] in METRICS}  # test metrics; the rest is analysis
+    tables = [table6(scores, sizes)] if scores else []
+    tables += [details(scores, results, d, sizes) for d in sorted({k[1] for k in scores})]
     if delta_rows:
         tables.append(delta_table)
     tables += [t for t in (sweep_table(results), federated_table(results)) if t is not None]
+    tables += analysis_tables(cells, sizes)
     files = [write_csv(long, out / "report.csv")]
     if delta_rows:
         files.append(write_csv(delta_rows, out / "deltas.csv"))

@@ -6,9 +6,11 @@ the same transforms for both sources: RGB (grayscale repeated to 3 channels), re
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import medmnist
@@ -20,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,27 @@ class Datasets:
     name: str
     checksum: str  # MD5 of the MedMNIST file, or of the folder's sorted file list
     positive_class: int = 1  # binary tasks: index of the disease class (data.positive_class)
+    unmapped: dict[str, int] = field(default_factory=dict)  # images of classes a class map dropped, per class
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def all(self) -> Dataset:
+        """Every image of the dataset: train, val and test together (an external test set)."""
+        return ConcatDataset([self.train, self.val, self.test])
+
+
+def parse_class_map(text: str) -> dict[str, str]:
+    """``"SRC=DST,SRC2=DST"`` -> {SRC: DST, ...}: an external folder's class names onto a model's.
+    A comma splits pairs only before another ``NAME=``, so names may hold commas ("normal, benign")."""
+    pairs = [part.strip().partition("=") for part in re.split(r",(?=[^,=]*=)", text.strip().strip(","))]
+    bad = [src + sep + dst for src, sep, dst in pairs if not (sep and src.strip() and dst.strip())]
+    if bad:
+        raise ConfigError(f"class map {text!r}: expected SRC=DST pairs separated by commas "
+                          f"(e.g. NORMAL=normal,PNEUMONIA=pneumonia); not a pair: {bad[0]!r}")
+    return {src.strip(): dst.strip() for src, _, dst in pairs}
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
@@ -83,13 +102,19 @@ def image_transform(size: int, augment: str = "none") -> transforms.Compose:
     return transforms.Compose(steps)
 
 
-def build_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datasets:
+def build_datasets(cfg: DataConfig, classes: list[str] | None = None, class_map: dict[str, str] | None = None,
+                   whole: bool = False) -> Datasets:
     """The configured dataset's train, val and test splits. ``classes`` fixes an image folder's
-    class list (and label indices), e.g. the same for every hospital of a federation."""
+    class list (and label indices), e.g. the same for every hospital of a federation or a model's
+    classes for an external test set; ``class_map`` renames the folder's classes onto those
+    (folders of classes it does not name are dropped and counted in ``unmapped``); ``whole`` puts
+    every image of a folder in the test split (no train/val split of an external set)."""
     if cfg.root and Path(cfg.root).expanduser().is_file():
         raise DataError(f"data.root {cfg.root} is a file; expected a folder")
     if cfg.name == "folder":
-        data = _folder_datasets(cfg, classes)
+        data = _folder_datasets(cfg, classes, class_map, whole)
+    elif class_map:
+        raise ConfigError(f"a class map renames an image folder's classes; {cfg.name} is not a folder")
     elif cfg.name in MEDMNIST_2D:
         data = _medmnist_datasets(cfg)
     else:
@@ -237,38 +262,63 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray(dataset.labels).reshape(len(dataset), -1)[:, 0].astype(np.int64)  # medmnist
 
 
-def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datasets:
+def _map_classes(per_split: dict[str, list[tuple[Path, str]]], class_map: dict[str, str], classes: list[str],
+                 root: Path) -> tuple[dict[str, list[tuple[Path, str]]], dict[str, int]]:
+    """Rename each image's class by ``class_map``; drop (and count) classes it does not name."""
+    found = {label for files in per_split.values() for _, label in files}
+    unknown_src = sorted(set(class_map) - found)
+    if unknown_src:
+        raise DataError(f"the class map names {unknown_src}, which {root} has no images of; its classes: {sorted(found)}")
+    unknown_dst = sorted(set(class_map.values()) - set(classes))
+    if unknown_dst:
+        raise DataError(f"the class map maps onto {unknown_dst}, which the model does not have; its classes: {classes}")
+    unmapped = collections.Counter(label for files in per_split.values() for _, label in files if label not in class_map)
+    for label, count in sorted(unmapped.items()):
+        log.warning("%s: %d images of class %r are dropped: the class map does not name it", root, count, label)
+    mapped = {s: [(p, class_map[label]) for p, label in files if label in class_map] for s, files in per_split.items()}
+    return mapped, dict(unmapped)
+
+
+def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_map: dict[str, str] | None = None,
+                     whole: bool = False) -> Datasets:
     if not cfg.root:
         raise DataError("data.root is required for data.name=folder")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
+    if class_map and classes is None:
+        raise ConfigError("a class map needs the model's classes to map onto")
     given = [s for s in SPLITS if (root / s).is_dir()]
     if given and given != list(SPLITS):
         raise DataError(f"{root} has split folders {given}; expected all of {list(SPLITS)} or none")
     if given:
         per_split = {s: _check_images(_scan_classes(root / s), cfg.skip_corrupt) for s in SPLITS}
-        found = {label for files in per_split.values() for _, label in files}
     else:
-        files = _check_images(_scan_classes(root), cfg.skip_corrupt)
-        found = {label for _, label in files}
+        per_split = {"all": _check_images(_scan_classes(root), cfg.skip_corrupt)}
+    unmapped = {}
+    if class_map:
+        per_split, unmapped = _map_classes(per_split, class_map, classes, root)
+    found = {label for files in per_split.values() for _, label in files}
     if classes is not None:
         unknown = found - set(classes)
         if unknown:
-            raise DataError(f"{root} has class folders {sorted(unknown)} that are not among {classes}")
+            raise DataError(f"{root} has class folders {sorted(unknown)} that are not among {classes} "
+                            "(map them onto the model's classes with --class-map SRC=DST,...)")
         missing = sorted(set(classes) - found)
         if missing:
             log.warning("%s has no images of %s", root, missing)
     classes = classes if classes is not None else sorted(found)
-    if len(found) < 2:
+    if len(found) < 2 and not whole:
         raise DataError(f"{root}: found {len(found)} class folders with images; need at least 2 (root/<class>/*)")
-    if not given:
-        per_split = _split_files(files, cfg)
+    if whole:
+        per_split = {"train": [], "val": [], "test": [f for files in per_split.values() for f in files]}
+    elif not given:
+        per_split = _split_files(per_split["all"], cfg)
     for split, files in per_split.items():
-        if not files:
+        if not files and not (whole and split != "test"):
             raise DataError(f"{root}: the {split} split is empty")
         missing = set(classes) - {label for _, label in files}
-        if missing:
+        if missing and files:
             log.warning("%s split of %s has no images of %s", split, root, sorted(missing))
     index = {c: i for i, c in enumerate(classes)}
     listing = "\n".join(f"{p.relative_to(root)}\t{label}" for files in per_split.values() for p, label in files)
@@ -278,7 +328,7 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None) -> Datas
         for s, files in per_split.items()
     }
     return Datasets(**splits, class_names=classes, name=f"folder:{root.name}",
-                    checksum=hashlib.md5(listing.encode()).hexdigest())
+                    checksum=hashlib.md5(listing.encode()).hexdigest(), unmapped=unmapped)
 
 
 def stratified_split(idx: np.ndarray, size: float, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,11 @@ from the config saved in it first.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import medmnist
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -18,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .config import DataConfig, ModelConfig, config_from_dict
-from .data import Datasets, build_datasets, make_loader
+from .config import Config, DataConfig, ModelConfig, config_from_dict
+from .data import MEDMNIST_2D, MEDMNIST_POSITIVE, Datasets, build_datasets, labels_of, make_loader
+from .errors import CheckpointError
 from .metrics import classification_metrics
 from .registry import build_model, load_state_dict, read_checkpoint
 from .reports import plot_confusion_matrix, plot_roc_curves, plot_training_curves
 from .runtime import resolve_device, world
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -91,6 +96,19 @@ def evaluate_model(model: nn.Module, data: Datasets, split: str, output_dir: str
 
 
 @dataclass
+class Loaded:
+    """A checkpoint's model, ready to run, and the data to run it on."""
+    model: nn.Module
+    data: Datasets | None  # None when loaded without data (explaining image files)
+    class_names: list[str]  # the model's classes
+    model_cfg: ModelConfig  # the model that was built
+    config: Config | None  # the training config saved in the checkpoint (None: a bare state dict)
+    device: torch.device
+    size: int  # the image side the data is read at
+    source: dict  # the training run's MLflow ids and dataset: source_run_id, source_experiment, trained_on
+
+
+@dataclass
 class Evaluation:
     metrics: dict
     files: list[Path]  # the report files written
@@ -98,23 +116,66 @@ class Evaluation:
     model: ModelConfig  # the model that was built
 
 
-def evaluate_checkpoint(checkpoint: str | Path | dict, split: str, output_dir: str | Path,
-                        data: Datasets | None = None, data_overrides: dict | None = None, device: str = "auto",
-                        batch_size: int = 128, model_name: str = "medmamba_t") -> Evaluation:
-    """Evaluate a checkpoint (a path, or what ``read_checkpoint`` returned) on ``split`` of
-    ``data`` (default: the dataset of the config saved in it, with ``data_overrides`` applied and
-    no augmentation), writing the report files. The model is built from the checkpoint's whole
-    ``model`` config; a checkpoint without one (e.g. a published state dict) is taken as
-    ``model_name`` with default keys."""
+def model_classes(state: dict, cfg: Config | None) -> list[str] | None:
+    """The class names a checkpoint's model predicts: saved with it, or its MedMNIST set's labels."""
+    if state.get("class_names"):
+        return list(state["class_names"])
+    if cfg is not None and cfg.data.name in MEDMNIST_2D:
+        labels = medmnist.INFO[cfg.data.name]["label"]
+        return [labels[str(i)] for i in range(len(labels))]
+    return None
+
+
+def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None = None, device: str = "auto",
+                    model_name: str = "medmamba_t", class_map: dict[str, str] | None = None,
+                    whole: bool = False, with_data: bool = True, data: Datasets | None = None) -> Loaded:
+    """A checkpoint (a path, or what ``read_checkpoint`` returned) as a model on ``device`` and its
+    data: the dataset of the config saved in it, with ``data_overrides`` applied (another dataset
+    for a cross-dataset test) and no augmentation. An image folder is read with the model's
+    classes, renamed by ``class_map``; ``whole`` makes every image of it the test set. The model is
+    built from the checkpoint's whole ``model`` config; a checkpoint without one (e.g. a published
+    state dict) is taken as ``model_name`` with default keys. ``data``: evaluate on these datasets
+    instead (built already, e.g. a federation's); ``with_data=False`` reads no data (the model's
+    class names must then be in the checkpoint or its config)."""
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     load_state_dict(state)  # one that holds no weights fails here, before any data is read
     cfg = config_from_dict(state["config"]) if "config" in state else None
-    if data is None:
-        data_cfg = replace(cfg.data if cfg else DataConfig(), **(data_overrides or {}), augment="none")
-        data = build_datasets(data_cfg)
+    overrides = dict(data_overrides or {})
+    data_cfg = cfg.data if cfg else DataConfig()
+    if cfg and overrides.get("name", data_cfg.name) != data_cfg.name and "positive_class" not in overrides:
+        # another dataset: the headline class stays the model's (e.g. pneumonia)
+        overrides["positive_class"] = data_cfg.positive_class or MEDMNIST_POSITIVE.get(data_cfg.name)
+    data_cfg = replace(data_cfg, **overrides, augment="none")
+    classes = model_classes(state, cfg)
+    if (class_map or not with_data) and classes is None:
+        raise CheckpointError("the checkpoint does not record its class names (and its config names no MedMNIST "
+                              "set): " + ("a class map has nothing to map onto" if class_map else "name a dataset"))
+    if data is None and with_data:
+        data = build_datasets(data_cfg, classes if data_cfg.name == "folder" else None, class_map, whole)
+    classes = data.class_names if data else classes
     model_cfg = replace(cfg.model if cfg else ModelConfig(name=model_name), num_classes=None)
     target = resolve_device(device)
     # the size it was trained at (fixed-size models such as ViTs are built for one)
-    size = cfg.data.size if cfg else (data_overrides or {}).get("size")
-    model = build_model(model_cfg, data.num_classes, size, checkpoint=state).to(target)
-    return Evaluation(*evaluate_model(model, data, split, output_dir, target, batch_size), data, model_cfg)
+    size = cfg.data.size if cfg else overrides.get("size")
+    model = build_model(model_cfg, len(classes), size, checkpoint=state,
+                        data_name=data.name if data else "the checkpoint").to(target).eval()
+    source = {"source_run_id": state.get("run_id"), "source_experiment": state.get("experiment"),
+              "trained_on": cfg.data.name if cfg and cfg.data.name != "folder" else
+              (f"folder:{Path(cfg.data.root).name}" if cfg and cfg.data.root else None)}
+    return Loaded(model, data, classes, model_cfg, cfg, target, data_cfg.size, {k: v for k, v in source.items() if v})
+
+
+def evaluate_checkpoint(loaded: Loaded, split: str, output_dir: str | Path, batch_size: int = 128) -> Evaluation:
+    """Evaluate a loaded checkpoint on ``split`` (train, val, test or all) of its data, writing the
+    report files. A class-mapped external set's metrics.json also counts the dropped images and
+    names the model classes it has no images of."""
+    extra = {}
+    if loaded.data.unmapped:
+        extra["unmapped_images"] = loaded.data.unmapped
+    present = set(labels_of(getattr(loaded.data, split)).tolist())
+    absent = [c for i, c in enumerate(loaded.data.class_names) if i not in present]
+    if absent:
+        log.warning("the %s split has no images of the model's classes %s", split, absent)
+        extra["classes_without_images"] = absent
+    metrics, files = evaluate_model(loaded.model, loaded.data, split, output_dir, loaded.device, batch_size, extra=extra)
+    return Evaluation(metrics, files, loaded.data, loaded.model_cfg)

@@ -235,8 +235,9 @@ class MedMamba(nn.Module):
             x = stage(x)
         return x.mean(dim=(1, 2))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.head(x)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooled features -> logits (``pre_logits``: the features the classifier sees, timm's convention)."""
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

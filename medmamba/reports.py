@@ -23,7 +23,7 @@ def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Pat
     ax.set_yticklabels(class_names)
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path,
@@ -38,7 +38,7 @@ def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict], path: Path) -> Path:
@@ -52,10 +52,10 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
     metric_ax.set(xlabel="epoch", title="validation")
     loss_ax.legend()
     metric_ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -78,7 +78,7 @@ def plot_federated_curves(rounds: list[dict], sites: list[str], centralized: dic
             ax.axhline(centralized[key], color="tab:red", linestyle=":", label="centralised (pooled)")
         ax.set(xlabel="round", ylabel=f"test {key}", title=f"test {key} per round")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

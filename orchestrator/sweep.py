@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from medmamba.config import Config, absolute_paths, config_from_dict, save_config, set_key, validate
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
-from medmamba.evaluation import evaluate_checkpoint
+from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.reports import print_table, write_csv
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
@@ -255,7 +255,7 @@ def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, parent: Trac
         state = read_checkpoint(Path(saved) / "best.pt")
     state.update(run_id=run_id, experiment=cfg.mlflow.experiment if run_id else None)
     torch.save(state, out / "best.pt")
-    ev = evaluate_checkpoint(state, "test", out, device=cfg.train.device, batch_size=cfg.train.batch_size)
+    ev = evaluate_checkpoint(load_checkpoint(state, device=cfg.train.device), "test", out, cfg.train.batch_size)
     if parent:
         parent.log_evaluation("test", ev.metrics, ev.files)
     return ev.metrics
