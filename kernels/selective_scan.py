@@ -2,14 +2,17 @@
 
 Backends:
 - ``"mamba"``: mamba-ssm's CUDA kernel (CUDA tensors, ``pip install medmamba[gpu]``).
+- ``"triton"``: Triton kernels of the recurrence (``triton_scan``; CUDA tensors, or CPU tensors
+  under ``TRITON_INTERPRET=1``, which is how CI checks them): no CUDA build step.
 - ``"cpu"``: our compiled C++ kernel (CPU tensors; JIT-built on first use, see ``_cpu_ext``).
 - ``"torch"``: a chunked, vectorised PyTorch formulation that runs on any device, with a
   backward that recomputes one chunk at a time; used on a GPU without mamba-ssm and on a CPU
   where the extension cannot be built.
 - ``"ref"``: the per-step reference (tests and benchmarks only; never chosen automatically).
 
-``"auto"`` picks mamba on CUDA when importable, the compiled kernel on CPU, and otherwise
-``"torch"`` with a one-time warning that names why.
+``"auto"`` picks mamba on CUDA when importable, else Triton there; the compiled kernel on CPU;
+otherwise ``"torch"``, with a one-time warning that names why. (Which of mamba-ssm and Triton is
+faster at MedMamba's shapes has not been measured yet: benchmarks/gpu_check.py does, on a GPU.)
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from .cross_scan import cross_merge, cross_scan, scan_positions
 from .reference import selective_scan_ref
 from .validation import check_cross_scan_inputs, check_scan_inputs, compute_dtype
 
-BACKENDS = ("auto", "mamba", "cpu", "torch", "ref")
+BACKENDS = ("auto", "mamba", "triton", "cpu", "torch", "ref")
 CPU_CHUNK = 64  # steps between saved states in the compiled kernel's forward
 TORCH_CHUNK = 8  # steps per block of the chunked PyTorch path (cost grows with it; 8 measured best)
 _warned: set[str] = set()
@@ -47,6 +50,16 @@ def _mamba_scan():
     return selective_scan_fn
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_scan():
+    """The Triton scan module (``triton_scan``), or None when Triton is not importable."""
+    try:
+        from . import triton_scan
+    except Exception:
+        return None
+    return triton_scan
+
+
 def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     """The backend that ``selective_scan_fn`` uses for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -56,6 +69,12 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
             raise ValueError(f"selective_scan: backend 'mamba' needs CUDA tensors, got {device}")
         if _mamba_scan() is None:
             raise RuntimeError("selective_scan: mamba-ssm is not importable; install medmamba[gpu]")
+    if backend == "triton":
+        if _triton_scan() is None:
+            raise RuntimeError("selective_scan: triton is not importable")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_scan().INTERPRETED):
+            raise ValueError(f"selective_scan: backend 'triton' needs CUDA tensors (or CPU ones when the "
+                             f"process started with TRITON_INTERPRET=1), got {device}")
     if backend == "cpu":
         if device.type != "cpu":
             raise ValueError(f"selective_scan: backend 'cpu' needs CPU tensors, got {device}")
@@ -66,8 +85,11 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     if device.type == "cuda":
         if _mamba_scan() is not None:
             return "mamba"
-        _warn_once("cuda", "selective_scan: mamba-ssm is not installed (pip install medmamba[gpu]); "
-                   "CUDA tensors use the slower chunked PyTorch scan")
+        if _triton_scan() is not None:
+            _warn_once("cuda", "selective_scan: mamba-ssm is not installed; CUDA tensors use the Triton scan")
+            return "triton"
+        _warn_once("cuda", "selective_scan: neither mamba-ssm nor triton is importable; CUDA tensors use the "
+                   "slower chunked PyTorch scan")
         return "torch"
     if device.type == "cpu":
         if _cpu_ext.load() is not None:
@@ -110,7 +132,8 @@ def selective_scan_fn(
     if name == "cpu":
         out, last = _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     else:
-        out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        core = _triton_scan().TritonScan if name == "triton" else _ChunkedScan
+        out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, core)
     return (out, last) if return_last_state else out
 
 
@@ -288,8 +311,9 @@ def _steps(M: Tensor, steps: slice) -> Tensor:
     return M if M.dim() == 2 else M[..., steps]
 
 
-def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
-    """The scan on any device: elementwise parts in torch around the blocked recurrence."""
+def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, core=None) -> tuple[Tensor, Tensor]:
+    """The scan on any device: elementwise parts in torch around the recurrence ``core`` (an
+    autograd Function of (u, dt, A, B, C): the blocked PyTorch one, or Triton's)."""
     ct = compute_dtype(u)
     dt = delta.to(ct)
     if delta_bias is not None:
@@ -297,7 +321,7 @@ def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[
     if delta_softplus:
         dt = F.softplus(dt)
     uc = u.to(ct)
-    out, last = _ChunkedScan.apply(uc, dt, A.to(ct), B.to(ct), C.to(ct))
+    out, last = (core or _ChunkedScan).apply(uc, dt, A.to(ct), B.to(ct), C.to(ct))
     if D is not None:
         out = out + uc * D.to(ct)[:, None]
     if z is not None:

@@ -171,8 +171,10 @@ def test_forced_backends_that_cannot_run_here_say_why():
     inputs = make_inputs(1, 4, 2, 5, "fixed")
     with pytest.raises(ValueError, match="backend 'mamba' needs CUDA"):
         selective_scan_fn(**inputs, backend="mamba")
-    with pytest.raises(ValueError, match="unknown backend 'triton'"):
-        selective_scan_fn(**inputs, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        selective_scan_fn(**inputs, backend="cuda")
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+        resolve_backend(torch.device("meta"), "triton")
     with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors, got meta"):
         resolve_backend(torch.device("meta"), "cpu")
 

@@ -1,0 +1,200 @@
+"""One-shot GPU check: the scan kernels' numerics on the device, the scan against its memory-traffic
+floor, and MedMamba's training and inference throughput against timm's ResNet-50 and ConvNeXt-T.
+
+    python benchmarks/gpu_check.py            # on a GPU machine: paste its table into the note
+    python benchmarks/gpu_check.py --quick    # fewer steps
+
+Needs only torch, triton (for the Triton scan), timm and this package's model and kernels (no
+Ray, MLflow, Flower or medmnist). Without a GPU it runs the same sections on the CPU at small
+sizes: a smoke test, not a measurement of anything a GPU user cares about.
+
+Sections:
+1. correctness: every scan backend the device has (Triton, chunked PyTorch, mamba-ssm when
+   importable, the compiled CPU kernel on a CPU) against the per-step reference, forward and
+   gradients, fp32: max relative error.
+2. scan: ``cross_selective_scan`` forward + backward at MedMamba-T's stage-1 and stage-3 shapes
+   at 224 px (batch 32 on a GPU): time, peak memory, and the HBM-traffic floor: the bytes the scan
+   must read and write (inputs and output forward; inputs, output gradient and input gradients
+   backward) over the copy bandwidth measured in this run.
+3. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
+   autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from medmamba import create_model
+from medmamba.kernels import BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref
+from medmamba.model import SS2D
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, device: torch.device, steps: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def backends(device: torch.device) -> list[str]:
+    """The scan backends that run on ``device`` here."""
+    found = []
+    for name in BACKENDS:
+        if name in ("auto", "ref"):
+            continue
+        try:
+            resolve_backend(device, name)
+            found.append(name)
+        except (ValueError, RuntimeError):
+            pass
+    return found
+
+
+def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16, L: int = 300) -> list[str]:
+    """Max relative error of each backend's forward and gradients against the reference."""
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(u=torch.randn(batch, dim, L, generator=g), delta=0.5 * torch.rand(batch, dim, L, generator=g),
+                  A=-(0.5 + 4 * torch.rand(dim, n, generator=g)), B=torch.randn(batch, 2, n, L, generator=g),
+                  C=torch.randn(batch, 2, n, L, generator=g), D=torch.randn(dim, generator=g),
+                  z=torch.randn(batch, dim, L, generator=g), delta_bias=0.3 * torch.rand(dim, generator=g))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def run(fn, **kw):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out = fn(**leaves, delta_softplus=True, **kw)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+        return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+    want, want_grads = run(selective_scan_ref)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    rows = []
+    for name in backends(device):
+        out, grads = run(selective_scan_fn, backend=name)
+        worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
+        rows.append(f"| correctness | {name} | forward rel err {rel(out, want):.1e} | "
+                    f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
+    return rows
+
+
+def scan_shapes() -> list[tuple[int, int, int, int]]:
+    """(H, W, d_inner, d_state) of MedMamba-T's SS2D scans at 224 px, one per stage."""
+    model, shapes = create_model("medmamba_t", num_classes=2), {}
+
+    def record(module, args, _out, stage: int) -> None:
+        shapes.setdefault(stage, (*args[0].shape[1:3], 2 * args[0].shape[3], module.d_state))
+
+    for i, stage in enumerate(model.stages):
+        for m in stage.modules():
+            if isinstance(m, SS2D):
+                m.register_forward_hook(lambda *a, i=i: record(*a, stage=i))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    return [shapes[i] for i in sorted(shapes)]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    x = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / _median_seconds(lambda: y.copy_(x), device, 10)
+
+
+def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
+    bandwidth, rows = copy_bandwidth(device), []
+    shapes = scan_shapes()
+    for stage in (0, 2):
+        H, W, d, n = shapes[stage]
+        L = H * W
+        x = torch.randn(batch, H, W, d, device=device, requires_grad=True)
+        delta = (torch.rand(batch, L, 4, 6, device=device) - 4).requires_grad_()  # low rank, as SS2D
+        proj = (0.1 * torch.randn(4, d, 6, device=device)).requires_grad_()
+        B, C = (torch.randn(batch, L, 4, n, device=device, requires_grad=True) for _ in range(2))
+        A = -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(4 * d, 1)
+        Dskip, bias = torch.ones(4 * d, device=device), torch.zeros(4 * d, device=device)
+        inputs = [x, delta, proj, B, C]
+        moved = sum(t.numel() for t in inputs) * 4
+        floor = (moved + x.numel() * 4 + 2 * moved + x.numel() * 4) / bandwidth  # fwd: in + out; bwd: in, dout, grads
+        # the chunked PyTorch scan is a GPU's fallback; on a CPU it takes seconds here and tells nothing
+        for name in [b for b in backends(device) if b != "torch" or device.type == "cuda"]:
+            def step(name=name):
+                out = cross_selective_scan(x, delta, A, B, C, Dskip, bias, True, proj, backend=name)
+                out.sum().backward()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = _median_seconds(step, device, steps)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            rows.append(f"| scan stage {stage + 1} ({H}x{W}, d {d}, n {n}, batch {batch}) | {name} | "
+                        f"{seconds * 1e3:.2f} ms fwd+bwd, peak {peak:.0f} MiB | "
+                        f"{seconds / floor:.1f}x the HBM floor ({floor * 1e3:.3f} ms at {bandwidth / 1e9:.0f} GB/s) |")
+    return rows
+
+
+def throughput(device: torch.device, size: int, batch: int, steps: int) -> list[str]:
+    names = ["medmamba_t", "medmamba_s", "resnet50", "convnext_tiny"]
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
+    rows, rates = [], {}
+    for name in names:
+        model = create_model(name, num_classes=2, img_size=size).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+
+        def train_step(model=model, optimizer=optimizer):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def infer_step(model=model):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(x)
+
+        model.train()
+        train = batch / _median_seconds(train_step, device, steps)
+        model.eval()
+        infer = batch / _median_seconds(infer_step, device, steps)
+        rates[name] = train
+        rows.append(f"| throughput {size} px, batch {batch}, {'bf16' if dtype else 'fp32'} | {name} | "
+                    f"train {train:.0f} img/s | infer {infer:.0f} img/s |")
+        del model, optimizer
+    ratio = rates["medmamba_t"] / rates["convnext_tiny"]
+    verdict = ("met" if ratio >= 1 else "NOT met") if device.type == "cuda" else "CPU smoke test: no target"
+    rows.append(f"| target: MedMamba-T trains at least as fast as ConvNeXt-T | | {ratio:.2f}x | {verdict} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    steps = 3 if args.quick or not gpu else 10
+    where = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a smoke test at small sizes, not a measurement)"
+    print(f"torch {torch.__version__}, {where}; scan backends here: {', '.join(backends(device))}")
+    print("| check | path | result | |\n|---|---|---|---|")
+    sections = [lambda: correctness(device),
+                lambda: scan_benchmark(device, 32 if gpu else 1, steps),
+                lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps)]
+    for section in sections:
+        for row in section():
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

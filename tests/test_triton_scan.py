@@ -1,0 +1,104 @@
+"""The Triton scan (backend="triton") against the per-step reference, run by Triton's interpreter
+on CPU tensors: the numerics a GPU would run, checked without one.
+
+The kernels are made in interpreted mode when this module first imports them; Triton reads
+TRITON_INTERPRET=1 again when it launches them, so it stays set for the rest of the session
+(nothing else here uses Triton). Shapes stay small: the interpreter runs each program step by
+step in NumPy.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from medmamba.kernels import cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref
+from scan_inputs import make_inputs, rel_err
+from test_cross_scan import _cross_inputs
+
+os.environ["TRITON_INTERPRET"] = "1"
+triton_scan = importlib.import_module("medmamba.kernels.triton_scan")
+
+pytestmark = pytest.mark.skipif(not triton_scan.INTERPRETED, reason="the Triton kernels were made for a GPU "
+                                "before this module could ask for the interpreter")
+
+# batch, dim, nstate, L, layout, options on: dim not a multiple of BLOCK_D, L across chunk boundaries
+SHAPES = [(1, 4, 1, 1, "fixed", True), (2, 20, 16, 37, "var", True), (1, 16, 4, 65, "g2", False),
+          (2, 8, 3, 33, "g4", True), (1, 5, 8, 32, "g1", False)]
+
+
+def _leaves(inputs: dict) -> dict:
+    return {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+
+
+def _run(fn, inputs, leaves, softplus, **kw):
+    out, last = fn(**{**inputs, **leaves}, delta_softplus=softplus, return_last_state=True, **kw)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out.float() * weight.float()).sum().backward()
+    return out.detach(), last, {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-n{}-L{}-{}-{}".format(*s))
+def test_selective_scan_forward_and_gradients_match_the_reference_fp32(shape):
+    batch, dim, nstate, L, layout, options = shape
+    inputs = make_inputs(batch, dim, nstate, L, layout, z=options, D=options, bias=options, seed=L)
+    softplus = L % 2 == 1
+    out, last, grads = _run(selective_scan_fn, inputs, _leaves(inputs), softplus, backend="triton")
+    want, want_last, want_grads = _run(selective_scan_ref, inputs, _leaves(inputs), softplus)
+    assert out.dtype == torch.float32 and rel_err(out, want) <= 1e-5
+    assert rel_err(last, want_last) <= 1e-5
+    assert grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert grads[name].shape == inputs[name].shape
+        assert rel_err(grads[name], want_grads[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("layout", ["var", "fixed"])
+def test_bf16_inputs_compute_in_fp32(layout):
+    inputs = make_inputs(2, 12, 4, 40, layout, seed=5)
+    half = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    out, _, grads = _run(selective_scan_fn, half, _leaves(half), True, backend="triton")
+    want, _, want_grads = _run(selective_scan_ref, half, _leaves(half), True)  # the reference upcasts too
+    assert out.dtype == torch.bfloat16 and rel_err(out, want) <= 1e-2
+    for name in want_grads:
+        assert grads[name].dtype == torch.bfloat16 and rel_err(grads[name], want_grads[name]) <= 2e-2, name
+
+
+@pytest.mark.parametrize("low_rank", [False, True], ids=["delta", "low-rank-delta"])
+def test_cross_selective_scan_on_a_non_square_map(low_rank):
+    inputs = _cross_inputs(2, 3, 5, 8, 4, torch.float32, low_rank=low_rank, seed=11)
+    results = []
+    for backend in ("triton", "ref"):
+        leaves = _leaves(inputs)
+        out = cross_selective_scan(**{**inputs, **leaves}, delta_softplus=True, backend=backend)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves.values()])
+    for name, got, want in zip(["out", *_leaves(inputs)], *results):
+        assert rel_err(got, want) <= (1e-5 if name == "out" else 1e-4), name
+
+
+def test_the_triton_backend_runs_here_only_under_the_interpreter():
+    assert resolve_backend(torch.device("cpu"), "triton") == "triton"
+    assert resolve_backend(torch.device("cpu")) == "cpu"  # never chosen automatically on a CPU
+
+
+def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
+    """benchmarks/gpu_check.py on a machine without a GPU: every backend here checked, no crash."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    device = torch.device("cpu")
+    assert gpu_check.backends(device) == ["triton", "cpu", "torch"]  # triton: interpreted in this session
+    rows = gpu_check.correctness(device, batch=1, dim=16, n=4, L=40)
+    assert len(rows) == 3
+    for row in rows:
+        forward, gradients = (float(part.split("err ")[1].split()[0]) for part in row.split("|")[3:5])
+        assert forward <= 1e-5 and gradients <= 1e-4, row
+    assert gpu_check.scan_shapes() == [(56, 56, 96, 16), (28, 28, 192, 16), (14, 14, 384, 16), (7, 7, 768, 16)]
