@@ -46,7 +46,7 @@ bench: install
 	$(PY) benchmarks/checkpoint.py
 
 test: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" --durations=25
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not integration"

@@ -73,7 +73,9 @@ class TrainConfig:
     deterministic: bool = False
     monitor: MetricName = "auc"  # validation metric for the best checkpoint and early stopping
     early_stopping_patience: int | None = None  # epochs without improvement; None: off
-    amp: bool = True  # mixed precision, CUDA only
+    # mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 (CUDA or CPU); fp16 (CUDA, with a
+    # GradScaler); off. true/false (older configs) mean auto/off.
+    amp: Literal["auto", "bf16", "fp16", "off"] | bool = "auto"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
 
 
@@ -331,7 +333,7 @@ def validate(cfg: Config) -> None:
 
 
 # What a --resume may change: the length of the run, where and how it runs, and tracking.
-RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "data.root", "data.download",
+RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "train.amp", "data.root", "data.download",
              "data.num_workers", "federated.rounds", "federated.round_timeout", "federated.client_cpus",
              "federated.client_gpus", "mlflow.", "ray.", "tune.", "matrix.")
 

@@ -39,6 +39,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def autocast_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.amp`` asks for on ``device`` (None: fp32). ``auto`` (or true):
+    bf16 on CUDA (fp16 on GPUs without bf16), fp32 on a CPU, where bf16 autocast gained 2% at
+    28 px and 16% at 64 px on an AVX512-BF16 machine (not worth bf16 numerics by default);
+    ``bf16`` also on a CPU; ``fp16`` (CUDA only) trains with a GradScaler; ``off`` (or false): fp32."""
+    if amp in ("off", False):
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"train.amp=fp16 needs a CUDA device (on {device.type}: bf16 or off)")
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)

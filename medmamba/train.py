@@ -41,7 +41,7 @@ from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
 from .errors import CheckpointError, TrainingError
 from .registry import build_model, load_pretrained, read_checkpoint
-from .runtime import resolve_device, rng_state, seed_everything, set_rng_state, world
+from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
 
 log = logging.getLogger(__name__)
@@ -63,27 +63,47 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig) -> torch.
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
 
 
+CHECK_EVERY = 32  # steps between the loss checks that wait for the device
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, scaler: torch.amp.GradScaler | None = None, epoch: int = 0,
-                    progress: bool = True, proximal: tuple[float, list[torch.Tensor]] | None = None) -> float:
+                    progress: bool = True, proximal: tuple[float, list[torch.Tensor]] | None = None,
+                    amp: torch.dtype | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss.
 
-    ``proximal=(mu, reference_params)`` adds FedProx's (mu / 2) ||w - w_ref||^2 to the loss.
-    Raises TrainingError (a FloatingPointError) when the loss stops being finite.
+    ``amp``: the autocast dtype (None: fp32); fp16 needs ``scaler``. ``proximal=(mu,
+    reference_params)`` adds FedProx's (mu / 2) ||w - w_ref||^2 to the loss. The loss is summed
+    on the device and checked every CHECK_EVERY steps (no host sync per step); raises
+    TrainingError (a FloatingPointError) naming the first step whose loss was not finite.
     """
     model.train()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+    bad_value = torch.zeros((), device=device)
+    count = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True)  # None: off without a TTY
+
+    def check(step: int) -> None:
+        if first_bad.item() >= 0:
+            raise TrainingError(f"training loss became {bad_value.item()} at epoch {epoch}, step {first_bad.item()}; "
+                                "lower optim.lr or check the data")
+        if not bar.disable:
+            bar.set_postfix(loss=f"{total.item() / max(count, 1):.4f}")
+
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=scaler is not None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(x), y)
         if proximal is not None:
             mu, ref = proximal
             loss = loss + mu / 2 * sum((p - r).pow(2).sum() for p, r in zip(model.parameters(), ref))
-        if not torch.isfinite(loss):
-            raise TrainingError(f"training loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                     "lower optim.lr or check the data")
+        finite = torch.isfinite(loss.detach())
+        newly_bad = ~finite & (first_bad < 0)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_value = torch.where(newly_bad, loss.detach().float(), bad_value)
+        if step % CHECK_EVERY == 0:
+            check(step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -92,14 +112,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         else:
             loss.backward()
             optimizer.step()
-        total += loss.item() * len(y)
+        total += loss.detach().double() * len(y)
         count += len(y)
-        bar.set_postfix(loss=f"{total / count:.4f}")
+    check(-1)
     if world()[1] > 1:  # the mean over every rank's examples
-        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
         dist.all_reduce(sums)
-        total, count = sums.tolist()
-    return total / max(count, 1)
+        return (sums[0] / sums[1].clamp(min=1)).item()
+    return total.item() / max(count, 1)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -279,8 +299,8 @@ class Trainer:
                                  data_name=data.name).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.sched)
-        use_amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.amp = autocast_dtype(cfg.train.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         t, (rank, size) = cfg.train, world()
         self.sampler = None
         self.train_model: nn.Module = self.model
@@ -359,7 +379,7 @@ class Trainer:
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)
             train_loss = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.device,
-                                         self.scaler, self.epoch, self.progress)
+                                         self.scaler, self.epoch, self.progress, amp=self.amp)
             self.scheduler.step()
             if self.sampler is not None:  # BatchNorm statistics drift apart per rank: use rank 0's everywhere
                 for buffer in self.model.buffers():

@@ -232,3 +232,61 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path):
         assert torch.load(disk / "last.pt", weights_only=True)["w"].shape == (10,)  # the previous one intact
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+class _LateNaN(Dataset):
+    """Finite images, then NaN ones from index 40 (batch 8: step 5)."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.full((3, 28, 28), math.nan if i >= 40 else 0.1 * (i % 5)), i % 2
+
+
+def test_a_loss_that_turns_nan_mid_epoch_names_its_first_step():
+    from medmamba.data import make_loader
+    from medmamba.train import train_one_epoch
+
+    model = create_model("medmamba_t", num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with pytest.raises(FloatingPointError, match="training loss became nan at epoch 3, step 5"):
+        train_one_epoch(model, make_loader(_LateNaN(), 8, shuffle=False), optimizer, torch.device("cpu"), epoch=3,
+                        progress=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bf16_autocast_trains_through_each_scan_path(backend, monkeypatch, breast):
+    """train.amp=bf16 on a CPU: bf16 matmuls around the fp32 scan, finite losses, weights learn."""
+    import functools
+
+    import medmamba.model
+    from medmamba.data import make_loader
+    from medmamba.kernels import cross_selective_scan
+    from medmamba.train import train_one_epoch
+
+    monkeypatch.setattr(medmamba.model, "cross_selective_scan", functools.partial(cross_selective_scan,
+                                                                                  backend=backend))
+    torch.manual_seed(0)
+    model = create_model("medmamba_t", num_classes=2)
+    before = model.head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    subset = torch.utils.data.Subset(breast.train, range(32))
+    loss = train_one_epoch(model, make_loader(subset, 16, shuffle=True), optimizer, torch.device("cpu"),
+                           progress=False, amp=torch.bfloat16)
+    assert math.isfinite(loss) and 0 < loss < 5
+    assert not torch.equal(before, model.head.weight) and model.head.weight.dtype == torch.float32
+
+
+def test_train_amp_picks_the_autocast_dtype_per_device():
+    from medmamba.errors import ConfigError
+    from medmamba.runtime import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype(True, cpu) is None  # fp32 by default on CPU
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("off", torch.device("cuda")) is None
+    assert autocast_dtype(False, cpu) is None
+    with pytest.raises(ConfigError, match="train.amp=fp16 needs a CUDA device"):
+        autocast_dtype("fp16", cpu)
+    assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
+    assert load_config(None, ["train.amp=false"]).train.amp is False  # older configs still load
