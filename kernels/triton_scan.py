@@ -32,19 +32,25 @@ def _bc_offsets(b, d, n, l, rows_per_group, s_b, s_row, s_n, s_l):
 
 
 @triton.jit
+def _program(A_ptr, D, N, L, n_chunks, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch element b, channels d, states n, masks, A rows, and the offsets of
+    its channels' sequences (row) and saved chunk-start states (state)."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    dm = d < D
+    mask = dm[:, None] & (n < N)[None, :]
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    return b, d, n, dm, mask, A, (b * D + d) * L, ((b * D + d) * n_chunks)[:, None] * N + n[None, :]
+
+
+@triton.jit
 def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, y_ptr, start_ptr, last_ptr,
               D, N, L, n_chunks, rows_b, rows_c,
               sB_b, sB_row, sB_n, sB_l, sC_b, sC_row, sC_n, sC_l,
               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    dm, nm = d < D, n < N
-    mask = dm[:, None] & nm[None, :]
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    b, d, n, dm, mask, A, row, state = _program(A_ptr, D, N, L, n_chunks, BLOCK_D, BLOCK_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    row = (b * D + d) * L
-    state = ((b * D + d) * n_chunks)[:, None] * N + n[None, :]
     for l in range(L):
         if l % CHUNK == 0:
             tl.store(start_ptr + state + (l // CHUNK) * N, h, mask=mask)
@@ -63,14 +69,7 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, start_ptr, dy_ptr, scratch_ptr
               D, N, L, n_chunks, rows_b, rows_c,
               sB_b, sB_row, sB_n, sB_l, sC_b, sC_row, sC_n, sC_l,
               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    dm, nm = d < D, n < N
-    mask = dm[:, None] & nm[None, :]
-    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    row = (b * D + d) * L
-    state = ((b * D + d) * n_chunks)[:, None] * N + n[None, :]
+    b, d, n, dm, mask, A, row, state = _program(A_ptr, D, N, L, n_chunks, BLOCK_D, BLOCK_N)
     scratch = ((b * D + d) * CHUNK)[:, None] * N + n[None, :]
     gh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/d(state after the current step)
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
