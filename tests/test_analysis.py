@@ -194,6 +194,19 @@ def test_embed_by_site_colours_a_federations_sites(breast_medmamba, medmnist_roo
     assert sum(r["group"] == "hospital_a" for r in rows) == 40 and len(rows) == 60
 
 
+@pytest.mark.integration
+def test_embed_and_robustness_take_a_timm_resnet(breast_resnet, medmnist_root, tmp_path):
+    base = ["--checkpoint", str(breast_resnet), "--data-root", str(medmnist_root), "--no-mlflow"]
+    assert main(["embed", *base, "--output-dir", str(tmp_path / "e"), "--max-images", "60"]) == 0
+    assert len(list(csv.DictReader((tmp_path / "e" / "embedding.csv").open()))) == 60
+    assert main(["robustness", *base, "--output-dir", str(tmp_path / "r"), "--perturbation", "jpeg",
+                 "--perturbation", "scaling", "--severity", "0", "--severity", "5"]) == 0
+    rows = list(csv.DictReader((tmp_path / "r" / "robustness.csv").open()))
+    assert [(r["perturbation"], r["severity"], r["level"]) for r in rows] == [
+        ("jpeg", "0", "0"), ("jpeg", "5", "10"), ("scaling", "0", "0"), ("scaling", "5", "0.5")]
+    assert rows[0]["auc"] == rows[2]["auc"]  # severity 0 is evaluated once
+
+
 def test_umap_projects_when_umap_learn_is_installed_and_says_how_to_get_it_otherwise(monkeypatch):
     import sys
 
