@@ -214,9 +214,10 @@ def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data import make_loader
-    from .embed import embed, features
+    from .embed import check_projections, embed, features
 
     methods = args.method or ["tsne"]
+    check_projections(methods)  # before any data is read
     params = {"methods": ",".join(methods), "by_site": args.by_site}
     with _checkpoint_run(args, "embed", params, with_data=not args.by_site) as (loaded, tracker):
         parts = {}

@@ -44,18 +44,23 @@ def silhouette(feats: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(feats, labels))
 
 
+def check_projections(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in PROJECTIONS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown projection {unknown[0] if unknown else None!r}; choose from {', '.join(PROJECTIONS)}")
+
+
 def project(feats: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """(N, 2) coordinates of ``feats`` by t-SNE or UMAP, seeded."""
+    check_projections([method])
     if method == "tsne":
         perplexity = min(30.0, max(2.0, (len(feats) - 1) / 3))  # t-SNE needs perplexity < N
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(feats)
-    if method == "umap":
-        try:
-            import umap
-        except ImportError:
-            raise ConfigError("UMAP needs umap-learn: pip install umap-learn (or medmamba[analysis])") from None
-        return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(feats) - 1)).fit_transform(feats)
-    raise ConfigError(f"unknown projection {method!r}; choose from {', '.join(PROJECTIONS)}")
+    try:
+        import umap
+    except ImportError:
+        raise ConfigError("UMAP needs umap-learn: pip install umap-learn (or medmamba[analysis])") from None
+    return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(feats) - 1)).fit_transform(feats)
 
 
 def plot_embedding(coords: np.ndarray, groups: dict[str, list[str]], path: Path, title: str) -> Path:
