@@ -8,6 +8,15 @@ from pathlib import Path
 
 import pytest
 
+# Triton's interpreter runs Triton kernels on CPU tensors (tests/test_triton_scan.py). Triton reads
+# TRITON_INTERPRET when it is first imported, and torch, timm or mlflow import it early, so it is
+# chosen here, before any of them, for the whole session on a machine without a GPU.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_DATA = SHARED / "data"
 

@@ -1,28 +1,20 @@
 """The Triton scan (backend="triton") against the per-step reference, run by Triton's interpreter
 on CPU tensors: the numerics a GPU would run, checked without one.
 
-The kernels are made in interpreted mode when this module first imports them; Triton reads
-TRITON_INTERPRET=1 again when it launches them, so it stays set for the rest of the session
-(nothing else here uses Triton). Shapes stay small: the interpreter runs each program step by
-step in NumPy.
+conftest.py sets TRITON_INTERPRET=1 for the session on a machine without a GPU, before anything
+imports Triton. Shapes stay small: the interpreter runs each program step by step in NumPy.
 """
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 
-from medmamba.kernels import cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref
+from medmamba.kernels import cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref, triton_scan
 from scan_inputs import make_inputs, rel_err
 from test_cross_scan import _cross_inputs
 
-os.environ["TRITON_INTERPRET"] = "1"
-triton_scan = importlib.import_module("medmamba.kernels.triton_scan")
-
-pytestmark = pytest.mark.skipif(not triton_scan.INTERPRETED, reason="the Triton kernels were made for a GPU "
-                                "before this module could ask for the interpreter")
+pytestmark = pytest.mark.skipif(not triton_scan.INTERPRETED, reason="Triton kernels on CPU tensors need "
+                                "TRITON_INTERPRET=1 (conftest sets it on machines without a GPU)")
 
 # batch, dim, nstate, L, layout, options on: dim not a multiple of BLOCK_D, L across chunk boundaries
 SHAPES = [(1, 4, 1, 1, "fixed", True), (2, 20, 16, 37, "var", True), (1, 16, 4, 65, "g2", False),
