@@ -175,6 +175,8 @@ def _explain(args: argparse.Namespace) -> int:
 
     methods = args.method or ["gradcam", "gradcam++"]
     check_methods(methods)  # before any data is read
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images is {args.num_images}; explain at least one image")
     with _checkpoint_run(args, "explain", {"methods": ",".join(methods)}, with_data=not args.images) as (loaded, tracker):
         if args.images:
             images, labels, ids = _image_files(args.images, loaded.size), None, {"paths": np.array(args.images)}

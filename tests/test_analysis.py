@@ -383,6 +383,7 @@ def test_bad_analysis_inputs_are_one_line_errors(breast_resnet, medmnist_root, t
         (["robustness", *base, "--perturbation", "fog"], "unknown perturbation 'fog'"),
         (["robustness", *base, "--severity", "7"], "severity 7 is out of range"),
         (["explain", *base, "--method", "gradcam3"], "unknown CAM method 'gradcam3'"),
+        (["explain", *base, "--num-images", "0"], "--num-images is 0"),
         (["explain", *base, "--target-layer", "layer9"], "no layer 'layer9'; did you mean"),
         (["embed", *base, "--method", "pca"], "unknown projection 'pca'"),
         (["evaluate", *external, "--class-map", "Benign"], "not a pair"),
