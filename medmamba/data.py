@@ -154,6 +154,12 @@ def medmnist_file(flag: str, size: int, root: Path) -> tuple[Path, str, str]:
     return root / f"{flag}{suffix}.npz", info[f"MD5{suffix}"], info[f"url{suffix}"]
 
 
+def medmnist_class_names(flag: str) -> list[str]:
+    """A MedMNIST set's class names in label order."""
+    labels = medmnist.INFO[flag]["label"]
+    return [labels[str(i)] for i in range(len(labels))]
+
+
 def _label(target) -> int:
     return int(np.asarray(target).ravel()[0])
 
@@ -191,8 +197,7 @@ def _medmnist_datasets(cfg: DataConfig) -> Datasets:
     except Exception as exc:  # a truncated or foreign file (BadZipFile, missing arrays, wrong sizes)
         raise DataError(f"{path} is not a readable {flag} file ({type(exc).__name__}: {exc}); replace it "
                         f"(MD5 {md5}, from {url})") from exc
-    names = [info["label"][str(i)] for i in range(len(info["label"]))]
-    return Datasets(**splits, class_names=names, name=flag, checksum=actual)
+    return Datasets(**splits, class_names=medmnist_class_names(flag), name=flag, checksum=actual)
 
 
 def _download(flag: str, size: int, root: Path, path: Path, md5: str, url: str) -> None:

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import medmnist
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -21,7 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import Config, DataConfig, ModelConfig, config_from_dict
-from .data import MEDMNIST_2D, MEDMNIST_POSITIVE, Datasets, build_datasets, labels_of, make_loader
+from .data import (MEDMNIST_2D, MEDMNIST_POSITIVE, Datasets, build_datasets, labels_of, make_loader,
+                   medmnist_class_names)
 from .errors import CheckpointError
 from .metrics import classification_metrics
 from .registry import build_model, load_state_dict, read_checkpoint
@@ -121,8 +121,7 @@ def model_classes(state: dict, cfg: Config | None) -> list[str] | None:
     if state.get("class_names"):
         return list(state["class_names"])
     if cfg is not None and cfg.data.name in MEDMNIST_2D:
-        labels = medmnist.INFO[cfg.data.name]["label"]
-        return [labels[str(i)] for i in range(len(labels))]
+        return medmnist_class_names(cfg.data.name)
     return None
 
 
