@@ -1,39 +1,58 @@
-"""The Flower ServerApp: rounds of a strategy, the global model on the held-out test set, per-site
+"""The Flower ServerApp: rounds of a strategy, the global model tested after every round, per-site
 metrics, a checkpoint and a report after every round, everything logged to MLflow.
 
-The strategy comes from ``federated.strategy``: FedAvg, FedProx (``federated.mu``) or FedBN
-(FedAvg on the server; each site keeps its BatchNorm layers, see client_app). With
-``federated.dp_clipping_norm`` it is wrapped in Flower's client-side fixed-clipping differential
-privacy. Failed sites are dropped from a round (their error, naming the site, is logged and kept
-in the report) as long as one site answers.
+``app`` is configured by Flower's run config (pyproject's ``[tool.flwr.app.config]``, overridden
+with ``flwr run --run-config``): ``recipe`` (a YAML config, e.g. configs/federated_deploy.yaml),
+``set`` (space-separated ``key=value`` overrides of it), ``output-dir`` and ``resume``. It sends the
+study's config to the sites in every message; ``medmamba federate`` runs the same ``FederatedRun``.
+
+Before round 1 the server asks every node for its site's name and its image counts per split and
+class (a query message; counts only leave the sites): names attribute every later reply and
+failure by node id, the counts go in the report, and a deployed federation's class list is their
+union. The global model is tested on the server's test set when it has one (simulation) and
+otherwise by the sites on their test splits (their example-weighted mean; a deployed server holds
+no data).
+
+The strategy comes from ``federated.strategy``: FedAvg, FedProx (``federated.mu``), FedBN (FedAvg on
+the server; each site keeps its BatchNorm layers, see client_app), FedAdam, FedYogi, FedAdagrad
+(``server_lr``, ``beta_1``, ``beta_2``, ``tau``) or FedAvgM (``server_lr``, ``server_momentum``).
+Central differential privacy wraps it in Flower's client-side fixed clipping. Failed sites are
+dropped from a round (their error, naming the site, is logged and kept in the report) as long as
+``federated.min_clients`` sites train.
 """
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import sys
+import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
+from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                     FedProx, FedYogi)
 
-from medmamba.config import Config, check_resumable
+from medmamba.config import Config, absolute_paths, check_resumable, load_config
 from medmamba.data import make_loader
-from medmamba.errors import FederationError
+from medmamba.errors import ConfigError, FederationError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint, predict_metrics
 from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
 from medmamba.reports import plot_federated_curves
-from medmamba.tracking import Tracker, git_commit, mlflow_run
+from medmamba.tracking import Tracker, git_commit, mlflow_run, open_tracker
 
-from .task import device_for, pooled_datasets, site_names
+from .client_app import CLASSES_KEY, CONFIG_KEY, STATE_DIR_KEY, STUDY_KEY
+from .privacy import privacy_budget
+from .task import centralized_baseline, device_for, pooled_datasets, site_names
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +78,49 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 class RoundRecorder:
-    """What the strategy heard from each site in each round, and which sites failed."""
+    """Which site each Flower node is, what the strategy heard from each site in each round, and
+    which sites failed (round 0: the query before round 1)."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self):
+        self.node_sites: dict[int, str] = {}  # Flower node id -> site name, from the sites' query replies
         self.sites: dict[int, dict[str, dict[str, float]]] = {}
         self.failures: dict[int, list[str]] = {}
         self.validation: dict[int, dict[str, float]] = {}  # the sites' example-weighted mean metrics
-        self.node_sites: dict[int, str] = {}  # Flower node id -> site name, learnt from the sites' replies
+        self.sent: list[Message] = []  # this round's messages (the grid sets their ids as it sends them)
+
+    def expect(self, messages: Iterable[Message]) -> list[Message]:
+        self.sent = list(messages)
+        return self.sent
+
+    def site_of(self, msg: Message) -> str:
+        """The site a reply is from: its node, or for an error the SuperLink wrote (a node that went
+        away) the node the answered message was sent to."""
+        node = msg.metadata.src_node_id
+        if node not in self.node_sites:
+            node = next((m.metadata.dst_node_id for m in self.sent
+                         if m.metadata.message_id == msg.metadata.reply_to_message_id), node)
+        return self.node_sites.get(node, f"node {node} (site unknown)")
+
+    def fail(self, server_round: int, msg: Message) -> None:
+        """Keep and log a failed reply, named by the site its node is."""
+        name = self.site_of(msg)
+        lines = [line.strip() for line in msg.error.reason.strip().splitlines() if line.strip()]
+        marker = f"site {name} failed "  # a SiteError raised at the site; else e.g. a node that went away
+        said = next((line for line in reversed(lines) if marker in line), None)
+        text = marker + said.split(marker, 1)[1] if said else f"site {name} failed: {lines[-1] if lines else 'no reason'}"
+        self.failures.setdefault(server_round, []).append(text)
+        log.warning("round %d: %s", server_round, self.failures[server_round][-1])
 
     def record(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
-                self.failures.setdefault(server_round, []).append(self._describe_error(msg))
-                log.warning("round %d: %s", server_round, self.failures[server_round][-1])
+                self.fail(server_round, msg)
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
-            name = self.names[int(metrics["site"])]
-            self.node_sites[msg.metadata.src_node_id] = name
-            row = self.sites.setdefault(server_round, {}).setdefault(name, {})
+            row = self.sites.setdefault(server_round, {}).setdefault(self.site_of(msg), {})
             row.update({k: float(v) for k, v in metrics.items() if k in SITE_KEYS})
         return replies
-
-    def _describe_error(self, msg: Message) -> str:
-        reason = msg.error.reason
-        for i, name in enumerate(self.names):  # the client's SiteError names its index
-            marker = f"site {i} failed"
-            if marker in reason:
-                first, *rest = reason.split(marker, 1)[1].splitlines()
-                details = [line.strip() for line in itertools.takewhile(
-                    lambda line: line.startswith("  ") and "raise " not in line, rest)][:5]
-                return " ".join([f"site {name} failed{first}", *details])
-        last = reason.strip().splitlines()[-1] if reason.strip() else "no reason"
-        node = msg.metadata.src_node_id  # e.g. a site process that died: named by what it sent before
-        who = f"site {self.node_sites[node]}" if node in self.node_sites else f"node {node} (site unknown)"
-        return f"{who} failed: {last}"
 
     def check_quorum(self, server_round: int, replies: list[Message], needed: int) -> None:
         """FederationError unless ``needed`` sites trained in this round (federated.min_clients)."""
@@ -105,9 +131,35 @@ class RoundRecorder:
                                   f"federated.min_clients={needed}; {failures}")
 
 
+def _valid_batchnorm(arrays: ArrayRecord) -> ArrayRecord:
+    """BatchNorm running variances clamped at 0: noise (local differential privacy) can make a
+    variance negative, and the model NaN. Post-processing: the privacy guarantee is unchanged."""
+    state = arrays.to_torch_state_dict()
+    if not any(k.endswith("running_var") for k in state):
+        return arrays
+    return ArrayRecord({k: v.clamp(min=0) if k.endswith("running_var") else v for k, v in state.items()})
+
+
+def _clamping(base: type) -> type:
+    """``base`` whose aggregated BatchNorm running variances are clamped at 0 (``_valid_batchnorm``)."""
+    class Clamping(base):
+        def aggregate_train(self, server_round, replies):
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            return (arrays and _valid_batchnorm(arrays)), metrics
+
+    Clamping.__name__ = base.__name__
+    return Clamping
+
+
 def _recording(base: type) -> type:
-    class Recording(base):
+    class Recording(_clamping(base)):
         recorder: RoundRecorder
+
+        def configure_train(self, server_round, arrays, config, grid):
+            return self.recorder.expect(super().configure_train(server_round, arrays, config, grid))
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            return self.recorder.expect(super().configure_evaluate(server_round, arrays, config, grid))
 
         def aggregate_train(self, server_round, replies):
             replies = self.recorder.record(server_round, replies)
@@ -123,56 +175,82 @@ def _recording(base: type) -> type:
     return Recording
 
 
+def sampled_sites(cfg: Config, num_sites: int) -> int:
+    """How many sites train in a round."""
+    return max(cfg.federated.min_clients, int(num_sites * cfg.federated.fraction_fit))
+
+
 def make_strategy(cfg: Config, recorder: RoundRecorder, num_sites: int):
     fed = cfg.federated
     common = dict(fraction_train=fed.fraction_fit, fraction_evaluate=1.0, min_train_nodes=fed.min_clients,
                   min_evaluate_nodes=fed.min_clients, min_available_nodes=fed.min_clients,
                   train_metrics_aggr_fn=weighted_mean, evaluate_metrics_aggr_fn=weighted_mean)
+    server_lr = {} if fed.server_lr is None else {"eta": fed.server_lr}
+    adaptive = dict(tau=fed.tau, **server_lr)
     if fed.strategy == "fedprox":
         strategy = _recording(FedProx)(proximal_mu=fed.mu, **common)
+    elif fed.strategy in ("fedadam", "fedyogi"):
+        base = FedAdam if fed.strategy == "fedadam" else FedYogi
+        strategy = _recording(base)(beta_1=fed.beta_1, beta_2=fed.beta_2, **adaptive, **common)
+    elif fed.strategy == "fedadagrad":
+        strategy = _recording(FedAdagrad)(**adaptive, **common)
+    elif fed.strategy == "fedavgm":
+        lr = {} if fed.server_lr is None else {"server_learning_rate": fed.server_lr}
+        strategy = _recording(FedAvgM)(server_momentum=fed.server_momentum, **lr, **common)
     else:  # fedavg; fedbn aggregates like FedAvg, its difference is on the clients
         strategy = _recording(FedAvg)(**common)
     strategy.recorder = recorder
-    if fed.dp_clipping_norm is not None:
-        sampled = max(fed.min_clients, int(num_sites * fed.fraction_fit))
-        return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=fed.dp_noise_multiplier,
+    if fed.dp_clipping_norm is not None and fed.dp_mode == "central":
+        return _clamping(DifferentialPrivacyClientSideFixedClipping)(strategy, noise_multiplier=fed.dp_noise_multiplier,
                                                           clipping_norm=fed.dp_clipping_norm,
-                                                          num_sampled_clients=sampled)
+                                                          num_sampled_clients=sampled_sites(cfg, num_sites))
     return strategy
 
 
 class FederatedRun:
-    """The server side of one experiment: evaluation, checkpoints, report and MLflow.
+    """The server side of one study: the sites, evaluation, checkpoints, report and MLflow.
 
-    After every round the global model is evaluated on the global test set and saved as
-    ``final.pt``; the round whose global model has the best federated validation metric (the
-    sites' example-weighted mean of ``val_<train.monitor>``, measured on their own validation
+    After every round the global model is tested (on the server's test set, or by the sites) and
+    saved as ``final.pt``; the round whose global model has the best federated validation metric
+    (the sites' example-weighted mean of ``val_<train.monitor>``, measured on their own validation
     splits: no test data chooses it) is kept as ``best.pt``.
     """
 
     def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
         self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
         self.out.mkdir(parents=True, exist_ok=True)
-        self.names = site_names(cfg)
-        self.recorder = RoundRecorder(self.names)
-        self.data = pooled_datasets(cfg)
+        self.deployed = cfg.federated.partition == "deployed"
+        self.recorder = RoundRecorder()
+        self.data = None if self.deployed else pooled_datasets(cfg)  # the server's own test set, if any
+        self.names = [] if self.deployed else site_names(cfg)
+        self.class_names = None if self.deployed else self.data.class_names
+        self.statistics: dict[str, dict[str, int]] = {}  # site -> {"<split>/<class>": images}
         self.device = device_for(cfg)
-        self.test_loader = make_loader(self.data.test, cfg.train.batch_size, shuffle=False)
-        state_path = self.out / STATE_FILE
-        resuming = resume and state_path.is_file()
-        self.model = build_model(cfg.model, self.data.num_classes, cfg.data.size,
-                                 pretrained=not resuming).to(self.device)  # the round-1 global model
+        self.model = None
         self.rounds: list[dict] = []
         self.best: dict | None = None  # {"round", "metric", "value"} of best.pt
         self.run_id = None
-        if resuming:
-            state = read_checkpoint(state_path)
-            if "config" in state:  # (state files before this check have none)
-                check_resumable(state["config"], cfg, state_path)
-            self.model.load_state_dict(state["model"])
-            self.rounds, self.run_id, self.best = state["rounds"], state["run_id"], state["best"]
+        self.study_id = uuid.uuid4().hex  # names the sites' files for this study (FedBN's BatchNorm layers)
+        state_path = self.out / STATE_FILE
+        self.saved = read_checkpoint(state_path) if resume and state_path.is_file() else None
+        if self.saved:
+            if "config" in self.saved:  # (state files before this check have none)
+                check_resumable(self.saved["config"], cfg, state_path)
+            self.rounds, self.run_id, self.best = self.saved["rounds"], self.saved["run_id"], self.saved["best"]
+            self.study_id = self.saved.get("study_id", self.study_id)
+            self.class_names = self.saved.get("class_names", self.class_names)
+            self.statistics = self.saved.get("statistics", {})
             log.info("resuming after round %d", len(self.rounds))
+        if self.class_names:
+            self._build_model()
         self.done = len(self.rounds)
+
+    def _build_model(self) -> None:
+        """The round-1 global model (or the saved one after a resume)."""
+        self.model = build_model(self.cfg.model, len(self.class_names), self.cfg.data.size,
+                                 pretrained=self.saved is None).to(self.device)
+        if self.saved:
+            self.model.load_state_dict(self.saved["model"])
 
     @property
     def monitor(self) -> str:
@@ -181,31 +259,93 @@ class FederatedRun:
     def tracking(self):
         """The federation's MLflow run (``mlflow_run``), continued after a resume."""
         fed = self.cfg.federated
-        tags = {"kind": "federated", "git_commit": git_commit(), "sites": ",".join(self.names),
-                "strategy": fed.strategy, "partition": fed.partition}
+        tags = {"kind": "federated", "git_commit": git_commit(), "strategy": fed.strategy, "partition": fed.partition}
+        if self.names:
+            tags["sites"] = ",".join(self.names)
         params = {**self.cfg.flat(), "federated.differential_privacy": fed.dp_clipping_norm is not None}
         return mlflow_run(self.tracker, self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
 
-    def global_metrics(self, arrays: ArrayRecord) -> dict:
+    def message_config(self, **extra) -> ConfigRecord:
+        """What every message tells the sites: the study's config, class list and id."""
+        config = {CONFIG_KEY: json.dumps(self.cfg.to_dict()), CLASSES_KEY: json.dumps(self.class_names or []),
+                  STUDY_KEY: self.study_id, **extra}
+        if not self.deployed:  # simulated sites live on this machine: they keep their state beside the report
+            config[STATE_DIR_KEY] = str(self.out / "sites")
+        return ConfigRecord(config)
+
+    def discover(self, grid: Grid) -> None:
+        """Wait for the sites' nodes (``federated.num_sites`` when deployed), ask each for its name
+        and image counts; a deployed federation's class list is the union of the sites' classes."""
+        fed = self.cfg.federated
+        expected = fed.num_sites if self.deployed else len(self.names)
+        deadline = time.monotonic() + fed.round_timeout
+        nodes = list(grid.get_node_ids())
+        while len(nodes) < expected and time.monotonic() < deadline:
+            time.sleep(1)
+            nodes = list(grid.get_node_ids())
+        if len(nodes) < expected:
+            log.warning("%d of %d sites connected within federated.round_timeout; going on", len(nodes), expected)
+        messages = [Message(RecordDict({"config": self.message_config()}), dst_node_id=node,
+                            message_type=MessageType.QUERY) for node in nodes]
+        answered = []
+        for reply in grid.send_and_receive(self.recorder.expect(messages), timeout=fed.round_timeout):
+            if reply.has_error():
+                self.recorder.fail(0, reply)
+                continue
+            site = reply.content["site"]
+            name = str(site["name"])
+            if name in self.recorder.node_sites.values():
+                raise FederationError(f"two nodes say they are site {name}: give each SuperNode its own site-name")
+            self.recorder.node_sites[reply.metadata.src_node_id] = name
+            if "error" in site:  # it can be named, but not read: it fails every round it is sampled
+                self.recorder.failures.setdefault(0, []).append(str(site["error"]))
+                log.warning("before round 1: %s", site["error"])
+                continue
+            answered.append(name)
+            self.statistics[name] = {k: int(v) for k, v in reply.content["counts"].items()}
+        if len(answered) < fed.min_clients:
+            failures = "; ".join(self.recorder.failures.get(0, [])) or "no other reply"
+            raise FederationError(f"before round 1: {len(answered)} of {len(nodes)} sites can take part, fewer than "
+                                  f"federated.min_clients={fed.min_clients}; {failures}")
+        if self.deployed:
+            self.names = sorted(self.recorder.node_sites.values())
+            found = sorted({key.split("/", 1)[1] for counts in self.statistics.values() for key in counts})
+            if self.class_names and found != self.class_names:
+                raise FederationError(f"the sites' classes {found} are not the study's {self.class_names} "
+                                      "(a resumed study must keep its classes)")
+            self.class_names = found
+            if self.tracker:
+                self.tracker.set_tags({"sites": ",".join(self.names)})
+        if self.model is None:
+            self._build_model()
+
+    def global_metrics(self, arrays: ArrayRecord) -> dict | None:
+        """The global model on the server's test set (None: the server has none)."""
         # FedBN: the sites send no BatchNorm layers, the global model keeps its initial ones
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=self.cfg.federated.strategy != "fedbn")
-        return predict_metrics(self.model, self.test_loader, self.device, self.data.class_names,
-                               self.data.positive_class)[0]
+        if self.data is None:
+            return None
+        loader = make_loader(self.data.test, self.cfg.train.batch_size, shuffle=False)
+        return predict_metrics(self.model, loader, self.device, self.data.class_names, self.data.positive_class)[0]
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's server-side evaluation hook, called before round 1 and after every round
         (after the sites' own evaluation of that round)."""
         metrics = self.global_metrics(arrays)
+        validation = self.recorder.validation.get(server_round, {})
+        if metrics is None:  # deployed: the sites' example-weighted mean on their test splits
+            metrics = {k: validation.get(f"test_{k}", math.nan) for k in METRIC_KEYS}
         scalars = {k: float(metrics[k]) for k in METRIC_KEYS}
         if server_round == 0:
-            if self.done == 0 and self.tracker:
+            if self.done == 0 and self.tracker and self.data is not None:
                 self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=0)
             return MetricRecord(scalars)
         number = self.done + server_round
-        validation = self.recorder.validation.get(server_round, {})
         row = {"round": number, "global": scalars, "sites": self.recorder.sites.get(server_round, {}),
                "failures": self.recorder.failures.get(server_round, []),
                "validation": {k: v for k, v in validation.items() if k.startswith("val_")}}
+        if number == 1 and self.recorder.failures.get(0):
+            row["failures"] = self.recorder.failures[0] + row["failures"]  # (the sites that never answered)
         self.rounds.append(row)
         value = validation.get(self.monitor, math.nan)
         improved = is_better(self.cfg.train.monitor, value, self.best["value"] if self.best else None)
@@ -217,30 +357,42 @@ class FederatedRun:
             self.tracker.log_metrics({f"federated/{k}": v for k, v in row["validation"].items()}, step=number)
             for name, site in row["sites"].items():
                 self.tracker.log_metrics({f"site/{name}/{k}": v for k, v in site.items()}, step=number)
+            if (budget := self.privacy()) is not None:
+                self.tracker.log_metrics({"privacy/epsilon": budget["epsilon"]}, step=number)
         return MetricRecord(scalars)
+
+    def privacy(self) -> dict | None:
+        """The privacy budget spent so far (None without differential privacy)."""
+        sites = max(len(self.names), 1)
+        return privacy_budget(self.cfg, len(self.rounds), min(sampled_sites(self.cfg, sites) / sites, 1.0))
 
     def _save(self, number: int, test: dict, improved: bool) -> None:
         """final.pt (this round's global model, loadable by `medmamba evaluate`), best.pt when it
         improved, the resumable state and the report; each file replaced atomically."""
         model = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        checkpoint = {"model": model, "config": self.cfg.to_dict(), "class_names": self.data.class_names,
+        checkpoint = {"model": model, "config": self.cfg.to_dict(), "class_names": self.class_names,
                       "round": number, "test": test, "run_id": self.run_id, "experiment": self.cfg.mlflow.experiment}
         _atomic(torch.save, checkpoint, self.out / "final.pt")
         if improved:
             _atomic(torch.save, {**checkpoint, "val": self.best}, self.out / "best.pt")
         _atomic(torch.save, {"model": model, "rounds": self.rounds, "run_id": self.run_id, "best": self.best,
-                             "config": self.cfg.to_dict()}, self.out / STATE_FILE)
+                             "config": self.cfg.to_dict(), "study_id": self.study_id, "class_names": self.class_names,
+                             "statistics": self.statistics}, self.out / STATE_FILE)
         self.write_report()
 
     def write_report(self, centralized: dict | None = None) -> dict:
-        report = {"sites": self.names, "class_names": self.data.class_names, "config": self.cfg.to_dict(),
-                  "rounds": self.rounds}
+        report = {"sites": self.names, "class_names": self.class_names, "config": self.cfg.to_dict(),
+                  "global_test": "the server's test set" if self.data is not None else
+                  "the sites' test splits (example-weighted mean of their metrics)",
+                  "site_statistics": self.statistics, "rounds": self.rounds}
         if self.rounds:
             last = self.rounds[-1]
             report["final"] = {"file": "final.pt", "round": last["round"], "test": last["global"]}
         if self.best:
             best = self.rounds[self.best["round"] - 1]
             report["best"] = {"file": "best.pt", **self.best, "test": best["global"]}
+        if (budget := self.privacy()) is not None:
+            report["privacy"] = budget
         if centralized is not None:
             report["centralized"] = centralized
         _atomic(lambda obj, path: Path(path).write_text(json.dumps(obj, indent=2, default=float)), report,
@@ -248,27 +400,34 @@ class FederatedRun:
         return report
 
     def run(self, grid: Grid) -> None:
+        """The remaining rounds on ``grid`` (after asking the sites who they are)."""
         remaining = self.cfg.federated.rounds - self.done
         if remaining <= 0:
             return
+        self.discover(grid)
         strategy = make_strategy(self.cfg, self.recorder, len(self.names))
         arrays = ArrayRecord({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
-        config = ConfigRecord({"round-offset": self.done})
-        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, train_config=config,
-                       evaluate_fn=self.evaluate_fn, timeout=self.cfg.federated.round_timeout)
-        if not self.rounds or len(self.rounds) < self.cfg.federated.rounds:
+        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining,
+                       train_config=self.message_config(**{"round-offset": self.done}),
+                       evaluate_config=self.message_config(), evaluate_fn=self.evaluate_fn,
+                       timeout=self.cfg.federated.round_timeout)
+        if len(self.rounds) < self.cfg.federated.rounds:
             raise RuntimeError("the federation stopped before its last round")
 
-    def finish(self, centralized: dict | None) -> dict:
-        """The final report files and MLflow artifacts: the best round's global model on the global
-        test set (metrics.json and figures, as a training run writes them), per-site x round
-        table, curves, comparison with the centralised baseline."""
+    def finish(self, centralized: dict | None = None) -> dict:
+        """The final report files and MLflow artifacts: the best round's global model tested (on the
+        server's test set, metrics.json and figures as a training run writes them; or the sites'
+        mean), per-site x round table, curves, comparison with the centralised baseline."""
         if self.best is None:  # no site ever reported validation metrics: the final round stands in
             shutil.copy2(self.out / "final.pt", self.out / "best.pt")
             last = self.rounds[-1]["round"]
             self.best = {"round": last, "metric": "none (no federated validation): the final round", "value": None}
-        best = load_checkpoint(self.out / "best.pt", device=self.cfg.train.device, data=self.data)
-        evaluation = evaluate_checkpoint(best, "test", self.out, self.cfg.train.batch_size)
+        if self.data is not None:
+            best = load_checkpoint(self.out / "best.pt", device=self.cfg.train.device, data=self.data)
+            evaluation = evaluate_checkpoint(best, "test", self.out, self.cfg.train.batch_size)
+            tested, files = evaluation.metrics, evaluation.files
+        else:
+            tested, files = self.rounds[self.best["round"] - 1]["global"], []
         report = self.write_report(centralized)
         table = self.out / "federated_rounds.csv"
         with table.open("w", newline="") as f:
@@ -281,7 +440,7 @@ class FederatedRun:
         curves = plot_federated_curves(self.rounds, self.names, centralized, self.out / "federated_curves.png")
         if self.tracker:
             self.tracker.set_tags({"best_round": self.best["round"]})
-            self.tracker.log_evaluation("test", evaluation.metrics, evaluation.files)
+            self.tracker.log_evaluation("test", tested, files)
             if centralized:
                 self.tracker.log_metrics({f"centralized/{k}": v for k, v in centralized.items()
                                           if k in METRIC_KEYS})
@@ -296,17 +455,58 @@ def _atomic(write, obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_server_app(run: FederatedRun, errors: list[BaseException]) -> ServerApp:
-    """A ServerApp whose main runs ``run`` (exceptions are kept in ``errors`` for the caller)."""
-    app = ServerApp()
+def run_study(run: FederatedRun, grid: Grid) -> dict:
+    """One study, start to end, on ``grid``: the rounds, the centralised baseline if asked (the
+    server needs the sites' data for it: simulation only) and the report."""
+    with run.tracking() as run.run_id:
+        run.run(grid)
+        centralized = None
+        if run.cfg.federated.centralized_baseline and not run.deployed:
+            centralized = centralized_baseline(run.cfg, run.out / "centralized")
+        return run.finish(centralized)
 
-    @app.main()
+
+def _recipe(name: str) -> Path:
+    """The recipe file ``name``: absolute, or relative to the working directory or to the app (Flower
+    puts the installed app's folder, whose configs/ the FAB carries, on sys.path)."""
+    candidates = [Path(name).expanduser()] + [Path(p) / name for p in sys.path if p]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ConfigError(f"run config recipe={name!r}: no such file here or in the app")
+    return found
+
+
+def study_from_run_config(run_config: dict) -> tuple[Config, Path, bool]:
+    """(config, output folder, resume) from Flower's run config: ``recipe``, ``set``, ``output-dir``, ``resume``."""
+    recipe = str(run_config.get("recipe", ""))
+    cfg = load_config(_recipe(recipe) if recipe else None, shlex.split(str(run_config.get("set", ""))))
+    out = Path(str(run_config.get("output-dir", "outputs/federated"))).expanduser().resolve()
+    return absolute_paths(cfg), out, bool(run_config.get("resume", False))
+
+
+def make_server_app(run: FederatedRun, reports: list[dict], errors: list[BaseException]) -> ServerApp:
+    """A ServerApp whose main runs the study ``run`` (``medmamba federate``: its report goes in
+    ``reports``, exceptions in ``errors``, for the caller)."""
+    server = ServerApp()
+
+    @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run.run(grid)
+            reports.append(run_study(run, grid))
         except BaseException as exc:  # the simulation engine would only log it
             errors.append(exc)
             raise
 
-    return app
+    return server
 
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run`: the study that the run config describes."""
+    cfg, out, resume = study_from_run_config(dict(context.run_config))
+    report = run_study(FederatedRun(cfg, out, open_tracker(cfg.mlflow), resume), grid)
+    log.info("study finished: best round %s, test %s; report in %s", report["best"]["round"],
+             report["best"]["test"], out / REPORT_FILE)

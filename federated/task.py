@@ -24,7 +24,7 @@ from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stra
 from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import predict_metrics
 from medmamba.runtime import resolve_device, seed_everything
-from medmamba.train import make_optimizer, train_one_epoch
+from medmamba.train import Trainer, make_optimizer, train_one_epoch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def _site_split(pool: Dataset, indices: np.ndarray, labels: np.ndarray, cfg: Con
 def site_names(cfg: Config) -> list[str]:
     """The sites' names: natural partition: the folders under data.root; else site_0, site_1, ..."""
     fed = cfg.federated
+    if fed.partition == "deployed":
+        raise ConfigError("a deployed federation's sites are its SuperNodes: their names come from their node config")
     if fed.partition != "natural":
         return [f"site_{i}" for i in range(fed.num_sites)]
     if cfg.data.name != "folder" or not cfg.data.root:
@@ -74,13 +76,15 @@ def site_names(cfg: Config) -> list[str]:
     return names
 
 
+def site_classes(site: Path) -> set[str]:
+    """The class folder names of one site's folder (with or without train/val/test folders)."""
+    parents = [site / s for s in ("train", "val", "test") if (site / s).is_dir()] or [site]
+    return {c.name for parent in parents for c in parent.iterdir() if c.is_dir()}
+
+
 def _natural_classes(root: Path) -> list[str]:
-    """Every class folder name of every site (with or without train/val/test folders)."""
-    classes = set()
-    for site in (p for p in root.iterdir() if p.is_dir()):
-        parents = [site / s for s in ("train", "val", "test") if (site / s).is_dir()] or [site]
-        classes |= {c.name for parent in parents for c in parent.iterdir() if c.is_dir()}
-    return sorted(classes)
+    """Every class folder name of every site."""
+    return sorted(set().union(*(site_classes(p) for p in root.iterdir() if p.is_dir())))
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,11 +127,53 @@ def _natural_site(cfg_key: str, name: str) -> Datasets:
     return replace(site, name=name)
 
 
+def node_site_name(cfg: Config, node_config: dict) -> str:
+    """The site a Flower node is: a SuperNode's ``site-name`` node config, or the simulation's partition."""
+    if "site-name" in node_config:
+        return str(node_config["site-name"])
+    if cfg.federated.partition == "deployed":
+        raise ConfigError("a deployed SuperNode needs --node-config 'site-name=\"NAME\" data-root=\"FOLDER\"'")
+    return site_names(cfg)[int(node_config["partition-id"])]
+
+
+def node_site(cfg: Config, node_config: dict, classes: list[str] | None = None) -> Datasets:
+    """The data of the site a Flower node is: a SuperNode reads the folder its ``data-root`` node config
+    names and nothing else, with the federation's ``classes`` (None: its own, before the server has
+    gathered every site's); a simulated node is its partition."""
+    if "data-root" not in node_config:
+        if cfg.federated.partition == "deployed":
+            raise ConfigError("a deployed SuperNode needs --node-config 'site-name=\"NAME\" data-root=\"FOLDER\"'")
+        return build_site(cfg, int(node_config["partition-id"]))
+    return _deployed_site(_key(cfg), node_site_name(cfg, node_config), str(node_config["data-root"]),
+                          tuple(classes) if classes else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _deployed_site(cfg_key: str, name: str, root: str, classes: tuple[str, ...] | None) -> Datasets:
+    cfg = config_from_dict(json.loads(cfg_key))
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"site {name}: data-root {path} is not a folder (root/<class>/* or root/<split>/<class>/*)")
+    data = replace(cfg.data, name="folder", root=str(path))
+    return replace(build_datasets(data, classes=list(classes or sorted(site_classes(path)))), name=name)
+
+
+def site_statistics(site: Datasets) -> dict[str, int]:
+    """Counts only, for the report: ``{"<split>/<class>": images}`` for every split and class."""
+    counts = {}
+    for split in ("train", "val", "test"):
+        per_class = np.bincount(labels_of(getattr(site, split)), minlength=site.num_classes)
+        counts.update({f"{split}/{c}": int(n) for c, n in zip(site.class_names, per_class)})
+    return counts
+
+
 def pooled_datasets(cfg: Config) -> Datasets:
     """The federation as one dataset: the sites' train and val splits pooled (the centralised
     baseline trains on them) and the server's held-out test set: the official test split
     (simulated sites) or the union of the sites' test splits (natural sites; a site whose folder
     cannot be read is left out, with a warning)."""
+    if cfg.federated.partition == "deployed":
+        raise ConfigError("a deployed federation's server holds no data: its sites test the global model")
     names = site_names(cfg)
     if cfg.federated.partition != "natural":
         sites, data = _simulated(_key(cfg))
@@ -187,3 +233,11 @@ def local_evaluate(model: nn.Module, site: Datasets, cfg: Config, device: torch.
 
 def device_for(cfg: Config) -> torch.device:
     return resolve_device(cfg.train.device)
+
+
+def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
+    """The model trained on the pooled sites' train/val splits for rounds x local_epochs epochs,
+    tested on the federation's global test set; returns its test metrics."""
+    epochs = cfg.federated.rounds * cfg.federated.local_epochs
+    pooled_cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
+    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()

@@ -130,20 +130,35 @@ class TuneConfig:
 
 @dataclass
 class FederatedConfig:
-    # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew) or quantity
-    partition: Literal["natural", "iid", "dirichlet", "quantity"] = "iid"
+    # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew), quantity, or deployed: real
+    # SuperNodes, each reading the folder its node config names (data-root); the server holds no data
+    partition: Literal["natural", "iid", "dirichlet", "quantity", "deployed"] = "iid"
     num_sites: int = 3  # simulated partitions; natural: the number of site folders
     alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
-    strategy: Literal["fedavg", "fedprox", "fedbn"] = "fedavg"  # fedbn: BatchNorm layers stay local
+    # fedbn: BatchNorm layers stay local; fedadam/fedyogi/fedadagrad: adaptive server optimisers (Reddi
+    # et al. 2021); fedavgm: server momentum
+    strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = "fedavg"
     mu: float = 0.01  # fedprox proximal term
+    server_lr: Annotated[float, Range(ge=0)] | None = None  # the server optimiser's step (None: Flower's default)
+    server_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.0  # fedavgm
+    beta_1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # fedadam, fedyogi
+    beta_2: Annotated[float, Range(ge=0, lt=1)] = 0.99  # fedadam, fedyogi
+    tau: Annotated[float, Range(ge=0)] = 1e-3  # adaptive strategies: the degree of adaptivity
     rounds: int = 3
     local_epochs: int = 1
     fraction_fit: float = 1.0  # share of the sites sampled to train each round
     min_clients: int = 2  # sites that must train (and be available) each round
     client_cpus: float = 1  # resources of one simulated site
     client_gpus: float = 0
-    dp_clipping_norm: float | None = None  # client-side differential privacy: on when set
-    dp_noise_multiplier: float = 0.0
+    # differential privacy, on when dp_clipping_norm is set: each site clips its update; "central": the
+    # server adds Gaussian noise (dp_noise_multiplier x clipping norm) to the aggregate, so it protects
+    # against whoever sees the global model but trusts the server; "local": each site adds noise before
+    # anything leaves it (an (dp_epsilon, dp_delta) Gaussian mechanism per round), trusting no one
+    dp_mode: Literal["central", "local"] = "central"
+    dp_clipping_norm: Annotated[float, Range(ge=0)] | None = None
+    dp_noise_multiplier: Annotated[float, Range(ge=0)] = 0.0  # central
+    dp_epsilon: Annotated[float, Range(ge=0)] = 1.0  # local: per round
+    dp_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5  # the delta at which the budget is reported
     centralized_baseline: bool = False  # also train on the pooled sites for rounds x local_epochs epochs
     round_timeout: float = 3600  # seconds the server waits for a round's replies
 
@@ -319,13 +334,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")
     if fed.num_sites < 1 or fed.rounds < 1 or fed.local_epochs < 1 or fed.min_clients < 1:
         raise ConfigError("config keys federated.num_sites, rounds, local_epochs and min_clients must be >= 1")
-    if fed.min_clients > fed.num_sites and fed.partition != "natural":  # natural: checked against the folders
+    if fed.min_clients > fed.num_sites and fed.partition not in ("natural", "deployed"):  # (checked at run time)
         raise ConfigError(f"config key federated.min_clients is {fed.min_clients} but there are only "
                           f"{fed.num_sites} sites (federated.num_sites)")
     if fed.strategy == "fedbn" and fed.dp_clipping_norm is not None:
         raise ConfigError("config key federated.dp_clipping_norm cannot be used with federated.strategy=fedbn: "
                           "Flower's clipping pairs each sent array with a received one, and FedBN keeps the "
                           "BatchNorm layers at the sites")
+    if fed.dp_clipping_norm is not None and not fed.dp_clipping_norm > 0:
+        raise ConfigError(f"config key federated.dp_clipping_norm: must be > 0, got {fed.dp_clipping_norm}")
+    if fed.dp_clipping_norm is not None and fed.dp_mode == "local" and not fed.dp_epsilon > 0:
+        raise ConfigError(f"config key federated.dp_epsilon: must be > 0 for local differential privacy, "
+                          f"got {fed.dp_epsilon}")
+    if fed.dp_clipping_norm is not None and not fed.dp_delta > 0:
+        raise ConfigError(f"config key federated.dp_delta: must be > 0, got {fed.dp_delta}")
     if not 0 < fed.fraction_fit <= 1:
         raise ConfigError(f"config key federated.fraction_fit: must be in (0, 1], got {fed.fraction_fit}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import medmnist
 import numpy as np
 from PIL import Image
 import torch
@@ -23,6 +22,14 @@ from torchvision import transforms
 
 from .config import DataConfig
 from .errors import ConfigError, DataError
+
+
+def _medmnist():
+    """The medmnist package, imported when a MedMNIST set is used (it takes a second: every Flower
+    ClientApp process and the GPU check would pay it for nothing)."""
+    import medmnist
+
+    return medmnist
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +156,14 @@ def md5sum(path: Path) -> str:
 
 def medmnist_file(flag: str, size: int, root: Path) -> tuple[Path, str, str]:
     """(local path, expected MD5, download URL) of a MedMNIST file."""
-    info = medmnist.INFO[flag]
+    info = _medmnist().INFO[flag]
     suffix = "" if size == 28 else f"_{size}"
     return root / f"{flag}{suffix}.npz", info[f"MD5{suffix}"], info[f"url{suffix}"]
 
 
 def medmnist_class_names(flag: str) -> list[str]:
     """A MedMNIST set's class names in label order."""
-    labels = medmnist.INFO[flag]["label"]
+    labels = _medmnist().INFO[flag]["label"]
     return [labels[str(i)] for i in range(len(labels))]
 
 
@@ -165,7 +172,7 @@ def _label(target) -> int:
 
 
 def _medmnist_datasets(cfg: DataConfig) -> Datasets:
-    flag, info = cfg.name, medmnist.INFO[cfg.name]
+    flag, info = cfg.name, _medmnist().INFO[cfg.name]
     if cfg.fold is not None:
         raise DataError(f"data.fold selects a k-fold split of an image folder; {flag} has official splits")
     if info["task"] == "multi-label, binary-class":
@@ -181,13 +188,13 @@ def _medmnist_datasets(cfg: DataConfig) -> Datasets:
     actual = md5sum(path)
     if actual != md5:
         if not cfg.allow_md5_mismatch:
-            raise DataError(f"{path} has MD5 {actual}, expected {md5} (medmnist.INFO); replace the file "
+            raise DataError(f"{path} has MD5 {actual}, expected {md5} (_medmnist().INFO); replace the file "
                             "or set data.allow_md5_mismatch=true to use it anyway")
         log.warning("%s has MD5 %s, expected %s: using it as data.allow_md5_mismatch is set", path, actual, md5)
     # ordinal RetinaMNIST is treated as multi-class, like the paper
     train_tf = image_transform(cfg.size, cfg.augment)
     eval_tf = image_transform(cfg.size)
-    cls = getattr(medmnist, info["python_class"])
+    cls = getattr(_medmnist(), info["python_class"])
     try:
         splits = {
             s: cls(split=s, root=str(root), size=cfg.size, as_rgb=True, download=False,
@@ -203,7 +210,7 @@ def _medmnist_datasets(cfg: DataConfig) -> Datasets:
 def _download(flag: str, size: int, root: Path, path: Path, md5: str, url: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     try:
-        getattr(medmnist, medmnist.INFO[flag]["python_class"])(split="train", root=str(root), size=size, download=True)
+        getattr(_medmnist(), _medmnist().INFO[flag]["python_class"])(split="train", root=str(root), size=size, download=True)
     except Exception as exc:  # unreachable host, proxy, partial file
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise DataError(f"could not download {path.name} from {url} ({type(exc).__name__}: {reason}); "

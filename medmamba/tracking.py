@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 
 from .config import MlflowConfig
 from .errors import TrackingError
@@ -134,6 +132,8 @@ class Tracker:
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
         with _first_use_lock(self.uri):  # the store's schema and the experiment are created once
+            from mlflow.tracking import MlflowClient  # (mlflow is imported when a run is tracked)
+
             self.client = MlflowClient(tracking_uri=self.uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
@@ -186,6 +186,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
         if params and not self.client.get_run(run_id).data.params:
+            from mlflow.entities import Param
+
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(run_id, params=items[i:i + 100])
@@ -196,6 +198,8 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
         """Log the scalar, finite entries of ``metrics`` (nested dicts and NaNs are skipped)."""
         now = int(time.time() * 1000)
+        from mlflow.entities import Metric
+
         values = [Metric(prefix + k, float(v), now, step or 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         if values:
@@ -206,6 +210,8 @@ class Tracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
         self._send(partial(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -58,6 +58,24 @@ def tracked(cfg, uri: str | None):
     return cfg
 
 
+def hospitals(mednist_root: Path, tmp_path: Path, corrupt_site: str | None = None) -> Path:
+    """Three hospitals from the MedNIST sample under tmp_path/hospitals: disjoint images (20 per
+    class each), hospital_c without HeadCT; ``corrupt_site`` gets an unreadable image."""
+    root = tmp_path / "hospitals"
+    classes = sorted(p.name for p in mednist_root.iterdir() if p.is_dir())
+    for c in classes:
+        files = sorted((mednist_root / c).iterdir())
+        for i, site in enumerate(("hospital_a", "hospital_b", "hospital_c")):
+            if site == "hospital_c" and c == "HeadCT":
+                continue
+            (root / site / c).mkdir(parents=True, exist_ok=True)
+            for f in files[i::3][:20]:
+                (root / site / c / f.name).symlink_to(f)
+    if corrupt_site:
+        (root / corrupt_site / classes[0] / "broken.jpeg").write_bytes(b"not an image")
+    return root
+
+
 def free_port() -> int:
     import socket
 

@@ -15,12 +15,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from mlflow.tracking import MlflowClient
 
-from conftest import start_medmamba, tracked
+from conftest import hospitals, start_medmamba, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.data import labels_of
 from medmamba.errors import ConfigError
-from medmamba.federated.client_app import SiteError, make_client_app, only_parameters_and_metrics
+from medmamba.federated import client_app
+from medmamba.federated.client_app import SiteError, only_parameters_and_metrics
 from medmamba.federated.simulation import run_federated
 from medmamba.federated.task import build_site, is_batchnorm_key, pooled_datasets, site_names
 from medmamba.registry import build_model
@@ -30,23 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(root, *extra):
     return load_config(ROOT / "configs/federated_quick.yaml", [f"data.root={root}", *extra])
-
-
-def _natural_root(mednist_root, tmp_path, corrupt_site: str | None = None) -> Path:
-    """Three hospitals from the MedNIST sample: disjoint images, hospital_c without HeadCT."""
-    root = tmp_path / "hospitals"
-    classes = sorted(p.name for p in mednist_root.iterdir() if p.is_dir())
-    for c in classes:
-        files = sorted((mednist_root / c).iterdir())
-        for i, site in enumerate(("hospital_a", "hospital_b", "hospital_c")):
-            if site == "hospital_c" and c == "HeadCT":
-                continue
-            (root / site / c).mkdir(parents=True, exist_ok=True)
-            for f in files[i::3][:20]:
-                (root / site / c / f.name).symlink_to(f)
-    if corrupt_site:
-        (root / corrupt_site / classes[0] / "broken.jpeg").write_bytes(b"not an image")
-    return root
 
 
 # --- sites ----------------------------------------------------------------------------------------
@@ -74,7 +58,7 @@ def test_simulated_sites_split_the_pool_without_overlap(medmnist_root, partition
 
 
 def test_natural_sites_share_one_class_list(mednist_root, tmp_path, caplog):
-    cfg = _cfg(_natural_root(mednist_root, tmp_path), "data.name=folder", "federated.partition=natural", "data.size=28")
+    cfg = _cfg(hospitals(mednist_root, tmp_path), "data.name=folder", "federated.partition=natural", "data.size=28")
     assert site_names(cfg) == ["hospital_a", "hospital_b", "hospital_c"]
     a, c = build_site(cfg, 0), build_site(cfg, 2)
     assert a.class_names == c.class_names and len(c.class_names) == 6
@@ -92,7 +76,7 @@ def test_natural_sites_are_checked_before_anything_trains(mednist_root, tmp_path
         site_names(load_config(ROOT / "configs/federated_quick.yaml", ["federated.partition=natural"]))
     with pytest.raises(DataError, match="expected one folder per site"):
         site_names(_cfg(tmp_path / "nowhere", *sets))
-    root = _natural_root(mednist_root, tmp_path)
+    root = hospitals(mednist_root, tmp_path)
     with pytest.raises(ConfigError, match="has 3 site folders but federated.min_clients is 4"):
         site_names(_cfg(root, *sets, "federated.min_clients=4"))
     assert len(site_names(_cfg(root, *sets, "federated.min_clients=3", "federated.num_sites=1"))) == 3
@@ -106,8 +90,10 @@ def test_natural_sites_are_checked_before_anything_trains(mednist_root, tmp_path
 @pytest.mark.parametrize("override, message", [
     ("federated.min_clients=4", "min_clients is 4 but there are only 3 sites"),
     ("federated.alpha=0", "federated.alpha: must be > 0"),
-    ("federated.strategy=fedsgd", "expected fedavg, fedprox or fedbn"),
-    ("federated.partition=pathological", "expected natural, iid, dirichlet or quantity"),
+    ("federated.strategy=fedsgd", "expected fedavg, fedprox, fedbn, fedadam, fedyogi, fedadagrad or fedavgm"),
+    ("federated.partition=pathological", "expected natural, iid, dirichlet, quantity or deployed"),
+    ("federated.dp_clipping_norm=0", "federated.dp_clipping_norm: must be > 0"),
+    ("federated.server_momentum=1", "federated.server_momentum: must be in"),
 ])
 def test_bad_federated_configs_are_refused(medmnist_root, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -125,19 +111,25 @@ def as_a_flower_node(monkeypatch):
         monkeypatch.setattr(TaskIdentity, key, value)
 
 
-def _train_message(cfg, model) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"server-round": 1, "round-offset": 0})})
+def _study(cfg, tmp_path=None, **extra) -> ConfigRecord:
+    """The config record the server sends with every message."""
+    return ConfigRecord({client_app.CONFIG_KEY: json.dumps(cfg.to_dict()), client_app.STUDY_KEY: "study",
+                         client_app.CLASSES_KEY: json.dumps(["benign", "malignant"]),
+                         client_app.STATE_DIR_KEY: str(tmp_path or "/nonexistent"), **extra})
+
+
+def _train_message(cfg, model, tmp_path=None, arrays=None, server_round=1) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(arrays if arrays is not None else model.state_dict()),
+                          "config": _study(cfg, tmp_path, **{"server-round": server_round, "round-offset": 0})})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_flower_node):
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.local_epochs=1")
     model = build_model(cfg.model, 2)
-    app = make_client_app(cfg.to_dict())
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config={})
-    reply = app(_train_message(cfg, model), context)
+    reply = client_app.app(_train_message(cfg, model), context)
     assert not reply.has_error(), reply.error
     content = reply.content
     assert list(content.array_records) == ["arrays"] and not content.config_records
@@ -145,7 +137,7 @@ def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_fl
     assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert any(not torch.equal(sent[k], v) for k, v in model.state_dict().items())  # it did train
     (metrics,) = content.metric_records.values()
-    assert set(metrics) == {"train_loss", "num-examples", "site"}
+    assert set(metrics) == {"train_loss", "num-examples"}
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     site = build_site(cfg, 0)
     assert metrics["num-examples"] == len(site.train)
@@ -217,7 +209,7 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_roo
 @pytest.mark.integration
 @pytest.mark.parametrize("strategy", [pytest.param("fedprox", marks=pytest.mark.slow), "fedbn"])  # (CI time)
 def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, strategy):
-    root = _natural_root(mednist_root, tmp_path)
+    root = hospitals(mednist_root, tmp_path)
     cfg = load_config(ROOT / "configs/federated_quick.yaml",
                       ["data.name=folder", f"data.root={root}", "federated.partition=natural",
                        f"federated.strategy={strategy}", "federated.rounds=2", "federated.centralized_baseline=false",
@@ -229,8 +221,9 @@ def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, stra
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # (CI time: test_flower_deploy kills a site mid-study and checks the same naming)
 def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(mednist_root, tmp_path):
-    root = _natural_root(mednist_root, tmp_path)
+    root = hospitals(mednist_root, tmp_path)
     out = tmp_path / "fed"
     sets = ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=3",
             "federated.centralized_baseline=false", "train.batch_size=32"]
@@ -258,22 +251,28 @@ def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(med
     assert all({"hospital_a", "hospital_c"} <= set(r["sites"]) for r in rounds)
 
 
-def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_a_flower_node):
-    from medmamba.federated.client_app import LOCAL_BN, _local_model
+def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_a_flower_node, tmp_path):
+    from medmamba.federated.client_app import LOCAL_BN, _local_model, batchnorm_file
 
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn")
-    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2)
+    model = build_model(cfg.model, 2)
     contexts = [Context(run_id=1, node_id=i, node_config={"partition-id": i, "num-partitions": 3},
                         state=RecordDict(), run_config={}) for i in (0, 1)]
     for context in contexts:
-        assert not app(_train_message(cfg, model), context).has_error()
+        assert not client_app.app(_train_message(cfg, model, tmp_path), context).has_error()
         assert LOCAL_BN in context.state
-    new_global = _train_message(cfg, build_model(cfg.model, 2))  # the next round's global model
-    a, b = (_local_model(new_global, c, cfg, 2).state_dict() for c in contexts)
+    new_global = _train_message(cfg, build_model(cfg.model, 2), tmp_path)  # the next round's global model
+    a, b = (_local_model(new_global, c, cfg, 2, f"site_{i}").state_dict() for i, c in enumerate(contexts))
     bn = [k for k in a if is_batchnorm_key(model, k)]
     shared = [k for k in a if k not in bn]
     assert all(torch.equal(a[k], b[k]) for k in shared)
     assert any(not torch.equal(a[k], b[k]) for k in bn if a[k].is_floating_point())
+    # a site process that restarts (a resumed study, a rebooted SuperNode) finds its layers on disk
+    assert batchnorm_file(new_global, contexts[0], "site_0") == tmp_path / "study" / "site_0-batchnorm.pt"
+    restarted = Context(run_id=2, node_id=0, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                        run_config={})
+    again = _local_model(new_global, restarted, cfg, 2, "site_0").state_dict()
+    assert all(torch.equal(again[k], a[k]) for k in bn)
 
 
 @pytest.mark.integration
@@ -319,20 +318,18 @@ def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, t
 
 
 @pytest.mark.parametrize("model_name", ["medmamba_t", "resnet18"])  # a timm ResNet's BatchNorm layers too
-def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_node, model_name):
+def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_node, model_name, tmp_path):
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.strategy=fedbn", f"model.name={model_name}")
-    app, model = make_client_app(cfg.to_dict()), build_model(cfg.model, 2, cfg.data.size)
+    app, model = client_app.app, build_model(cfg.model, 2, cfg.data.size)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     bn = {k for k in model.state_dict() if is_batchnorm_key(model, k)}
-    reply = app(_train_message(cfg, model), context)
+    reply = app(_train_message(cfg, model, tmp_path), context)
     sent = set(reply.content["arrays"].keys())
     assert bn and not sent & bn and sent == set(model.state_dict()) - bn
     # the next round's global model comes without BatchNorm layers: the site trains with its own
     shared = {k: v for k, v in build_model(cfg.model, 2, cfg.data.size).state_dict().items() if k not in bn}
-    content = RecordDict({"arrays": ArrayRecord(shared),
-                          "config": ConfigRecord({"server-round": 2, "round-offset": 0})})
-    again = app(Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    again = app(_train_message(cfg, model, tmp_path, arrays=shared, server_round=2), context)
     assert not again.has_error() and not set(again.content["arrays"].keys()) & bn
     if model_name == "resnet18":
         assert {"bn1.weight", "layer4.1.bn2.running_var"} <= bn
@@ -344,14 +341,80 @@ def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_no
 def test_a_round_with_fewer_sites_than_min_clients_fails_the_run_and_names_the_site(mednist_root, tmp_path):
     from medmamba.errors import FederationError
 
-    root = _natural_root(mednist_root, tmp_path, corrupt_site="hospital_b")
+    root = hospitals(mednist_root, tmp_path, corrupt_site="hospital_b")
     cfg = load_config(ROOT / "configs/federated_quick.yaml",
                       ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=2",
                        "federated.min_clients=3", "federated.centralized_baseline=false", "train.batch_size=32"])
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    with pytest.raises(FederationError, match="round 1: 2 of 3 sites trained, fewer than federated.min_clients=3; "
-                                              "site hospital_b failed to train"):
+    with pytest.raises(FederationError, match="(?s)before round 1: 2 of 3 sites can take part, fewer than federated."
+                                              "min_clients=3; site hospital_b failed to read its data: DataError: "
+                                              "1 unreadable images .*broken.jpeg"):
         run_federated(tracked(cfg, uri), tmp_path / "fed")
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.info.status == "FAILED"
+
+
+# --- strategies and differential privacy ----------------------------------------------------------
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("fedadam", {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-3}),
+    ("fedyogi", {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-3}),
+    ("fedadagrad", {"eta": 0.05, "tau": 1e-3}),
+    ("fedavgm", {"server_learning_rate": 0.05, "server_momentum": 0.7}),
+])
+def test_server_optimiser_strategies_take_their_config_keys(medmnist_root, strategy, expected):
+    from medmamba.federated.server_app import RoundRecorder, make_strategy
+
+    cfg = _cfg(medmnist_root, f"federated.strategy={strategy}", "federated.server_lr=0.05",
+               "federated.beta_1=0.8", "federated.beta_2=0.95", "federated.server_momentum=0.7")
+    made = make_strategy(cfg, RoundRecorder(), 3)
+    assert type(made).__name__.lower() == strategy
+    assert {k: getattr(made, k) for k in expected} == pytest.approx(expected)
+    assert made.min_train_nodes == cfg.federated.min_clients
+
+
+def test_the_privacy_budget_follows_the_accountant(medmnist_root):
+    import math
+
+    from opacus.accountants import RDPAccountant
+
+    from medmamba.federated.privacy import privacy_budget
+    from medmamba.federated.server_app import RoundRecorder, make_strategy
+
+    assert privacy_budget(_cfg(medmnist_root), 3, 1.0) is None
+    central = _cfg(medmnist_root, "federated.dp_clipping_norm=1.0", "federated.dp_noise_multiplier=1.1")
+    accountant = RDPAccountant()
+    for _ in range(5):
+        accountant.step(noise_multiplier=1.1, sample_rate=2 / 3)
+    budget = privacy_budget(central, 5, 2 / 3)
+    assert budget["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5)) and budget["mode"] == "central"
+    assert "not against the coordinator's server" in budget["protects"]
+    assert privacy_budget(central, 10, 2 / 3)["epsilon"] > budget["epsilon"] > privacy_budget(central, 5, 1 / 3)["epsilon"]
+    assert type(make_strategy(central, RoundRecorder(), 3)).__name__ == "DifferentialPrivacyClientSideFixedClipping"
+    no_noise = _cfg(medmnist_root, "federated.dp_clipping_norm=1.0")
+    assert privacy_budget(no_noise, 1, 1.0)["epsilon"] == math.inf
+    local = _cfg(medmnist_root, "federated.dp_clipping_norm=1.0", "federated.dp_mode=local", "federated.dp_epsilon=2")
+    one = privacy_budget(local, 1, 0.1)  # (every round counts for a site that adds its own noise)
+    assert one["noise_multiplier"] == pytest.approx(math.sqrt(2 * math.log(1.25 / 1e-5)) / 2) and one["sample_rate"] == 1
+    assert one["epsilon"] <= 2  # one (2, 1e-5) Gaussian release: RDP accounting is no looser than the calibration
+    assert privacy_budget(local, 20, 1.0)["epsilon"] < 20 * 2  # and tighter than adding up 20 rounds
+    assert "the coordinator's server and the network included" in one["protects"]
+    assert type(make_strategy(local, RoundRecorder(), 3)).__name__ == "FedAvg"  # no noise at the server
+
+
+def test_local_differential_privacy_adds_the_calibrated_noise_at_the_site(medmnist_root, as_a_flower_node):
+    import math
+
+    sets = ["data.name=breastmnist", "federated.local_epochs=1"]
+    plain = _cfg(medmnist_root, *sets)
+    private = _cfg(medmnist_root, *sets, "federated.dp_clipping_norm=1000", "federated.dp_mode=local",
+                   "federated.dp_epsilon=50")
+    model = build_model(plain.model, 2)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    replies = [client_app.app(_train_message(cfg, model), context) for cfg in (plain, private)]
+    a, b = (r.content["arrays"].to_torch_state_dict() for r in replies)
+    noise = torch.cat([(b[k].double() - a[k].double()).flatten() for k in a if a[k].is_floating_point()])
+    expected = 1000 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 50  # the update is far inside the clipping norm
+    assert noise.std().item() == pytest.approx(expected, rel=0.02) and abs(noise.mean().item()) < expected / 100

@@ -1,0 +1,130 @@
+"""A deployed federation on loopback, as deploy/flower/README.md starts one: a SuperLink with TLS and
+SuperNode authentication, three SuperNodes each reading only its own hospital folder, the study
+submitted with `flwr run`; one SuperNode killed mid-study. Real processes, stopped by PID."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port, hospitals
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = ("hospital_a", "hospital_b", "hospital_c")
+
+
+class Federation:
+    """The processes of a loopback federation; ``stop`` kills every one by PID."""
+
+    def __init__(self, tmp_path: Path):
+        self.dir = tmp_path
+        self.env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONUNBUFFERED": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # (flower-superexec, ...)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.dir / f"{name}.log").open("w")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir,
+                                            start_new_session=True)
+        return self.procs[name]
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text(errors="replace")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.dir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the process and the app processes it started
+                proc.wait()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_root, tmp_path):
+    root = hospitals(mednist_root, tmp_path)
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost",
+                    *SITES, "intruder"], check=True, capture_output=True)
+    fed = Federation(tmp_path)
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home/config.toml").write_text(  # the coordinator's flwr CLI: where the SuperLink is
+        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{fed.port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    out, uri = tmp_path / "study", f"sqlite:///{tmp_path}/mlruns.db"
+    try:
+        fed.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+                                "--ssl-certfile", str(certs / "superlink.pem"), "--ssl-keyfile",
+                                str(certs / "superlink.key"), "--enable-supernode-auth",
+                                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                "--port", str(fed.port), "--database", str(tmp_path / "superlink.db")])
+        _wait_for(lambda: "Uvicorn running on https://" in fed.log("superlink"), 60, "the SuperLink")
+        for site in SITES:
+            registered = fed.flwr("supernode", "register", str(certs / f"{site}.pub"))
+            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered
+        for i, site in enumerate((*SITES, "intruder")):  # the intruder's key was never registered
+            data_root = root / (site if site != "intruder" else "hospital_a")
+            fed.start(site, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
+                             "--root-certificates", str(certs / "ca.crt"),
+                             "--auth-supernode-private-key", str(certs / site), "--port", str(free_port()),
+                             "--node-config", f'site-name="{site}" data-root="{data_root}" '
+                                              f'state-dir="{tmp_path / "site-state" / site}"'])
+        overrides = (f"data.size=28 federated.rounds=2 federated.round_timeout=120 train.batch_size=32 "
+                     f"mlflow.tracking_uri={uri}")
+        submitted = fed.flwr("run", str(ROOT), "hospitals", "--format", "json", "--run-config",
+                             f'set="{overrides}" output-dir="{out}"')
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        run_id = json.loads(submitted.stdout)["run-id"]
+
+        # hospital_c's SuperNode dies once round 1 is saved: the study finishes with the other two
+        _wait_for(lambda: (out / "federated_state.pt").is_file(), 400, "round 1")
+        os.killpg(fed.procs["hospital_c"].pid, signal.SIGKILL)
+        def status() -> str:
+            return json.loads(fed.flwr("ls", "--run-id", str(run_id), "--format", "json").stdout)["runs"][0]["status"]
+
+        _wait_for(lambda: (out / "federated_rounds.csv").is_file(), 600, "the report")  # (written last)
+        _wait_for(lambda: status().startswith("finished"), 60, "the run's status")
+        assert status() == "finished:completed", fed.flwr("log", str(run_id), "--show").stdout[-5000:]
+    finally:
+        fed.stop()
+
+    report = json.loads((out / "federated_report.json").read_text())
+    assert report["sites"] == list(SITES) and report["global_test"].startswith("the sites' test splits")
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert set(rounds[0]["sites"]) == set(SITES)
+    assert all(set(r["sites"]) == {"hospital_a", "hospital_b"} for r in rounds[1:])
+    failures = [f for r in rounds[1:] for f in r["failures"]]
+    assert failures and all(f.startswith("site hospital_c failed") for f in failures)
+    # counts only left the sites: hospital_c has no HeadCT, the others 20 images per class in all
+    stats = report["site_statistics"]
+    assert sum(v for k, v in stats["hospital_a"].items() if k.endswith("/HeadCT")) == 20
+    assert sum(v for k, v in stats["hospital_c"].items() if k.endswith("/HeadCT")) == 0
+    assert len(report["class_names"]) == 6 and 0 <= report["best"]["test"]["accuracy"] <= 1
+    assert "intruder" not in json.dumps(report)
+    assert "intruder" not in stats and "No SuperNode found with the given public key" in fed.log("superlink")
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["sites"] == ",".join(SITES)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "global/accuracy")] == [1, 2]
+    assert run.data.params["federated.partition"] == "deployed"
