@@ -132,10 +132,18 @@ class Tracker:
         self.uri = resolve_uri(uri)
         check_reachable(self.uri)
         with _first_use_lock(self.uri):  # the store's schema and the experiment are created once
+            from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient  # (mlflow is imported when a run is tracked)
 
             self.client = MlflowClient(tracking_uri=self.uri)
-            found = self.client.get_experiment_by_name(experiment)
+            try:
+                found = self.client.get_experiment_by_name(experiment)
+            except MlflowException as exc:
+                if "401" not in str(exc) and "403" not in str(exc):
+                    raise
+                raise TrackingError(f"MLflow tracking server {self.uri} refused the request ({str(exc).split(':')[0]}"
+                                    "): it needs a login; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                                    "for a user with access to the experiment") from exc
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.run_id: str | None = None
         self.pending: list[Callable[[], object]] = []  # records not yet delivered, in order
