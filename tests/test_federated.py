@@ -163,7 +163,7 @@ def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
 @pytest.mark.integration
 def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    cfg = _cfg(medmnist_root, "federated.centralized_baseline=false")  # (tested on BreastMNIST below)
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.centralized_baseline=false")
     report = run_federated(tracked(cfg, uri), tmp_path / "fed")
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
