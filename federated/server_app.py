@@ -352,19 +352,39 @@ class FederatedRun:
         if improved:
             self.best = {"round": number, "metric": f"federated {self.monitor}", "value": value}
         self._save(number, scalars, improved)
-        if self.tracker:
-            self.tracker.log_metrics({f"global/{k}": v for k, v in scalars.items()}, step=number)
-            self.tracker.log_metrics({f"federated/{k}": v for k, v in row["validation"].items()}, step=number)
-            for name, site in row["sites"].items():
-                self.tracker.log_metrics({f"site/{name}/{k}": v for k, v in site.items()}, step=number)
-            if (budget := self.privacy()) is not None:
-                self.tracker.log_metrics({"privacy/epsilon": budget["epsilon"]}, step=number)
+        self._log_round(row)
         return MetricRecord(scalars)
+
+    def _log_round(self, row: dict) -> None:
+        if not self.tracker:
+            return
+        number = row["round"]
+        self.tracker.log_metrics({f"global/{k}": v for k, v in row["global"].items()}, step=number)
+        self.tracker.log_metrics({f"federated/{k}": v for k, v in row["validation"].items()}, step=number)
+        for name, site in row["sites"].items():
+            self.tracker.log_metrics({f"site/{name}/{k}": v for k, v in site.items()}, step=number)
+        budget = privacy_budget(self.cfg, number, self._sample_rate())
+        if budget is not None:
+            self.tracker.log_metrics({"privacy/epsilon": budget["epsilon"]}, step=number)
+
+    def catch_up(self) -> None:
+        """After a resume: log to MLflow the saved rounds it lacks (a kill between saving a round and
+        logging it)."""
+        if not self.tracker or not self.rounds:
+            return
+        logged = {m.step for m in self.tracker.client.get_metric_history(self.run_id, "global/auc")}
+        for row in self.rounds:
+            if row["round"] not in logged:
+                log.info("logging round %d to MLflow (saved before the interruption, not logged)", row["round"])
+                self._log_round(row)
+
+    def _sample_rate(self) -> float:
+        sites = max(len(self.names), 1)
+        return min(sampled_sites(self.cfg, sites) / sites, 1.0)
 
     def privacy(self) -> dict | None:
         """The privacy budget spent so far (None without differential privacy)."""
-        sites = max(len(self.names), 1)
-        return privacy_budget(self.cfg, len(self.rounds), min(sampled_sites(self.cfg, sites) / sites, 1.0))
+        return privacy_budget(self.cfg, len(self.rounds), self._sample_rate())
 
     def _save(self, number: int, test: dict, improved: bool) -> None:
         """final.pt (this round's global model, loadable by `medmamba evaluate`), best.pt when it
@@ -459,6 +479,7 @@ def run_study(run: FederatedRun, grid: Grid) -> dict:
     """One study, start to end, on ``grid``: the rounds, the centralised baseline if asked (the
     server needs the sites' data for it: simulation only) and the report."""
     with run.tracking() as run.run_id:
+        run.catch_up()
         run.run(grid)
         centralized = None
         if run.cfg.federated.centralized_baseline and not run.deployed:
