@@ -158,13 +158,20 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+@contextmanager
+def _site_work(msg: Message, context: Context, step: str):
+    """(config, site name, site data, the global model) for a train or evaluate message; whatever
+    fails inside, here or in the caller's block, is a SiteError naming the site."""
     cfg = study_config(msg)
     name = node_site_name(cfg, context.node_config)
-    with _named_failure(name, "train"):
+    with _named_failure(name, step):
         site = node_site(cfg, context.node_config, _class_names(msg))
-        model = _local_model(msg, context, cfg, site.num_classes, name)
+        yield cfg, name, site, _local_model(msg, context, cfg, site.num_classes, name)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    with _site_work(msg, context, "train") as (cfg, name, site, model):
         config = msg.content["config"]
         server_round = int(config["server-round"]) + int(config.get("round-offset", 0))  # after a resume
         mu = float(config.get("proximal-mu", 0.0))  # set by the FedProx strategy
@@ -178,11 +185,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = study_config(msg)
-    name = node_site_name(cfg, context.node_config)
-    with _named_failure(name, "evaluate"):
-        site = node_site(cfg, context.node_config, _class_names(msg))
-        model = _local_model(msg, context, cfg, site.num_classes, name)
+    with _site_work(msg, context, "evaluate") as (cfg, _, site, model):
         metrics = local_evaluate(model, site, cfg, device_for(cfg))
     return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(site.test)})}),
                    reply_to=msg)
