@@ -262,6 +262,8 @@ class FederatedRun:
         tags = {"kind": "federated", "git_commit": git_commit(), "strategy": fed.strategy, "partition": fed.partition}
         if self.names:
             tags["sites"] = ",".join(self.names)
+        if fed.holdout_site:
+            tags["holdout_site"] = fed.holdout_site
         params = {**self.cfg.flat(), "federated.differential_privacy": fed.dp_clipping_norm is not None}
         return mlflow_run(self.tracker, self.cfg.mlflow.run_name, params, tags, run_id=self.run_id)
 
@@ -401,9 +403,11 @@ class FederatedRun:
         self.write_report()
 
     def write_report(self, centralized: dict | None = None) -> dict:
+        holdout = self.cfg.federated.holdout_site
+        tested_on = ("the sites' test splits (example-weighted mean of their metrics)" if self.data is None else
+                     f"every image of the held-out site {holdout}" if holdout else "the server's test set")
         report = {"sites": self.names, "class_names": self.class_names, "config": self.cfg.to_dict(),
-                  "global_test": "the server's test set" if self.data is not None else
-                  "the sites' test splits (example-weighted mean of their metrics)",
+                  "global_test": tested_on,
                   "site_statistics": self.statistics, "rounds": self.rounds}
         if self.rounds:
             last = self.rounds[-1]
@@ -411,6 +415,8 @@ class FederatedRun:
         if self.best:
             best = self.rounds[self.best["round"] - 1]
             report["best"] = {"file": "best.pt", **self.best, "test": best["global"]}
+            if holdout:  # leave-one-site-out: the best round's global model at the hospital that never trained
+                report["holdout"] = {holdout: best["global"]}
         if (budget := self.privacy()) is not None:
             report["privacy"] = budget
         if centralized is not None:

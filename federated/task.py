@@ -59,7 +59,21 @@ def _site_split(pool: Dataset, indices: np.ndarray, labels: np.ndarray, cfg: Con
 
 
 def site_names(cfg: Config) -> list[str]:
-    """The sites' names: natural partition: the folders under data.root; else site_0, site_1, ..."""
+    """The sites that train: every site but ``federated.holdout_site``."""
+    names = all_site_names(cfg)
+    holdout = cfg.federated.holdout_site
+    if holdout is None:
+        return names
+    if holdout not in names:
+        raise ConfigError(f"config key federated.holdout_site: no site {holdout!r}; the sites are {', '.join(names)}")
+    if len(names) - 1 < cfg.federated.min_clients:
+        raise ConfigError(f"holding {holdout} out leaves {len(names) - 1} sites, fewer than federated.min_clients="
+                          f"{cfg.federated.min_clients}")
+    return [n for n in names if n != holdout]
+
+
+def all_site_names(cfg: Config) -> list[str]:
+    """Every site's name: natural partition: the folders under data.root; else site_0, site_1, ..."""
     fed = cfg.federated
     if fed.partition == "deployed":
         raise ConfigError("a deployed federation's sites are its SuperNodes: their names come from their node config")
@@ -112,11 +126,15 @@ def _key(cfg: Config) -> str:
 
 
 def build_site(cfg: Config, index: int) -> Datasets:
-    """Site ``index``'s train/val/test splits (cached per process: simulated sites are long-lived
-    Ray actors). A natural site reads only its own folder."""
+    """Training site ``index``'s train/val/test splits (cached per process: simulated sites are
+    long-lived Ray actors). A natural site reads only its own folder."""
+    return _named_site(cfg, site_names(cfg)[index])
+
+
+def _named_site(cfg: Config, name: str) -> Datasets:
     if cfg.federated.partition != "natural":
-        return _simulated(_key(cfg))[0][index]
-    return _natural_site(_key(cfg), site_names(cfg)[index])
+        return _simulated(_key(cfg))[0][all_site_names(cfg).index(name)]
+    return _natural_site(_key(cfg), name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,13 +186,20 @@ def site_statistics(site: Datasets) -> dict[str, int]:
 
 
 def pooled_datasets(cfg: Config) -> Datasets:
-    """The federation as one dataset: the sites' train and val splits pooled (the centralised
-    baseline trains on them) and the server's held-out test set: the official test split
-    (simulated sites) or the union of the sites' test splits (natural sites; a site whose folder
-    cannot be read is left out, with a warning)."""
+    """The federation as one dataset: the training sites' train and val splits pooled (the
+    centralised baseline trains on them) and the server's test set: every image of the held-out
+    site (``federated.holdout_site``), else the official test split (simulated sites) or the union
+    of the sites' test splits (natural sites; a site whose folder cannot be read is left out, with
+    a warning)."""
     if cfg.federated.partition == "deployed":
         raise ConfigError("a deployed federation's server holds no data: its sites test the global model")
     names = site_names(cfg)
+    if cfg.federated.holdout_site is not None:  # leave-one-site-out: the held-out hospital is the test set
+        sites = [build_site(cfg, i) for i in range(len(names))]
+        held = _named_site(cfg, cfg.federated.holdout_site)
+        return replace(held, train=ConcatDataset([s.train for s in sites]), val=ConcatDataset([s.val for s in sites]),
+                       test=ConcatDataset([held.train, held.val, held.test]), checksum="",
+                       name="pooled:" + ",".join(names))
     if cfg.federated.partition != "natural":
         sites, data = _simulated(_key(cfg))
         test = data.test

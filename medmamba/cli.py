@@ -8,7 +8,7 @@ import sys
 import logging
 from pathlib import Path
 
-from .config import load_config, validate
+from .config import load_config, set_key, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
@@ -97,10 +97,13 @@ def _federate(args: argparse.Namespace) -> int:
     from medmamba.federated.simulation import run_federated
 
     cfg = _run_config(args)
+    if args.holdout_site:
+        set_key(cfg, "federated.holdout_site", args.holdout_site)
+        validate(cfg)
     report = run_federated(cfg, args.output_dir, resume=args.resume)
     best = report["best"]
     print_metrics(best["test"], f"global model of round {best['round']} (the best by federated validation "
-                                f"{best['metric']}) on the global test set ({args.output_dir}/best.pt)")
+                                f"{best['metric']}) on {report['global_test']} ({args.output_dir}/best.pt)")
     last = report["rounds"][-1]
     print_metrics(last["global"], f"global model after the last round, {last['round']} ({args.output_dir}/final.pt)")
     if "centralized" in report:
@@ -385,9 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     _run_command(sub, "matrix", "train every combination of the config's matrix: axes on Ray (one run per cell)",
                  "matrix config (configs/matrix_*.yaml)",
                  "skip finished cells and continue the others").set_defaults(func=_matrix)
-    _run_command(sub, "federate", "a Flower simulation of multi-hospital training",
-                 "federated config (configs/federated_*.yaml)",
-                 "continue after the last completed round").set_defaults(func=_federate)
+    federate = _run_command(sub, "federate", "a Flower simulation of multi-hospital training",
+                            "federated config (configs/federated_*.yaml)", "continue after the last completed round")
+    federate.add_argument("--holdout-site", metavar="NAME",
+                          help="leave-one-site-out: NAME never trains; the global model is tested on all its images")
+    federate.set_defaults(func=_federate)
 
     report = sub.add_parser("report", help="paper-style tables and plots comparing runs in MLflow")
     report.add_argument("--experiment", action="append", default=[], help="an MLflow experiment to read (repeatable)")

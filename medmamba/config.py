@@ -144,6 +144,8 @@ class FederatedConfig:
     beta_1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # fedadam, fedyogi
     beta_2: Annotated[float, Range(ge=0, lt=1)] = 0.99  # fedadam, fedyogi
     tau: Annotated[float, Range(ge=0)] = 1e-3  # adaptive strategies: the degree of adaptivity
+    # leave-one-site-out (simulation): this site never trains; the global model is tested on all its images
+    holdout_site: str | None = None
     rounds: int = 3
     local_epochs: int = 1
     fraction_fit: float = 1.0  # share of the sites sampled to train each round
@@ -348,6 +350,10 @@ def validate(cfg: Config) -> None:
                           f"got {fed.dp_epsilon}")
     if fed.dp_clipping_norm is not None and not fed.dp_delta > 0:
         raise ConfigError(f"config key federated.dp_delta: must be > 0, got {fed.dp_delta}")
+    if fed.holdout_site is not None and fed.partition == "deployed":
+        raise ConfigError("config key federated.holdout_site: a deployed federation holds a hospital out by not "
+                          "starting its SuperNode and testing on its data afterwards; leave-one-site-out runs in "
+                          "simulation")
     if not 0 < fed.fraction_fit <= 1:
         raise ConfigError(f"config key federated.fraction_fit: must be in (0, 1], got {fed.fraction_fit}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:

@@ -418,3 +418,40 @@ def test_local_differential_privacy_adds_the_calibrated_noise_at_the_site(medmni
     noise = torch.cat([(b[k].double() - a[k].double()).flatten() for k in a if a[k].is_floating_point()])
     expected = 1000 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 50  # the update is far inside the clipping norm
     assert noise.std().item() == pytest.approx(expected, rel=0.02) and abs(noise.mean().item()) < expected / 100
+
+
+# --- leave-one-site-out ---------------------------------------------------------------------------
+
+def test_a_held_out_site_never_trains_and_is_the_test_set(mednist_root, tmp_path):
+    root = hospitals(mednist_root, tmp_path)
+    sets = ["data.name=folder", "federated.partition=natural", "data.size=28"]
+    cfg = _cfg(root, *sets, "federated.holdout_site=hospital_c")
+    assert site_names(cfg) == ["hospital_a", "hospital_b"]
+    pooled = pooled_datasets(cfg)
+    assert len(pooled.test) == 5 * 20  # every image of hospital_c (it has no HeadCT)
+    assert len(pooled.train) + len(pooled.val) == sum(len(build_site(cfg, i).train) + len(build_site(cfg, i).val)
+                                                      for i in range(2))
+    with pytest.raises(ConfigError, match="no site 'hospital_z'; the sites are hospital_a, hospital_b, hospital_c"):
+        site_names(_cfg(root, *sets, "federated.holdout_site=hospital_z"))
+    with pytest.raises(ConfigError, match="leaves 2 sites, fewer than federated.min_clients=3"):
+        site_names(_cfg(root, *sets, "federated.holdout_site=hospital_a", "federated.min_clients=3"))
+    with pytest.raises(ConfigError, match="leave-one-site-out runs in simulation"):
+        _cfg(root, "federated.partition=deployed", "federated.holdout_site=hospital_a")
+    assert site_names(_cfg(tmp_path, "federated.holdout_site=site_1")) == ["site_0", "site_2"]  # (no data read)
+
+
+@pytest.mark.integration
+def test_leave_one_site_out_reports_the_held_out_hospital(mednist_root, tmp_path):
+    root = hospitals(mednist_root, tmp_path)
+    out = tmp_path / "loso"
+    assert main(["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", "data.name=folder",
+                 "--set", f"data.root={root}", "--set", "federated.partition=natural", "--set", "federated.rounds=1",
+                 "--set", "federated.centralized_baseline=false", "--set", "train.batch_size=32",
+                 "--holdout-site", "hospital_c", "--output-dir", str(out), "--no-mlflow"]) == 0
+    report = json.loads((out / "federated_report.json").read_text())
+    assert report["sites"] == ["hospital_a", "hospital_b"] and set(report["rounds"][0]["sites"]) == set(report["sites"])
+    assert report["global_test"] == "every image of the held-out site hospital_c"
+    assert report["holdout"] == {"hospital_c": report["best"]["test"]}
+    tested = json.loads((out / "metrics.json").read_text())  # best.pt on all of hospital_c's 100 images
+    assert sum(map(sum, tested["confusion_matrix"])) == 100
+    assert tested["accuracy"] == pytest.approx(report["holdout"]["hospital_c"]["accuracy"])

@@ -3,6 +3,7 @@ SuperNode authentication, three SuperNodes each reading only its own hospital fo
 submitted with `flwr run`; one SuperNode killed during the round. Real processes, stopped by PID."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,11 +45,23 @@ class Federation:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.dir, capture_output=True, text=True,
                               timeout=timeout)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL process ``name`` and every process it started (Flower detaches its app processes
+        into sessions of their own, so a process group is not enough)."""
+        import psutil
+
+        proc = self.procs[name]
+        if proc.poll() is None:
+            children = psutil.Process(proc.pid).children(recursive=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            proc.wait()
+
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the process and the app processes it started
-                proc.wait()
+        for name in self.procs:
+            self.kill(name)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -97,7 +110,7 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
 
         # hospital_c's SuperNode dies as it starts training in round 1: the study finishes with the others
         _wait_for(lambda: "Receiving: train message" in fed.log("hospital_c"), 400, "round 1 at hospital_c")
-        os.killpg(fed.procs["hospital_c"].pid, signal.SIGKILL)
+        fed.kill("hospital_c")
         def status() -> str:
             return json.loads(fed.flwr("ls", "--run-id", str(run_id), "--format", "json").stdout)["runs"][0]["status"]
 
