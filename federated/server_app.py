@@ -47,12 +47,12 @@ from medmamba.errors import ConfigError, FederationError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint, predict_metrics
 from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
-from medmamba.reports import plot_federated_curves
+from medmamba.reports import plot_federated_curves, write_csv
 from medmamba.tracking import Tracker, git_commit, mlflow_run, open_tracker
 
 from .client_app import CLASSES_KEY, CONFIG_KEY, STATE_DIR_KEY, STUDY_KEY
 from .privacy import privacy_budget
-from .task import centralized_baseline, device_for, pooled_datasets, site_names
+from .task import centralized_baseline, device_for, local_baselines, pooled_datasets, site_names, test_on_sites
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class FederatedRun:
         self.names = [] if self.deployed else site_names(cfg)
         self.class_names = None if self.deployed else self.data.class_names
         self.statistics: dict[str, dict[str, int]] = {}  # site -> {"<split>/<class>": images}
+        self.site_matrix: dict[str, dict[str, dict[str, float]]] | None = None  # model -> site -> its test metrics
         self.device = device_for(cfg)
         self.model = None
         self.rounds: list[dict] = []
@@ -421,9 +422,23 @@ class FederatedRun:
             report["privacy"] = budget
         if centralized is not None:
             report["centralized"] = centralized
+        if self.site_matrix is not None:
+            report["site_matrix"] = self.site_matrix
         _atomic(lambda obj, path: Path(path).write_text(json.dumps(obj, indent=2, default=float)), report,
                 self.out / REPORT_FILE)
         return report
+
+    def _site_matrix(self, local: dict, pooled: bool) -> Path:
+        """Every model at every site's test split (each site alone, the pooled model, the best
+        round's federated model as each site tested it): the report's ``site_matrix`` and a CSV."""
+        matrix = {f"local:{name}": row for name, row in local.items()}
+        if pooled:
+            matrix["pooled"] = test_on_sites(self.out / "centralized" / "best.pt", self.cfg)
+        sites = self.rounds[self.best["round"] - 1]["sites"]
+        matrix["federated"] = {name: {k: site[f"test_{k}"] for k in METRIC_KEYS if f"test_{k}" in site}
+                               for name, site in sites.items()}
+        self.site_matrix = matrix
+        return write_csv(_site_matrix_rows(matrix), self.out / "federated_site_matrix.csv")
 
     def run(self, grid: Grid) -> None:
         """The remaining rounds on ``grid`` (after asking the sites who they are)."""
@@ -440,20 +455,25 @@ class FederatedRun:
         if len(self.rounds) < self.cfg.federated.rounds:
             raise RuntimeError("the federation stopped before its last round")
 
-    def finish(self, centralized: dict | None = None) -> dict:
+    def finish(self, centralized: dict | None = None, local: dict | None = None) -> dict:
         """The final report files and MLflow artifacts: the best round's global model tested (on the
         server's test set, metrics.json and figures as a training run writes them; or the sites'
-        mean), per-site x round table, curves, comparison with the centralised baseline."""
+        mean), per-site x round table, curves, comparison with the centralised baseline, and with
+        ``local`` (``local_baselines``) the site x site table of every model."""
         if self.best is None:  # no site ever reported validation metrics: the final round stands in
             shutil.copy2(self.out / "final.pt", self.out / "best.pt")
             last = self.rounds[-1]["round"]
             self.best = {"round": last, "metric": "none (no federated validation): the final round", "value": None}
+        files = []
+        if local is not None:
+            files.append(self._site_matrix(local, centralized is not None))
         if self.data is not None:
             best = load_checkpoint(self.out / "best.pt", device=self.cfg.train.device, data=self.data)
             evaluation = evaluate_checkpoint(best, "test", self.out, self.cfg.train.batch_size)
-            tested, files = evaluation.metrics, evaluation.files
+            tested = evaluation.metrics
+            files += evaluation.files
         else:
-            tested, files = self.rounds[self.best["round"] - 1]["global"], []
+            tested = self.rounds[self.best["round"] - 1]["global"]
         report = self.write_report(centralized)
         table = self.out / "federated_rounds.csv"
         with table.open("w", newline="") as f:
@@ -475,6 +495,11 @@ class FederatedRun:
         return report
 
 
+def _site_matrix_rows(matrix: dict) -> list[dict]:
+    return [{"model": model, "tested_at": site, **metrics} for model, row in matrix.items()
+            for site, metrics in row.items()]
+
+
 def _atomic(write, obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(obj, tmp)
@@ -487,10 +512,10 @@ def run_study(run: FederatedRun, grid: Grid) -> dict:
     with run.tracking() as run.run_id:
         run.catch_up()
         run.run(grid)
-        centralized = None
-        if run.cfg.federated.centralized_baseline and not run.deployed:
-            centralized = centralized_baseline(run.cfg, run.out / "centralized")
-        return run.finish(centralized)
+        fed = run.cfg.federated  # (baselines need the sites' data here: simulation only, checked by the config)
+        centralized = centralized_baseline(run.cfg, run.out / "centralized") if fed.centralized_baseline else None
+        local = local_baselines(run.cfg, run.out / "local") if fed.local_baselines else None
+        return run.finish(centralized, local)
 
 
 def _recipe(name: str) -> Path:

@@ -22,7 +22,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from medmamba.config import Config, config_from_dict
 from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stratified_split
 from medmamba.errors import ConfigError, DataError
-from medmamba.evaluation import predict_metrics
+from medmamba.evaluation import load_checkpoint, predict_metrics
+from medmamba.metrics import METRIC_KEYS
 from medmamba.runtime import resolve_device, seed_everything
 from medmamba.train import Trainer, make_optimizer, train_one_epoch
 
@@ -266,3 +267,27 @@ def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
     epochs = cfg.federated.rounds * cfg.federated.local_epochs
     pooled_cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()
+
+
+def test_on_sites(checkpoint: Path, cfg: Config) -> dict[str, dict[str, float]]:
+    """A checkpoint's model on every training site's test split: {site: {"auc", "accuracy", ...}}."""
+    model = load_checkpoint(checkpoint, device=cfg.train.device, with_data=False).model
+    device = next(model.parameters()).device
+    out = {}
+    for i, name in enumerate(site_names(cfg)):
+        site = build_site(cfg, i)
+        metrics = predict_metrics(model, make_loader(site.test, cfg.train.batch_size, shuffle=False), device,
+                                  site.class_names, site.positive_class)[0]
+        out[name] = {k: float(metrics[k]) for k in METRIC_KEYS}
+    return out
+
+
+def local_baselines(cfg: Config, output_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Each training site's model trained on its own data alone for the federation's budget (rounds
+    x local_epochs epochs) and tested on every site's test split: {trained at: {tested at: metrics}}."""
+    local_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs))
+    matrix = {}
+    for i, name in enumerate(site_names(cfg)):
+        Trainer(local_cfg, build_site(cfg, i), output_dir / name, progress=False).fit()
+        matrix[name] = test_on_sites(output_dir / name / "best.pt", cfg)
+    return matrix

@@ -162,6 +162,8 @@ class FederatedConfig:
     dp_epsilon: Annotated[float, Range(ge=0)] = 1.0  # local: per round
     dp_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5  # the delta at which the budget is reported
     centralized_baseline: bool = False  # also train on the pooled sites for rounds x local_epochs epochs
+    # also train each site alone for rounds x local_epochs epochs and test every model at every site (simulation)
+    local_baselines: bool = False
     round_timeout: float = 3600  # seconds the server waits for a round's replies
 
 
@@ -350,6 +352,9 @@ def validate(cfg: Config) -> None:
                           f"got {fed.dp_epsilon}")
     if fed.dp_clipping_norm is not None and not fed.dp_delta > 0:
         raise ConfigError(f"config key federated.dp_delta: must be > 0, got {fed.dp_delta}")
+    if fed.partition == "deployed" and (fed.local_baselines or fed.centralized_baseline):
+        raise ConfigError("config keys federated.local_baselines and centralized_baseline need the sites' data on "
+                          "one machine: simulation only (a deployed hospital trains its local baseline itself)")
     if fed.holdout_site is not None and fed.partition == "deployed":
         raise ConfigError("config key federated.holdout_site: a deployed federation holds a hospital out by not "
                           "starting its SuperNode and testing on its data afterwards; leave-one-site-out runs in "

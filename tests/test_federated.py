@@ -436,19 +436,35 @@ def test_a_held_out_site_never_trains_and_is_the_test_set(mednist_root, tmp_path
     with pytest.raises(ConfigError, match="leaves 2 sites, fewer than federated.min_clients=3"):
         site_names(_cfg(root, *sets, "federated.holdout_site=hospital_a", "federated.min_clients=3"))
     with pytest.raises(ConfigError, match="leave-one-site-out runs in simulation"):
-        _cfg(root, "federated.partition=deployed", "federated.holdout_site=hospital_a")
+        _cfg(root, "federated.partition=deployed", "federated.holdout_site=hospital_a",
+             "federated.centralized_baseline=false")
+    with pytest.raises(ConfigError, match="simulation only"):
+        _cfg(root, "federated.partition=deployed", "federated.local_baselines=true")
     assert site_names(_cfg(tmp_path, "federated.holdout_site=site_1")) == ["site_0", "site_2"]  # (no data read)
 
 
 @pytest.mark.integration
-def test_leave_one_site_out_reports_the_held_out_hospital(mednist_root, tmp_path):
+def test_leave_one_site_out_and_local_baselines_in_one_report(mednist_root, tmp_path):
+    import csv
+
     root = hospitals(mednist_root, tmp_path)
     out = tmp_path / "loso"
     assert main(["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", "data.name=folder",
                  "--set", f"data.root={root}", "--set", "federated.partition=natural", "--set", "federated.rounds=1",
-                 "--set", "federated.centralized_baseline=false", "--set", "train.batch_size=32",
+                 "--set", "federated.local_baselines=true", "--set", "train.batch_size=32",
                  "--holdout-site", "hospital_c", "--output-dir", str(out), "--no-mlflow"]) == 0
     report = json.loads((out / "federated_report.json").read_text())
+    # each site alone, the pooled model and the federated one, each at every training site's test split
+    matrix = report["site_matrix"]
+    assert set(matrix) == {"local:hospital_a", "local:hospital_b", "pooled", "federated"}
+    assert all(set(row) == {"hospital_a", "hospital_b"} for row in matrix.values())
+    assert matrix["federated"]["hospital_a"]["auc"] == report["rounds"][0]["sites"]["hospital_a"]["test_auc"]
+    own = json.loads((out / "local/hospital_a/history.json").read_text())
+    assert len(own) == 1  # the federation's budget: rounds x local_epochs = 1 epoch
+    assert all(0 <= row[site]["accuracy"] <= 1 for row in matrix.values() for site in row)
+    with (out / "federated_site_matrix.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and float(rows[0]["auc"]) == pytest.approx(matrix["local:hospital_a"]["hospital_a"]["auc"])
     assert report["sites"] == ["hospital_a", "hospital_b"] and set(report["rounds"][0]["sites"]) == set(report["sites"])
     assert report["global_test"] == "every image of the held-out site hospital_c"
     assert report["holdout"] == {"hospital_c": report["best"]["test"]}
