@@ -1,68 +1,110 @@
-"""What federation costs: a Flower simulation vs centralised training on the pooled data.
+"""What federation costs and buys, measured in one run on this machine (PneumoniaMNIST at 28 px,
+configs/federated_quick.yaml).
 
-In one run on this machine, PneumoniaMNIST at 28 px (configs/federated_quick.yaml):
-1. centralised: the model trained on the pooled sites for rounds x local_epochs epochs -> T_central;
-2. FedAvg on IID sites for rounds x local_epochs -> T_iid (same total epochs, simulation start-up,
-   per-round site and global evaluation included);
-3. FedAvg on Dirichlet(alpha) sites -> the accuracy cost of label skew.
-Targets: T_iid <= 1.10 x T_central, and |AUC_iid - AUC_central| <= 0.02 on the global test set.
+--mode strategies (default): on ``--sites`` Dirichlet(``--alpha``) sites, the pooled (centralised)
+model, each site's model alone (local-only), FedAvg, FedProx and FedAdam, each for rounds x
+local_epochs epochs: global test AUC (the official test split), worst-site AUC (the lowest of the
+sites' own test splits: for local-only, a site's own model at its own site), wall time, and the
+ratio of each wall time to the pooled one.
 
-    python benchmarks/federated.py [--data-root ../shared/data/medmnist] [--rounds 8] [--sites 3]
+--mode scale: how the simulation scales here: rounds per minute with 3, 10 and 30 simulated sites
+(fraction_fit 0.3 at 30) and the resident memory the simulation added per site.
+
+    python benchmarks/federated.py [--data-root ../shared/data/medmnist] [--rounds 3] [--mode scale]
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from medmamba.config import load_config
-from medmamba.federated.simulation import centralized_baseline, run_federated
+from medmamba.federated.simulation import run_federated
+from medmamba.federated.task import centralized_baseline, local_baselines
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _memory_mb() -> float:
+    """Resident memory of this process and everything it started (Ray's actors included)."""
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+
+
+def _worst_site_auc(report: dict) -> float:
+    sites = report["rounds"][-1]["sites"].values()
+    return min((s["test_auc"] for s in sites if "test_auc" in s), default=float("nan"))
+
+
+def strategies(args, cfg, tmp: Path) -> None:
+    rows = []
+    start = time.perf_counter()
+    pooled = centralized_baseline(cfg(), tmp / "pooled")
+    rows.append(("pooled (centralised)", time.perf_counter() - start, pooled["auc"], float("nan")))
+    start = time.perf_counter()
+    local = local_baselines(cfg(), tmp / "local")
+    own = [row[name]["auc"] for name, row in local.items()]  # each site's model at its own site
+    rows.append(("local-only (each site alone)", time.perf_counter() - start, float("nan"), min(own)))
+    for strategy in ("fedavg", "fedprox", "fedadam"):
+        extra = ["federated.server_lr=0.01"] if strategy == "fedadam" else []
+        start = time.perf_counter()
+        report = run_federated(cfg(f"federated.strategy={strategy}", *extra), tmp / strategy)
+        rows.append((strategy, time.perf_counter() - start, report["rounds"][-1]["global"]["auc"],
+                     _worst_site_auc(report)))
+    print(f"PneumoniaMNIST 28 px, {args.sites} Dirichlet({args.alpha}) sites, {args.rounds} rounds x 1 local epoch "
+          f"(pooled and local-only: {args.rounds} epochs); global test set: 624 images")
+    print(f"{'run':30s} {'wall s':>8s} {'x pooled':>9s} {'global AUC':>11s} {'worst-site AUC':>15s}")
+    for name, wall, auc, worst in rows:
+        print(f"{name:30s} {wall:8.1f} {wall / rows[0][1]:9.2f} {auc:11.4f} {worst:15.4f}")
+
+
+def scale(args, cfg, tmp: Path) -> None:
+    print(f"PneumoniaMNIST 28 px, Dirichlet({args.alpha}) sites, {args.rounds} rounds x 1 local epoch, "
+          "MedMamba-T, client_cpus 0.66")
+    print(f"{'sites':>6s} {'fraction_fit':>13s} {'rounds/min':>11s} {'MB per site':>12s}")
+    for sites, fraction in ((3, 1.0), (10, 1.0), (30, 0.3)):
+        before = _memory_mb()
+        peak = [before]
+        start = time.perf_counter()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(1.0):
+                peak[0] = max(peak[0], _memory_mb())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        run_federated(cfg(f"federated.num_sites={sites}", f"federated.fraction_fit={fraction}",
+                          f"federated.min_clients={max(2, int(sites * fraction))}"), tmp / f"scale{sites}")
+        done.set()
+        minutes = (time.perf_counter() - start) / 60
+        print(f"{sites:6d} {fraction:13.1f} {args.rounds / minutes:11.2f} {(peak[0] - before) / sites:12.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared/data/medmnist"))
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--mode", choices=["strategies", "scale"], default="strategies")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--client-cpus", type=float, default=0.66, help="3 sites x 0.66: all train at once on 2 cores")
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.3)
     args = parser.parse_args()
     logging.disable(logging.INFO)
 
-    def cfg(partition: str):
+    def cfg(*extra: str):
         return load_config(ROOT / "configs/federated_quick.yaml", [
-            f"data.root={args.data_root}", f"federated.partition={partition}", f"federated.alpha={args.alpha}",
-            f"federated.rounds={args.rounds}", f"federated.local_epochs={args.local_epochs}",
-            f"federated.num_sites={args.sites}", f"federated.client_cpus={args.client_cpus}",
-            "federated.centralized_baseline=false", "sched.milestones=[]", "mlflow.enabled=false"])
+            f"data.root={args.data_root}", "federated.partition=dirichlet", f"federated.alpha={args.alpha}",
+            f"federated.rounds={args.rounds}", "federated.local_epochs=1", f"federated.num_sites={args.sites}",
+            "federated.client_cpus=0.66", "federated.centralized_baseline=false", "sched.milestones=[]",
+            "mlflow.enabled=false", *extra])
 
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        central = centralized_baseline(cfg("iid"), Path(tmp) / "central")
-        results["central"] = (time.perf_counter() - start, central["auc"], central["accuracy"])
-        for partition in ("iid", "dirichlet"):
-            start = time.perf_counter()
-            report = run_federated(cfg(partition), Path(tmp) / partition)
-            final = report["rounds"][-1]["global"]
-            results[partition] = (time.perf_counter() - start, final["auc"], final["accuracy"])
-    epochs = args.rounds * args.local_epochs
-    print(f"PneumoniaMNIST 28 px, {args.sites} sites x {args.client_cpus} CPU, FedAvg {args.rounds} rounds x "
-          f"{args.local_epochs} local epochs vs {epochs} pooled epochs; global test set (624 images)")
-    print(f"{'run':28s} {'wall s':>8s} {'test AUC':>9s} {'test acc':>9s}")
-    for name, label in (("central", "centralised (pooled)"), ("iid", "FedAvg, IID sites"),
-                        ("dirichlet", f"FedAvg, Dirichlet {args.alpha}")):
-        wall, auc, acc = results[name]
-        print(f"{label:28s} {wall:8.1f} {auc:9.4f} {acc:9.4f}")
-    t_central, auc_central = results["central"][0], results["central"][1]
-    print(f"federated overhead (IID)     T_iid / T_central - 1 = {results['iid'][0] / t_central - 1:+.1%}  (target <= +10%)")
-    print(f"AUC gap, IID                 {results['iid'][1] - auc_central:+.4f}  (target within 0.02)")
-    print(f"AUC gap, Dirichlet {args.alpha:<9} {results['dirichlet'][1] - auc_central:+.4f}")
+        (strategies if args.mode == "strategies" else scale)(args, cfg, Path(tmp))
 
 
 if __name__ == "__main__":
