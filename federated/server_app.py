@@ -52,7 +52,8 @@ from medmamba.tracking import Tracker, git_commit, mlflow_run, open_tracker
 
 from .client_app import CLASSES_KEY, CONFIG_KEY, STATE_DIR_KEY, STUDY_KEY
 from .privacy import privacy_budget
-from .task import centralized_baseline, device_for, local_baselines, pooled_datasets, site_names, test_on_sites
+from .task import (centralized_baseline, device_for, local_baselines, pooled_datasets, site_names, test_on_sites,
+                   trained_model)
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,8 @@ class FederatedRun:
         round's federated model as each site tested it): the report's ``site_matrix`` and a CSV."""
         matrix = {f"local:{name}": row for name, row in local.items()}
         if pooled:
-            matrix["pooled"] = test_on_sites(self.out / "centralized" / "best.pt", self.cfg)
+            pooled_model = trained_model(self.out / "centralized", self.cfg, len(self.class_names))
+            matrix["pooled"] = test_on_sites(pooled_model, self.cfg)
         sites = self.rounds[self.best["round"] - 1]["sites"]
         matrix["federated"] = {name: {k: site[f"test_{k}"] for k in METRIC_KEYS if f"test_{k}" in site}
                                for name, site in sites.items()}

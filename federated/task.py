@@ -22,8 +22,9 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from medmamba.config import Config, config_from_dict
 from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stratified_split
 from medmamba.errors import ConfigError, DataError
-from medmamba.evaluation import load_checkpoint, predict_metrics
+from medmamba.evaluation import predict_metrics
 from medmamba.metrics import METRIC_KEYS
+from medmamba.registry import build_model, read_checkpoint
 from medmamba.runtime import resolve_device, seed_everything
 from medmamba.train import Trainer, make_optimizer, train_one_epoch
 
@@ -269,9 +270,17 @@ def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
     return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()
 
 
-def test_on_sites(checkpoint: Path, cfg: Config) -> dict[str, dict[str, float]]:
-    """A checkpoint's model on every training site's test split: {site: {"auc", "accuracy", ...}}."""
-    model = load_checkpoint(checkpoint, device=cfg.train.device, with_data=False).model
+def trained_model(output_dir: Path, cfg: Config, num_classes: int) -> nn.Module:
+    """The model a training run left in ``output_dir``: best.pt, or last.pt when no epoch had a
+    finite validation metric (e.g. a validation split with one class), as the run's own test does."""
+    path = output_dir / "best.pt" if (output_dir / "best.pt").is_file() else output_dir / "last.pt"
+    model = build_model(cfg.model, num_classes, cfg.data.size, pretrained=False)
+    model.load_state_dict(read_checkpoint(path)["model"])
+    return model.to(device_for(cfg))
+
+
+def test_on_sites(model: nn.Module, cfg: Config) -> dict[str, dict[str, float]]:
+    """``model`` on every training site's test split: {site: {"auc", "accuracy", ...}}."""
     device = next(model.parameters()).device
     out = {}
     for i, name in enumerate(site_names(cfg)):
@@ -288,6 +297,7 @@ def local_baselines(cfg: Config, output_dir: Path) -> dict[str, dict[str, dict[s
     local_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs))
     matrix = {}
     for i, name in enumerate(site_names(cfg)):
-        Trainer(local_cfg, build_site(cfg, i), output_dir / name, progress=False).fit()
-        matrix[name] = test_on_sites(output_dir / name / "best.pt", cfg)
+        site = build_site(cfg, i)
+        Trainer(local_cfg, site, output_dir / name, progress=False).fit()
+        matrix[name] = test_on_sites(trained_model(output_dir / name, cfg, site.num_classes), cfg)
     return matrix
