@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -36,31 +37,35 @@ def _memory_mb() -> float:
     return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
 
 
-def _worst_site_auc(report: dict) -> float:
-    sites = report["rounds"][-1]["sites"].values()
-    return min((s["test_auc"] for s in sites if "test_auc" in s), default=float("nan"))
+def _worst(aucs) -> tuple[float, int]:
+    """The lowest AUC and how many sites had one (a site whose test split has one class has none)."""
+    defined = [a for a in aucs if math.isfinite(a)]
+    return min(defined, default=float("nan")), len(defined)
 
 
 def strategies(args, cfg, tmp: Path) -> None:
     rows = []
     start = time.perf_counter()
     pooled = centralized_baseline(cfg(), tmp / "pooled")
-    rows.append(("pooled (centralised)", time.perf_counter() - start, pooled["auc"], float("nan")))
+    rows.append(("pooled (centralised)", time.perf_counter() - start, pooled["auc"], pooled["accuracy"],
+                 (float("nan"), 0)))
     start = time.perf_counter()
     local = local_baselines(cfg(), tmp / "local")
-    own = [row[name]["auc"] for name, row in local.items()]  # each site's model at its own site
-    rows.append(("local-only (each site alone)", time.perf_counter() - start, float("nan"), min(own)))
+    own = _worst(row[name]["auc"] for name, row in local.items())  # each site's model at its own site
+    rows.append(("local-only (each site alone)", time.perf_counter() - start, float("nan"), float("nan"), own))
     for strategy in ("fedavg", "fedprox", "fedadam"):
         extra = ["federated.server_lr=0.01"] if strategy == "fedadam" else []
         start = time.perf_counter()
         report = run_federated(cfg(f"federated.strategy={strategy}", *extra), tmp / strategy)
-        rows.append((strategy, time.perf_counter() - start, report["rounds"][-1]["global"]["auc"],
-                     _worst_site_auc(report)))
+        final = report["rounds"][-1]
+        rows.append((strategy, time.perf_counter() - start, final["global"]["auc"], final["global"]["accuracy"],
+                     _worst(s.get("test_auc", math.nan) for s in final["sites"].values())))
     print(f"PneumoniaMNIST 28 px, {args.sites} Dirichlet({args.alpha}) sites, {args.rounds} rounds x 1 local epoch "
           f"(pooled and local-only: {args.rounds} epochs); global test set: 624 images")
-    print(f"{'run':30s} {'wall s':>8s} {'x pooled':>9s} {'global AUC':>11s} {'worst-site AUC':>15s}")
-    for name, wall, auc, worst in rows:
-        print(f"{name:30s} {wall:8.1f} {wall / rows[0][1]:9.2f} {auc:11.4f} {worst:15.4f}")
+    print(f"{'run':30s} {'wall s':>8s} {'x pooled':>9s} {'global AUC':>11s} {'global acc':>11s} "
+          f"{'worst-site AUC (sites with one)':>32s}")
+    for name, wall, auc, acc, (worst, n) in rows:
+        print(f"{name:30s} {wall:8.1f} {wall / rows[0][1]:9.2f} {auc:11.5f} {acc:11.5f} {worst:27.4f} ({n})")
 
 
 def scale(args, cfg, tmp: Path) -> None:
