@@ -223,6 +223,7 @@ class FederatedRun:
         self.deployed = cfg.federated.partition == "deployed"
         self.recorder = RoundRecorder()
         self.data = None if self.deployed else pooled_datasets(cfg)  # the server's own test set, if any
+        self.test_loader = None if self.data is None else make_loader(self.data.test, cfg.train.batch_size, shuffle=False)
         self.names = [] if self.deployed else site_names(cfg)
         self.class_names = None if self.deployed else self.data.class_names
         self.statistics: dict[str, dict[str, int]] = {}  # site -> {"<split>/<class>": images}
@@ -329,8 +330,7 @@ class FederatedRun:
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=self.cfg.federated.strategy != "fedbn")
         if self.data is None:
             return None
-        loader = make_loader(self.data.test, self.cfg.train.batch_size, shuffle=False)
-        return predict_metrics(self.model, loader, self.device, self.data.class_names, self.data.positive_class)[0]
+        return predict_metrics(self.model, self.test_loader, self.device, self.data.class_names, self.data.positive_class)[0]
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's server-side evaluation hook, called before round 1 and after every round

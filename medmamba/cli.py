@@ -8,7 +8,7 @@ import sys
 import logging
 from pathlib import Path
 
-from .config import load_config, set_key, validate
+from .config import load_config, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
@@ -96,10 +96,9 @@ def _matrix(args: argparse.Namespace) -> int:
 def _federate(args: argparse.Namespace) -> int:
     from medmamba.federated.simulation import run_federated
 
-    cfg = _run_config(args)
     if args.holdout_site:
-        set_key(cfg, "federated.holdout_site", args.holdout_site)
-        validate(cfg)
+        args.set.append(f"federated.holdout_site={args.holdout_site}")
+    cfg = _run_config(args)
     report = run_federated(cfg, args.output_dir, resume=args.resume)
     best = report["best"]
     print_metrics(best["test"], f"global model of round {best['round']} (the best by federated validation "

@@ -188,7 +188,7 @@ def _medmnist_datasets(cfg: DataConfig) -> Datasets:
     actual = md5sum(path)
     if actual != md5:
         if not cfg.allow_md5_mismatch:
-            raise DataError(f"{path} has MD5 {actual}, expected {md5} (_medmnist().INFO); replace the file "
+            raise DataError(f"{path} has MD5 {actual}, expected {md5} (medmnist.INFO); replace the file "
                             "or set data.allow_md5_mismatch=true to use it anyway")
         log.warning("%s has MD5 %s, expected %s: using it as data.allow_md5_mismatch is set", path, actual, md5)
     # ordinal RetinaMNIST is treated as multi-class, like the paper
