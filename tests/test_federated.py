@@ -471,3 +471,26 @@ def test_leave_one_site_out_and_local_baselines_in_one_report(mednist_root, tmp_
     tested = json.loads((out / "metrics.json").read_text())  # best.pt on all of hospital_c's 100 images
     assert sum(map(sum, tested["confusion_matrix"])) == 100
     assert tested["accuracy"] == pytest.approx(report["holdout"]["hospital_c"]["accuracy"])
+
+
+def test_bad_deployment_inputs_are_clear_errors(medmnist_root, tmp_path):
+    from medmamba.errors import DataError
+    from medmamba.federated.server_app import study_from_run_config
+    from medmamba.federated.task import node_site, node_site_name
+
+    with pytest.raises(ConfigError, match="federated.dp_epsilon: must be > 0 for local differential privacy"):
+        _cfg(medmnist_root, "federated.dp_clipping_norm=1", "federated.dp_mode=local", "federated.dp_epsilon=0")
+    with pytest.raises(ConfigError, match="federated.dp_delta: must be > 0"):
+        _cfg(medmnist_root, "federated.dp_clipping_norm=1", "federated.dp_delta=0")
+    with pytest.raises(ConfigError, match="run config recipe='configs/nope.yaml': no such file"):
+        study_from_run_config({"recipe": "configs/nope.yaml"})
+    cfg, out, resume = study_from_run_config({"recipe": str(ROOT / "configs/federated_deploy.yaml"),
+                                              "set": "federated.rounds=2 data.size=28", "output-dir": str(tmp_path)})
+    assert (cfg.federated.rounds, cfg.data.size, out, resume) == (2, 28, tmp_path, False)
+    deployed = load_config(ROOT / "configs/federated_deploy.yaml")
+    with pytest.raises(ConfigError, match="a deployed SuperNode needs --node-config"):
+        node_site_name(deployed, {"partition-id": 0})
+    with pytest.raises(ConfigError, match="a deployed SuperNode needs --node-config"):
+        node_site(deployed, {"site-name": "a"})
+    with pytest.raises(DataError, match="site a: data-root .*nowhere is not a folder"):
+        node_site(deployed, {"site-name": "a", "data-root": str(tmp_path / "nowhere")})
