@@ -80,7 +80,7 @@ def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> 
         tags = {"mlflow.parentRunId": parent_run_id, "matrix_cell": cell_name(params),
                 **{k: str(v) for k, v in params.items()}} if parent_run_id else None
         trainer = Trainer(cfg, build_datasets(cfg.data), out, callbacks=tracking_callbacks(cfg, tags), progress=False)
-        metrics = trainer.fit(resume=(out / "last.pt").is_file())
+        metrics = trainer.fit(resume=True)  # whatever a killed driver left here: a checkpoint, or only its MLflow run
         done.write_text(json.dumps({"params": params, "run_id": trainer.run_id, "seconds": time.perf_counter() - start,
                                     "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
     tune.report({f"test_{k}": v for k, v in json.loads(done.read_text())["test"].items()})

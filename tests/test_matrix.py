@@ -72,9 +72,14 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_c
             "--set", "train.epochs=1", "--set", "matrix.model.name=[medmamba_t,convnext_tiny]",
             "--output-dir", str(out), "--tracking-uri", uri]
     proc = start_medmamba(args, env=ray_cluster["env"])
+    def killable() -> bool:  # a cell finished, and (most often) another one started
+        started = {p.parent for p in out.glob("cells/*/mlflow_run.json")}
+        finished = {p.parent for p in out.glob("cells/*/cell.json")}
+        return bool(finished) and (bool(started - finished) or time.time() > deadline - 240)
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/cell.json")):
-        time.sleep(0.5)
+    while time.time() < deadline and proc.poll() is None and not killable():
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("cells/*/cell.json")}

@@ -94,6 +94,12 @@ def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(medmnist_root, breas
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"
+    # it died before its first checkpoint: a resume (a matrix cell's, say) continues that MLflow run
+    again = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path,
+                    callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False)
+    again.fit(resume=True)
+    (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert again.run_id == run.info.run_id and run.info.status == "FINISHED"
 
 
 def test_num_classes_must_match_the_data(medmnist_root, breast, tmp_path):
