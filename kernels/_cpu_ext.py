@@ -39,15 +39,27 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _ninja() -> str:
+    """The ninja that builds the extension: the pip package's (a dependency) whatever the PATH,
+    else the PATH's. (With the system's ninja in some processes and the venv's in others, one
+    build directory was rebuilt at every switch, ~45 s on 2 cores: their logs differ.)"""
+    try:
+        import ninja
+
+        return str(Path(ninja.BIN_DIR) / "ninja")
+    except ImportError:
+        return shutil.which("ninja") or ""
+
+
 def build_key() -> str:
-    """Everything that changes the build: the source, the flags, the CPU, and the compiler, torch
-    and Python it is built with and against (their paths too: two virtualenvs must not share a
-    build directory, or each switch rebuilds it)."""
+    """Everything that changes the build: the source, the flags, the CPU, and the compiler, ninja,
+    torch and Python it is built with and against (their paths too: two virtualenvs must not
+    share a build directory, or each switch rebuilds it)."""
     from torch.utils.cpp_extension import include_paths
 
     return "|".join([_SOURCE.read_text(), " ".join(_FLAGS), _cpu_signature(), torch.__version__,
                      *include_paths(), sysconfig.get_paths()["include"], sys.executable,
-                     os.environ.get("CXX", "c++"), shutil.which(os.environ.get("CXX", "c++")) or ""])
+                     os.environ.get("CXX", "c++"), shutil.which(os.environ.get("CXX", "c++")) or "", _ninja()])
 
 
 def _build_name() -> str:
@@ -64,14 +76,19 @@ def load() -> ModuleType | None:
                 build_dir = Path(os.environ.get("MEDMAMBA_EXT_DIR", Path.home() / ".cache/medmamba/ext"))
                 name = _build_name()
                 (build_dir / name).mkdir(parents=True, exist_ok=True)
-                _state["module"] = build(
-                    name=name,
-                    sources=[str(_SOURCE)],
-                    extra_cflags=_FLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(build_dir / name),
-                    verbose=False,
-                )
+                path = os.environ.get("PATH", "")
+                os.environ["PATH"] = os.pathsep.join([str(Path(_ninja()).parent), path])  # torch runs `ninja`
+                try:
+                    _state["module"] = build(
+                        name=name,
+                        sources=[str(_SOURCE)],
+                        extra_cflags=_FLAGS,
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(build_dir / name),
+                        verbose=False,
+                    )
+                finally:
+                    os.environ["PATH"] = path
             except Exception as exc:  # a compiler, ninja or the headers are missing
                 _state["module"] = None
                 _state["error"] = f"{type(exc).__name__}: {exc}".strip()[:500]

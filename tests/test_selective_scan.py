@@ -201,3 +201,16 @@ def test_the_build_cache_key_covers_the_toolchain_and_environment():
     key = _cpu_ext.build_key()
     assert all(path in key for path in include_paths())  # this virtualenv's torch headers
     assert sysconfig.get_paths()["include"] in key and sys.executable in key and torch.__version__ in key
+
+
+def test_the_build_does_not_depend_on_which_ninja_the_path_finds_first(monkeypatch, tmp_path):
+    """The system's ninja and the venv's record build commands differently: sharing a directory,
+    processes with the one and the other first on their PATH rebuilt the extension at every switch."""
+    from medmamba.kernels import _cpu_ext
+
+    before = _cpu_ext._build_name()
+    ninja = tmp_path / "ninja"
+    ninja.write_text("#!/bin/sh\nexit 1\n")
+    ninja.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert _cpu_ext._build_name() == before and _cpu_ext._ninja() != str(ninja)
