@@ -18,12 +18,20 @@ Sections:
    backward) over the copy bandwidth measured in this run.
 3. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
    autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
+4. resume: MedMamba-T trained by ``Trainer`` on the device (synthetic images, no dataset needed)
+   in a subprocess SIGKILLed after its first checkpoint, resumed, and compared epoch by epoch
+   with a run that was never stopped (equal on a CPU; on a GPU up to the scan's atomic adds).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -178,10 +186,64 @@ def throughput(device: torch.device, size: int, batch: int, steps: int) -> list[
     return rows
 
 
+def _train(out: Path, device: str, size: int, images: int, epochs: int, resume: bool = False) -> list[dict]:
+    """MedMamba-T trained by the project's ``Trainer`` on synthetic two-class images (a bright
+    patch marks class 1); its per-epoch history."""
+    from torch.utils.data import TensorDataset
+
+    from medmamba.config import load_config
+    from medmamba.data import Datasets
+    from medmamba.train import Trainer
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, size, size, generator=generator)
+    y = torch.arange(images) % 2
+    x[y == 1, :, : size // 2, : size // 2] += 1.0
+    split = [TensorDataset(x[i::3], y[i::3]) for i in range(3)]
+    data = Datasets(*split, class_names=["a", "b"], name="synthetic", checksum="-")
+    cfg = load_config(None, ["model.name=medmamba_t", f"data.size={size}", f"train.epochs={epochs}",
+                             "train.batch_size=8", f"train.device={device}"])  # (bf16 autocast on a GPU)
+    trainer = Trainer(cfg, data, out, progress=False)
+    trainer.fit(resume=resume, test=False)
+    return trainer.history
+
+
+def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) -> list[str]:
+    """Section 4: a run killed after its first checkpoint and resumed, against an unbroken one."""
+    try:
+        import medmamba.train  # noqa: F401  (the training loop's own needs: scikit-learn, ...)
+    except ImportError as exc:
+        return [f"| resume after SIGKILL | Trainer | skipped: {exc} | |"]
+    args = [str(device), str(size), str(images), str(epochs)]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        straight = _train(Path(tmp) / "straight", str(device), size, images, epochs)
+        killed = Path(tmp) / "killed"
+        proc = subprocess.Popen([sys.executable, __file__, "--train-into", str(killed), *args])
+        while proc.poll() is None and not (killed / "last.pt").is_file():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (killed / "last.pt").is_file():
+            return [f"| resume after SIGKILL | Trainer | the run ended (exit {proc.returncode}) before a checkpoint | |"]
+        after = torch.load(killed / "last.pt", weights_only=True, map_location="cpu")["epoch"]
+        resumed = _train(killed, str(device), size, images, epochs, resume=True)
+    diff = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(straight, resumed))
+    same = [a["epoch"] for a in resumed] == [b["epoch"] for b in straight]
+    verdict = f"max |Δ train loss| {diff:.2e} over {epochs} epochs" if same else "NOT the same epochs"
+    return [f"| resume after SIGKILL ({size} px, {epochs} epochs) | Trainer on {device.type} | killed after "
+            f"epoch {after}, resumed | {verdict} |"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--train-into", nargs=5, metavar=("DIR", "DEVICE", "SIZE", "IMAGES", "EPOCHS"),
+                        help=argparse.SUPPRESS)  # section 4's run to kill
     args = parser.parse_args()
+    if args.train_into:
+        out, device, size, images, epochs = args.train_into
+        _train(Path(out), device, int(size), int(images), int(epochs))
+        return
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     steps = 3 if args.quick or not gpu else 10
@@ -190,7 +252,8 @@ def main() -> None:
     print("| check | path | result | |\n|---|---|---|---|")
     sections = [lambda: correctness(device),
                 lambda: scan_benchmark(device, 32 if gpu else 1, steps),
-                lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps)]
+                lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps),
+                lambda: resume_check(device, 64 if gpu else 16, 384 if gpu else 48)]
     for section in sections:
         for row in section():
             print(row, flush=True)

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
                                      FedProx, FedYogi)
 
+from medmamba.comparison import SITE_MATRIX
 from medmamba.config import Config, absolute_paths, check_resumable, load_config
 from medmamba.data import make_loader
 from medmamba.errors import ConfigError, FederationError
@@ -492,6 +493,10 @@ class FederatedRun:
             if centralized:
                 self.tracker.log_metrics({f"centralized/{k}": v for k, v in centralized.items()
                                           if k in METRIC_KEYS})
+            if self.site_matrix:  # "local:hospital_a" is logged as site_matrix/local/hospital_a/<site>/<metric>
+                self.tracker.log_metrics({f"{SITE_MATRIX}{row['model'].replace(':', '/')}/{row['tested_at']}/{k}": v
+                                          for row in _site_matrix_rows(self.site_matrix)
+                                          for k, v in row.items() if k in METRIC_KEYS})
             for path in (self.out / REPORT_FILE, table, curves):
                 self.tracker.log_artifact(path)
         return report

@@ -33,6 +33,7 @@ DETAILS = (("precision_macro", "P"), ("sensitivity_macro", "Se"), ("specificity_
            ("f1_macro", "F1"), ("accuracy", "OA"), ("auc", "AUC"))
 SKIPPED_KINDS = ("matrix", "report", "explain")  # runs that summarise others, or hold images, not numbers
 ROBUSTNESS_DROP = "drop/"  # `medmamba robustness` logs drop/<perturbation>_<metric>
+SITE_MATRIX = "site_matrix/"  # a federated run logs site_matrix/<model>/<tested at site>/<metric>
 
 
 class ReportError(MedMambaError):
@@ -284,31 +285,54 @@ def sweep_table(results: list[Result]) -> Table | None:
 
 
 def federated_table(results: list[Result]) -> Table | None:
-    """Strategy x partition: global test AUC (best.pt), the worst site's own test AUC (last round),
-    the centralised baseline on the pooled sites and the gap to it; mean over runs."""
+    """Strategy x partition (x held-out site): global test AUC (best.pt), the worst site's own test
+    AUC (last round), the centralised baseline on the pooled sites and the gap to it, and the
+    privacy budget spent (epsilon, differential privacy only); mean over runs."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         if r.kind == "federated":
-            key = (r.tags.get("strategy", "?"), r.tags.get("partition", "?"), r.dataset, r.model)
+            key = (r.tags.get("strategy", "?"), r.tags.get("partition", "?"), r.tags.get("holdout_site", "–"),
+                   r.dataset, r.model)
             groups.setdefault(key, []).append(r)
     rows = []
-    for (strategy, partition, dataset, model), runs in sorted(groups.items()):
-        mean = lambda xs: statistics.fmean(xs) if xs else math.nan  # noqa: E731
+    mean = lambda xs: statistics.fmean(xs) if xs else math.nan  # noqa: E731
+    fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    for (strategy, partition, holdout, dataset, model), runs in sorted(groups.items()):
         glob = mean([r.metrics["auc"] for r in runs if "auc" in r.metrics])
-        worst = mean([min(sites) for r in runs if (sites := [v for k, v in r.logged.items()
-                                                                if k.startswith("site/") and k.endswith("/test_auc")])])
+        worst = mean([min(sites) for r in runs if (sites := list(_site_aucs(r).values()))])
         central = mean([r.logged["centralized/auc"] for r in runs if "centralized/auc" in r.logged])
-        worst_name = ""
-        if len(runs) == 1:
-            site_aucs = {k.split("/")[1]: v for k, v in runs[0].logged.items()
-                         if k.startswith("site/") and k.endswith("/test_auc")}
-            worst_name = f" ({min(site_aucs, key=site_aucs.get)})" if site_aucs else ""
-        fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
-        rows.append([strategy, partition, dataset, model, str(len(runs)), fmt(glob), fmt(worst) + worst_name,
-                     fmt(central), "–" if math.isnan(central) else f"{glob - central:+.3f}"])
+        epsilon = mean([r.logged["privacy/epsilon"] for r in runs if "privacy/epsilon" in r.logged])
+        site_aucs = _site_aucs(runs[0])
+        worst_name = f" ({min(site_aucs, key=site_aucs.get)})" if len(runs) == 1 and site_aucs else ""
+        rows.append([strategy, partition, holdout, dataset, model, str(len(runs)), fmt(glob), fmt(worst) + worst_name,
+                     fmt(central), "–" if math.isnan(central) else f"{glob - central:+.3f}",
+                     "–" if math.isnan(epsilon) else f"{epsilon:.2f}"])
     return Table("Federated runs: test AUC of the global model, its worst site, and the centralised baseline",
-                 ["strategy", "partition", "dataset", "model", "runs", "global AUC", "worst-site AUC",
-                  "centralised AUC", "gap"], rows) if rows else None
+                 ["strategy", "partition", "held-out site", "dataset", "model", "runs", "global AUC",
+                  "worst-site AUC", "centralised AUC", "gap", "privacy ε"], rows) if rows else None
+
+
+def _site_aucs(r: Result) -> dict[str, float]:
+    return {k.split("/")[1]: v for k, v in r.logged.items() if k.startswith("site/") and k.endswith("/test_auc")}
+
+
+def site_matrix_tables(results: list[Result]) -> list[Table]:
+    """For each federated run with local baselines: every model (each site's own, the pooled one,
+    the federated one) tested at every site, AUC."""
+    tables = []
+    for r in results:
+        cells = {}
+        for key, value in r.logged.items():
+            if key.startswith(SITE_MATRIX) and key.endswith("/auc"):
+                model, _, site = key[len(SITE_MATRIX):-len("/auc")].rpartition("/")
+                cells[model, site] = value
+        if cells:
+            sites, models = sorted({s for _, s in cells}), sorted({m for m, _ in cells})
+            rows = [[model] + [f"{cells[model, site]:.3f}" if (model, site) in cells else "–" for site in sites]
+                    for model in models]
+            tables.append(Table(f"Federated run {r.name or r.run_id}: test AUC of each model (rows) at each site",
+                                ["model", *sites], rows))
+    return tables
 
 
 def analysis_tables(cells: dict, sizes: set[str]) -> list[Table]:
@@ -369,6 +393,7 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     if delta_rows:
         tables.append(delta_table)
     tables += [t for t in (sweep_table(results), federated_table(results)) if t is not None]
+    tables += site_matrix_tables(results)
     tables += analysis_tables(cells, sizes)
     files = [write_csv(long, out / "report.csv")]
     if delta_rows:

@@ -120,6 +120,9 @@ class TuneConfig:
     max_concurrent: int = 2
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
+    # > 1: each trial is a Ray Train data-parallel run of this many workers (Tune over Train V2), the
+    # trial's CPUs and GPUs split evenly among them (e.g. gpus_per_trial: 4, workers_per_trial: 4)
+    workers_per_trial: Annotated[int, Range(ge=1)] = 1
     grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
     reduction_factor: int = 2  # ASHA
     seed: int = 0  # Optuna's TPE sampler
@@ -333,6 +336,11 @@ def validate(cfg: Config) -> None:
     if cfg.ray.num_workers < 1 or cfg.ray.cpus_per_worker < 1 or cfg.ray.gpus_per_worker < 0:
         raise ConfigError("config keys ray.num_workers and ray.cpus_per_worker must be >= 1, "
                           "ray.gpus_per_worker >= 0")
+    t = cfg.tune
+    if t.workers_per_trial > 1 and (t.gpus_per_trial % t.workers_per_trial or t.cpus_per_trial < t.workers_per_trial):
+        raise ConfigError(f"config keys tune.workers_per_trial={t.workers_per_trial}: each worker needs at least one "
+                          f"CPU and a whole number of GPUs; tune.cpus_per_trial is {t.cpus_per_trial:g} and "
+                          f"tune.gpus_per_trial {t.gpus_per_trial:g}")
     fed = cfg.federated
     if not fed.alpha > 0:
         raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")

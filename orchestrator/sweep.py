@@ -3,7 +3,8 @@
 The search space is data (``tune.space`` in the config). Every trial runs the single-process
 ``Trainer`` with the trial's parameters applied to the base recipe and reports each epoch's
 validation metrics (and its output directory as a checkpoint) to Tune; ASHA stops weak trials
-early. The driver logs one MLflow parent run per sweep and one nested child run per trial,
+early. With ``tune.workers_per_trial`` > 1 a trial is instead a Ray Train data-parallel run of
+that many workers (Tune over Train V2), for models too large for one GPU's batch. The driver logs one MLflow parent run per sweep and one nested child run per trial,
 then writes the leaderboard, ``best_config.yaml``, Optuna's plots, and the best trial's test
 metrics. ``--resume`` restores the Tune experiment, Optuna's state included, and the MLflow runs.
 """
@@ -19,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import ray
 import torch
 from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
@@ -34,11 +39,13 @@ from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Callback, Trainer
 
 from .cluster import check_resources, init_ray, restore_into
+from .train import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"  # the parent MLflow run and the Tune experiment of an output directory
 EXPERIMENT = "sweep"
+TRIAL_RUNS = "trials"  # under the storage path: the Ray Train runs of trials with several workers
 MILESTONES = "sched.milestones"  # searched as fractions of train.epochs
 
 
@@ -131,15 +138,39 @@ def search_space(cfg: Config) -> dict[str, Dimension]:
     return dims
 
 
-def run_trial(params: dict, base: dict) -> None:
+def run_trial(params: dict, base: dict, storage: str) -> None:
     """One trial: the base recipe with ``params``; each epoch reported to Tune with a checkpoint."""
     cfg = apply_params(config_from_dict(base), params)
+    if cfg.tune.workers_per_trial > 1:
+        return _run_trial_on_workers(cfg, storage)
     with tempfile.TemporaryDirectory(prefix="medmamba-trial-") as tmp:
         out = Path(tmp)
         resumed = restore_into(tune.get_checkpoint(), out)  # a retried or resumed trial continues
 
         Trainer(cfg, build_datasets(cfg.data), out, callbacks=[TuneReport(out)], progress=False).fit(
             resume=resumed, test=False)
+
+
+def _run_trial_on_workers(cfg: Config, storage: str) -> None:
+    """One trial as a Ray Train run of ``tune.workers_per_trial`` data-parallel workers (the
+    worker program of ``medmamba train --workers``, without its MLflow run or test pass); rank 0's
+    epochs reach Tune through ``TuneReportCallback``. The Train run is named after the trial, so a
+    restarted or resumed trial continues from its latest checkpoint."""
+    t, r = cfg.tune, cfg.ray
+    n = t.workers_per_trial
+    TorchTrainer(
+        train_loop_per_worker, train_loop_config={"config": cfg.to_dict(), "run_id": None, "test": False},
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=t.gpus_per_trial > 0,
+                                     resources_per_worker={"CPU": t.cpus_per_trial / n, "GPU": t.gpus_per_trial / n}),
+        run_config=RunConfig(name=tune.get_context().get_trial_id(), storage_path=f"{storage}/{TRIAL_RUNS}",
+                             callbacks=[TuneReportCallback()],
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1))).fit()
+
+
+def trial_checkpoint(result: tune.Result) -> tune.Checkpoint:
+    """A trial's latest checkpoint: Tune's own, or the Ray Train run's that its last report named."""
+    return result.checkpoint or tune.Checkpoint(result.metrics[CHECKPOINT_PATH_KEY])
 
 
 class TuneReport(Callback):
@@ -296,7 +327,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
                  out / "best_config.yaml", *_optuna_plots(rows, cfg, space, out)]
         trial_runs = _trial_runs(parent) if parent else {}
         best_run = trial_runs.get(best_row["trial"])
-        test = _test_best(cfg, best.checkpoint, out, parent, best_run.info.run_id if best_run else None)
+        test = _test_best(cfg, trial_checkpoint(best), out, parent, best_run.info.run_id if best_run else None)
         if parent:
             parent.set_tags({"best_trial": best_row["trial"], **{f"best.{k}": v for k, v in best_params.items()}})
             parent.log_metrics({f"best_{t.metric}": best_row[t.metric]})
@@ -316,18 +347,25 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
 def _fit(cfg: Config, space: dict[str, Dimension], state: dict, parent: Tracker | None, resume: bool) -> tune.ResultGrid:
     """Run the Tune experiment of the sweep (restored with ``resume`` when Tune saved one)."""
     t, path = cfg.tune, f"{state['storage_path']}/{EXPERIMENT}"
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict()),
-                                    {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
+    trainable = tune.with_parameters(run_trial, base=cfg.to_dict(), storage=state["storage_path"])
+    concurrent = t.max_concurrent
+    if t.workers_per_trial > 1:  # the trial only drives its Ray Train workers, which hold the CPUs and GPUs
+        trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})  # (Ray wants a non-empty request)
+        if not cfg.ray.autoscaling:  # as many trials at once as whole worker groups fit
+            concurrent = max(1, min(concurrent, int(ray.cluster_resources().get("CPU", 0) // t.cpus_per_trial)))
+    else:
+        trainable = tune.with_resources(trainable, {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
     if resume and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
     callbacks = [MlflowTrials(parent.uri, cfg.mlflow.experiment, state["parent_run_id"], list(space))] if parent else []
     return tune.Tuner(
         trainable, param_space={key: dim.tune_domain() for key, dim in space.items()},
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent,
-            reuse_actors=True,  # no process start and imports per trial
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=concurrent,
+            reuse_actors=t.workers_per_trial == 1,  # no process start and imports per trial (a trial that
+            # drove a Ray Train run cannot be reset for the next one)
             search_alg=OptunaSearch(seed=t.seed),
-            scheduler=ASHAScheduler(max_t=cfg.train.epochs, grace_period=t.grace_period,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
                                     reduction_factor=t.reduction_factor)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=state["storage_path"], callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),

@@ -47,8 +47,9 @@ class RayTrainReport(Callback):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: restore the latest checkpoint if any, then ``Trainer.fit``; rank 0
-    logs to the MLflow run the driver started (``config["run_id"]``)."""
+    """One Ray Train worker: restore the latest checkpoint if any, then ``Trainer.fit``. Rank 0
+    logs to the MLflow run the driver started (``config["run_id"]``; None: no MLflow, as in a
+    sweep's trial, which the sweep's driver logs); ``config["test"]`` False skips the test pass."""
     cfg = config_from_dict(config["config"])
     rank = ray.train.get_context().get_world_rank()
     if cfg.ray.gpus_per_worker > 0:
@@ -57,10 +58,11 @@ def train_loop_per_worker(config: dict) -> None:
         out = Path(tmp)
         resumed = restore_into(ray.train.get_checkpoint(), out)
         callbacks: list[Callback] = [RayTrainReport(out)]
-        tracker = open_tracker(cfg.mlflow) if rank == 0 else None
+        tracker = open_tracker(cfg.mlflow) if rank == 0 and config["run_id"] else None
         if tracker:
             callbacks.append(MlflowLogger(tracker, run_id=config["run_id"]))
-        Trainer(cfg, build_datasets(cfg.data), out, callbacks=callbacks, progress=rank == 0).fit(resume=resumed)
+        Trainer(cfg, build_datasets(cfg.data), out, callbacks=callbacks, progress=rank == 0).fit(
+            resume=resumed, test=config.get("test", True))
 
 
 def train_distributed(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:

@@ -448,11 +448,11 @@ def test_leave_one_site_out_and_local_baselines_in_one_report(mednist_root, tmp_
     import csv
 
     root = hospitals(mednist_root, tmp_path)
-    out = tmp_path / "loso"
+    out, uri = tmp_path / "loso", f"sqlite:///{tmp_path}/mlruns.db"
     assert main(["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", "data.name=folder",
                  "--set", f"data.root={root}", "--set", "federated.partition=natural", "--set", "federated.rounds=1",
                  "--set", "federated.local_baselines=true", "--set", "train.batch_size=32",
-                 "--holdout-site", "hospital_c", "--output-dir", str(out), "--no-mlflow"]) == 0
+                 "--holdout-site", "hospital_c", "--output-dir", str(out), "--tracking-uri", uri]) == 0
     report = json.loads((out / "federated_report.json").read_text())
     # each site alone, the pooled model and the federated one, each at every training site's test split
     matrix = report["site_matrix"]
@@ -471,6 +471,18 @@ def test_leave_one_site_out_and_local_baselines_in_one_report(mednist_root, tmp_
     tested = json.loads((out / "metrics.json").read_text())  # best.pt on all of hospital_c's 100 images
     assert sum(map(sum, tested["confusion_matrix"])) == 100
     assert tested["accuracy"] == pytest.approx(report["holdout"]["hospital_c"]["accuracy"])
+
+    # the site matrix goes to MLflow, and from there into `medmamba report`
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.data.metrics["site_matrix/local/hospital_a/hospital_b/accuracy"] == pytest.approx(
+        matrix["local:hospital_a"]["hospital_b"]["accuracy"])
+    assert main(["report", "--tracking-uri", uri, "--experiment", "medmamba-federated", "--output-dir",
+                 str(tmp_path / "report"), "--no-mlflow"]) == 0
+    tables = (tmp_path / "report/report.md").read_text()
+    assert "| model | hospital_a | hospital_b |" in tables and "| local/hospital_b | " in tables
+    federated = next(line for line in tables.splitlines() if line.startswith("| fedavg | natural |"))
+    assert federated.startswith("| fedavg | natural | hospital_c | ")  # the held-out site is a column
 
 
 def test_bad_deployment_inputs_are_clear_errors(medmnist_root, tmp_path):

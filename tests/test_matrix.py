@@ -194,27 +194,38 @@ def test_the_report_compares_with_published_rows_and_renders_in_a_browser(tmp_pa
 
 
 def test_sweeps_and_federated_runs_get_their_own_summaries(tmp_path):
-    from medmamba.comparison import federated_table, sweep_table
+    from medmamba.comparison import federated_table, site_matrix_tables, sweep_table
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     experiment = client.create_experiment("mixed")
     sweep = client.create_run(experiment, run_name="sweep-1", tags={
         "kind": "sweep", "best_trial": "t3", "best.optim.lr": "0.001", "best.optim.name": "adam"})
     fed = client.create_run(experiment, tags={"kind": "federated", "strategy": "fedbn", "partition": "natural"})
+    loso = client.create_run(experiment, run_name="loso-c", tags={
+        "kind": "federated", "strategy": "fedavg", "partition": "natural", "holdout_site": "hospital_c"})
     for run, metrics in ((sweep, {"best_val_auc": 0.91, "test_auc": 0.88, "test_accuracy": 0.8}),
                          (fed, {"global/auc": 0.70, "test_auc": 0.86, "site/hospital_a/test_auc": 0.9,
-                                "site/hospital_b/test_auc": 0.75, "centralized/auc": 0.90})):
+                                "site/hospital_b/test_auc": 0.75, "centralized/auc": 0.90}),
+                         (loso, {"test_auc": 0.8, "privacy/epsilon": 3.25, "site_matrix/federated/hospital_a/auc": 0.7,
+                                 "site_matrix/local/hospital_a/hospital_a/auc": 0.9,
+                                 "site_matrix/local/hospital_a/hospital_b/auc": 0.6})):
         for key, value in (("model.name", "medmamba_t"), ("data.name", "pneumoniamnist"), ("data.size", "28")):
             client.log_param(run.info.run_id, key, value)
         for key, value in metrics.items():
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id)
     results, _ = read_results(client, ["mixed"])
-    assert {r.kind: r.metrics["auc"] for r in results} == {"sweep": 0.88, "federated": 0.86}  # best.pt's test
+    assert {r.run_id: r.metrics["auc"] for r in results} == {  # best.pt's test
+        sweep.info.run_id: 0.88, fed.info.run_id: 0.86, loso.info.run_id: 0.8}
     assert sweep_table(results).rows == [["sweep-1", "medmamba_t", "pneumoniamnist", "t3",
                                           "optim.lr=0.001, optim.name=adam", "val_auc 0.910", "0.880", "0.800"]]
-    assert federated_table(results).rows == [["fedbn", "natural", "pneumoniamnist", "medmamba_t", "1", "0.860",
-                                              "0.750 (hospital_b)", "0.900", "-0.040"]]
+    assert federated_table(results).rows == [
+        ["fedavg", "natural", "hospital_c", "pneumoniamnist", "medmamba_t", "1", "0.800", "–", "–", "–", "3.25"],
+        ["fedbn", "natural", "–", "pneumoniamnist", "medmamba_t", "1", "0.860", "0.750 (hospital_b)", "0.900",
+         "-0.040", "–"]]
+    (matrix,) = site_matrix_tables(results)
+    assert matrix.title.startswith("Federated run loso-c") and matrix.header == ["model", "hospital_a", "hospital_b"]
+    assert matrix.rows == [["federated", "0.700", "–"], ["local/hospital_a", "0.900", "0.600"]]
 
 
 def test_k_fold_as_a_matrix_over_data_fold_summarises_mean_and_std_over_the_folds():

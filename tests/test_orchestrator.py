@@ -159,6 +159,39 @@ def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster
     assert not (tmp_path / "sweep/ray").exists()
 
 
+def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(ray_cluster, medmnist_root, tmp_path):
+    from ray.util.state import list_actors
+
+    def workers() -> set[str]:
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
+
+    before = workers()
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = tmp_path / "sweep"
+    cfg = _sweep_cfg(medmnist_root, "tune.num_samples=2", "tune.workers_per_trial=2", "tune.cpus_per_trial=2",
+                     "tune.grace_period=2")  # (ASHA stops nothing: both trials run their 2 epochs)
+    summary = run_sweep(tracked(cfg, uri), out)
+    board = summary["leaderboard"]
+    assert [(row["status"], row["epochs"]) for row in board] == [("complete", 2)] * 2
+    assert len(workers() - before) == 4  # two data-parallel workers per trial
+    assert sorted(p.name for p in (out / "ray/trials").iterdir()) == sorted(row["trial"] for row in board)
+    metrics = json.loads((out / "metrics.json").read_text())  # the best trial's best epoch, tested
+    assert sum(map(sum, metrics["confusion_matrix"])) == 156
+
+    client = MlflowClient(uri)
+    children = child_runs(client, json.loads((out / "sweep.json").read_text())["parent_run_id"])
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:  # rank 0's epochs, each once
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")] == [1, 2]
+
+
+def test_workers_per_trial_must_each_get_a_cpu_and_whole_gpus(medmnist_root):
+    with pytest.raises(ConfigError, match="tune.workers_per_trial=2: each worker needs at least one CPU"):
+        _sweep_cfg(medmnist_root, "tune.workers_per_trial=2", "tune.cpus_per_trial=1")
+    with pytest.raises(ConfigError, match="a whole number of GPUs"):
+        _sweep_cfg(medmnist_root, "tune.workers_per_trial=2", "tune.cpus_per_trial=2", "tune.gpus_per_trial=1")
+
+
 # --- Ray Train -----------------------------------------------------------------------------------
 
 def _train_cfg(medmnist_root, *extra):
