@@ -276,7 +276,7 @@ def test_resume_in_another_directory_names_the_missing_mlflow_run(tmp_path):
         tracker.start(None, {}, {}, run_id="0123abc")
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (CI time; 1.4 min)
 def test_training_goes_on_while_the_tracking_server_is_down_and_resume_catches_up(medmnist_root, tmp_path):
     """The server dies after epoch 1: training finishes, one warning says so, and a --resume once
     it is back delivers every epoch and the test results to the same run."""

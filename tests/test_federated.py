@@ -206,8 +206,8 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_roo
     assert run.data.tags["best_round"] == str(best["round"]) and "test_auc" in run.data.metrics
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("strategy", [pytest.param("fedprox", marks=pytest.mark.slow), "fedbn"])  # (CI time)
+@pytest.mark.slow  # (CI time; FedBN's unit tests above run in CI)
+@pytest.mark.parametrize("strategy", ["fedprox", "fedbn"])
 def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, strategy):
     root = hospitals(mednist_root, tmp_path)
     cfg = load_config(ROOT / "configs/federated_quick.yaml",
@@ -275,7 +275,7 @@ def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_
     assert all(torch.equal(again[k], a[k]) for k in bn)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (CI time; the privacy unit tests above and the pooled baseline of the LOSO test run in CI)
 def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.rounds=1", "federated.centralized_baseline=true",
@@ -293,7 +293,7 @@ def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_pa
     assert sum(map(sum, central["confusion_matrix"])) == 156  # the same global test set
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # (CI time; 1.3 min)
 def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "fed"

@@ -85,7 +85,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 5 min on 2 cores: out of CI's 30 minutes; `make test-all`
 def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_root, tmp_path):
     root = hospitals(mednist_root, tmp_path)
     certs = tmp_path / "certs"

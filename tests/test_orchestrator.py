@@ -169,10 +169,10 @@ def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(ray_cluster, m
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root, "tune.num_samples=2", "tune.workers_per_trial=2", "tune.cpus_per_trial=2",
-                     "tune.grace_period=2")  # (ASHA stops nothing: both trials run their 2 epochs)
+                     "train.epochs=1")
     summary = run_sweep(tracked(cfg, uri), out)
     board = summary["leaderboard"]
-    assert [(row["status"], row["epochs"]) for row in board] == [("complete", 2)] * 2
+    assert [(row["status"], row["epochs"]) for row in board] == [("complete", 1)] * 2
     assert len(workers() - before) == 4  # two data-parallel workers per trial
     assert sorted(p.name for p in (out / "ray/trials").iterdir()) == sorted(row["trial"] for row in board)
     metrics = json.loads((out / "metrics.json").read_text())  # the best trial's best epoch, tested
@@ -181,8 +181,8 @@ def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(ray_cluster, m
     client = MlflowClient(uri)
     children = child_runs(client, json.loads((out / "sweep.json").read_text())["parent_run_id"])
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    for child in children:  # rank 0's epochs, each once
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")] == [1, 2]
+    for child in children:  # rank 0's epoch, once
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_auc")] == [1]
 
 
 def test_workers_per_trial_must_each_get_a_cpu_and_whole_gpus(medmnist_root):
@@ -230,6 +230,7 @@ def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, medmnist_roo
                  "--output-dir", str(tmp_path / "gpu"), "--no-mlflow"]) == 2  # no GPU in this cluster
 
 
+@pytest.mark.slow  # (CI time; 1.2 min)
 def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
