@@ -4,9 +4,9 @@ The search space is data (``tune.space`` in the config). Every trial runs the si
 ``Trainer`` with the trial's parameters applied to the base recipe and reports each epoch's
 validation metrics (and its output directory as a checkpoint) to Tune; ASHA stops weak trials
 early. With ``tune.workers_per_trial`` > 1 a trial is instead a Ray Train data-parallel run of
-that many workers (Tune over Train V2), for models too large for one GPU's batch. The driver logs one MLflow parent run per sweep and one nested child run per trial,
-then writes the leaderboard, ``best_config.yaml``, Optuna's plots, and the best trial's test
-metrics. ``--resume`` restores the Tune experiment, Optuna's state included, and the MLflow runs.
+that many workers (Tune over Train V2), for models too large for one GPU's batch. The driver
+logs one MLflow parent run per sweep and one nested child run per trial, then writes the
+leaderboard, ``best_config.yaml``, Optuna's plots, and the best trial's test metrics. ``--resume`` restores the Tune experiment, Optuna's state included, and the MLflow runs.
 """
 from __future__ import annotations
 
@@ -352,7 +352,10 @@ def _fit(cfg: Config, space: dict[str, Dimension], state: dict, parent: Tracker 
     if t.workers_per_trial > 1:  # the trial only drives its Ray Train workers, which hold the CPUs and GPUs
         trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 2**20})  # (Ray wants a non-empty request)
         if not cfg.ray.autoscaling:  # as many trials at once as whole worker groups fit
-            concurrent = max(1, min(concurrent, int(ray.cluster_resources().get("CPU", 0) // t.cpus_per_trial)))
+            total = ray.cluster_resources()
+            fits = [total.get("CPU", 0) // t.cpus_per_trial] + ([total.get("GPU", 0) // t.gpus_per_trial]
+                                                                 if t.gpus_per_trial else [])
+            concurrent = max(1, min(concurrent, int(min(fits))))
     else:
         trainable = tune.with_resources(trainable, {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
     if resume and tune.Tuner.can_restore(path):
