@@ -52,7 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
     sweep's trial, which the sweep's driver logs); ``config["test"]`` False skips the test pass."""
     cfg = config_from_dict(config["config"])
     rank = ray.train.get_context().get_world_rank()
-    if cfg.ray.gpus_per_worker > 0:
+    if ray.get_gpu_ids():  # the GPU Ray gave this worker (ray.gpus_per_worker, or a sweep's tune.gpus_per_trial)
         cfg.train.device = str(get_device())
     with tempfile.TemporaryDirectory(prefix="medmamba-worker-") as tmp:
         out = Path(tmp)
