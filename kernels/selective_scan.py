@@ -2,7 +2,7 @@
 
 Backends:
 - ``"mamba"``: mamba-ssm's CUDA kernel (CUDA tensors, ``pip install medmamba[gpu]``).
-- ``"triton"``: Triton kernels of the recurrence (``triton_scan``; CUDA tensors, or CPU tensors
+- ``"triton"``: Triton kernels of the whole scan (``triton_scan``; CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``, which is how CI checks them): no CUDA build step.
 - ``"cpu"``: our compiled C++ kernel (CPU tensors; JIT-built on first use, see ``_cpu_ext``).
 - ``"torch"``: a chunked, vectorised PyTorch formulation that runs on any device, with a
@@ -131,9 +131,13 @@ def selective_scan_fn(
         return selective_scan_ref(*args)
     if name == "cpu":
         out, last = _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    elif name == "triton":
+        out, last = _triton_scan().selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        if z is not None:
+            out = out * F.silu(z.float())
+        out = out.to(u.dtype)
     else:
-        core = _triton_scan().TritonScan if name == "triton" else _ChunkedScan
-        out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, core)
+        out, last = _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (out, last) if return_last_state else out
 
 
@@ -158,8 +162,8 @@ def cross_selective_scan(
     ``cross_merge(selective_scan_fn(cross_scan(x), ...))`` with delta, B and C in scan order.
     With ``delta_proj`` (4, dim, R), delta is given in low rank as (batch, H*W, 4, R) and
     ``delta[k, b, l, d] = sum_r delta[b, l, k, r] * delta_proj[k, d, r]`` (SS2D's dt projection).
-    The compiled CPU kernel reads every direction in place and applies delta_proj itself, so the
-    full delta and its gradient never exist; other backends build the four sequences.
+    The compiled CPU kernel and the Triton one read every direction in place and apply delta_proj
+    themselves, so the full delta never exists; the other backends build the four sequences.
     """
     check_cross_scan_inputs(x, delta, A, B, C, D, delta_bias, delta_proj)
     name = resolve_backend(x.device, backend)
@@ -175,6 +179,9 @@ def cross_selective_scan(
                                 flat(D), None, flat(delta_bias), dt_w, delta_softplus, scan_positions(H, W, x.device),
                                 True, False)
         return out.view(batch, H, W, dim).to(x.dtype)
+    if name == "triton":
+        return _triton_scan().cross_selective_scan(x, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj,
+                                                   scan_positions(H, W, x.device)).to(x.dtype)
     if delta_proj is not None:
         delta = torch.einsum("blkr,kdr->kbld", delta, delta_proj)
     pos = scan_positions(H, W, x.device)
@@ -311,9 +318,8 @@ def _steps(M: Tensor, steps: slice) -> Tensor:
     return M if M.dim() == 2 else M[..., steps]
 
 
-def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, core=None) -> tuple[Tensor, Tensor]:
-    """The scan on any device: elementwise parts in torch around the recurrence ``core`` (an
-    autograd Function of (u, dt, A, B, C): the blocked PyTorch one, or Triton's)."""
+def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus) -> tuple[Tensor, Tensor]:
+    """The scan on any device: elementwise parts in torch around the blocked recurrence."""
     ct = compute_dtype(u)
     dt = delta.to(ct)
     if delta_bias is not None:
@@ -321,7 +327,7 @@ def _chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, core=None
     if delta_softplus:
         dt = F.softplus(dt)
     uc = u.to(ct)
-    out, last = (core or _ChunkedScan).apply(uc, dt, A.to(ct), B.to(ct), C.to(ct))
+    out, last = _ChunkedScan.apply(uc, dt, A.to(ct), B.to(ct), C.to(ct))
     if D is not None:
         out = out + uc * D.to(ct)[:, None]
     if z is not None:

@@ -16,9 +16,10 @@ from test_cross_scan import _cross_inputs
 pytestmark = pytest.mark.skipif(not triton_scan.INTERPRETED, reason="Triton kernels on CPU tensors need "
                                 "TRITON_INTERPRET=1 (conftest sets it on machines without a GPU)")
 
-# batch, dim, nstate, L, layout, options on: dim not a multiple of BLOCK_D, L across chunk boundaries
+# batch, dim, nstate, L, layout, options on: dim not a multiple of BLOCK_D, L across chunk boundaries,
+# groups of whole programs (g2 at dim 32: each program's channels read one row of B and C) or not
 SHAPES = [(1, 4, 1, 1, "fixed", True), (2, 20, 16, 37, "var", True), (1, 16, 4, 65, "g2", False),
-          (2, 8, 3, 33, "g4", True), (1, 5, 8, 32, "g1", False)]
+          (2, 8, 3, 33, "g4", True), (1, 5, 8, 32, "g1", False), (2, 32, 4, 40, "g2", True)]
 
 
 def _leaves(inputs: dict) -> dict:
@@ -58,17 +59,58 @@ def test_bf16_inputs_compute_in_fp32(layout):
         assert grads[name].dtype == torch.bfloat16 and rel_err(grads[name], want_grads[name]) <= 2e-2, name
 
 
-@pytest.mark.parametrize("low_rank", [False, True], ids=["delta", "low-rank-delta"])
-def test_cross_selective_scan_on_a_non_square_map(low_rank):
-    inputs = _cross_inputs(2, 3, 5, 8, 4, torch.float32, low_rank=low_rank, seed=11)
-    results = []
-    for backend in ("triton", "ref"):
-        leaves = _leaves(inputs)
-        out = cross_selective_scan(**{**inputs, **leaves}, delta_softplus=True, backend=backend)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append([out.detach()] + [t.grad for t in leaves.values()])
-    for name, got, want in zip(["out", *_leaves(inputs)], *results):
+def test_b_and_c_may_have_different_layouts():
+    inputs = make_inputs(2, 20, 4, 35, "fixed", seed=3)
+    inputs["C"] = make_inputs(2, 20, 4, 35, "g2", seed=4)["C"]
+    out, _, grads = _run(selective_scan_fn, inputs, _leaves(inputs), True, backend="triton")
+    want, _, want_grads = _run(selective_scan_ref, inputs, _leaves(inputs), True)
+    assert rel_err(out, want) <= 1e-5
+    for name in want_grads:
+        assert rel_err(grads[name], want_grads[name]) <= 1e-4, name
+
+
+def _cross(inputs: dict, backend: str, softplus: bool) -> list:
+    leaves = _leaves(inputs)
+    out = cross_selective_scan(**{**inputs, **leaves}, delta_softplus=softplus, backend=backend)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves.values()]
+
+
+# batch, H, W, dim, nstate (a 1x1 map, a non-square one, one across a chunk boundary with dim over
+# two programs), each with a full and a low-rank delta, with and without D and the delta bias
+CROSS = [((1, 1, 1, 16, 16), True, True), ((1, 1, 1, 16, 16), False, False), ((2, 3, 5, 8, 4), False, True),
+         ((2, 3, 5, 8, 4), True, False), ((1, 5, 7, 24, 3), True, True), ((1, 5, 7, 24, 3), False, False)]
+
+
+@pytest.mark.parametrize("shape, low_rank, skip", CROSS,
+                         ids=lambda v: "b{}-{}x{}-d{}-n{}".format(*v) if isinstance(v, tuple) else str(v))
+def test_cross_selective_scan_matches_the_reference(shape, low_rank, skip):
+    inputs = _cross_inputs(*shape, torch.float32, skip=skip, low_rank=low_rank, seed=sum(shape))
+    softplus = skip or low_rank
+    names = ["out", *_leaves(inputs)]
+    for name, got, want in zip(names, _cross(inputs, "triton", softplus), _cross(inputs, "ref", softplus)):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
         assert rel_err(got, want) <= (1e-5 if name == "out" else 1e-4), name
+
+
+def test_cross_selective_scan_in_bf16_computes_in_fp32():
+    inputs = {k: None if v is None else v.to(torch.bfloat16)
+              for k, v in _cross_inputs(2, 4, 5, 16, 4, torch.float32, low_rank=True, seed=2).items()}
+    for name, got, want in zip(["out", *_leaves(inputs)], _cross(inputs, "triton", True), _cross(inputs, "ref", True)):
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) <= 2e-2, name
+
+
+def test_the_triton_cross_scan_reads_the_directions_in_place(monkeypatch):
+    """No four re-ordered copies of the map (cross_scan) and no per-direction selective_scan_fn."""
+    from medmamba.kernels import selective_scan as dispatch
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the Triton cross scan built the four sequences")
+
+    monkeypatch.setattr(dispatch, "cross_scan", forbidden)
+    monkeypatch.setattr(dispatch, "selective_scan_fn", forbidden)
+    inputs = _cross_inputs(1, 2, 3, 16, 4, torch.float32, low_rank=True)
+    assert cross_selective_scan(**inputs, delta_softplus=True, backend="triton").shape == (1, 2, 3, 16)
 
 
 def test_the_triton_backend_runs_here_only_under_the_interpreter():
