@@ -435,7 +435,7 @@ class FederatedRun:
         round's federated model as each site tested it): the report's ``site_matrix`` and a CSV."""
         matrix = {f"local:{name}": row for name, row in local.items()}
         if pooled:
-            pooled_model = trained_model(self.out / "centralized", self.cfg, len(self.class_names))
+            pooled_model = trained_model(self.out / "centralized", self.cfg)
             matrix["pooled"] = test_on_sites(pooled_model, self.cfg)
         sites = self.rounds[self.best["round"] - 1]["sites"]
         matrix["federated"] = {name: {k: site[f"test_{k}"] for k in METRIC_KEYS if f"test_{k}" in site}

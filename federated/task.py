@@ -22,9 +22,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from medmamba.config import Config, config_from_dict
 from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stratified_split
 from medmamba.errors import ConfigError, DataError
-from medmamba.evaluation import predict_metrics
+from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
-from medmamba.registry import build_model, read_checkpoint
 from medmamba.runtime import resolve_device, seed_everything
 from medmamba.train import Trainer, make_optimizer, train_one_epoch
 
@@ -270,13 +269,9 @@ def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
     return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()
 
 
-def trained_model(output_dir: Path, cfg: Config, num_classes: int) -> nn.Module:
-    """The model a training run left in ``output_dir``: best.pt, or last.pt when no epoch had a
-    finite validation metric (e.g. a validation split with one class), as the run's own test does."""
-    path = output_dir / "best.pt" if (output_dir / "best.pt").is_file() else output_dir / "last.pt"
-    model = build_model(cfg.model, num_classes, cfg.data.size, pretrained=False)
-    model.load_state_dict(read_checkpoint(path)["model"])
-    return model.to(device_for(cfg))
+def trained_model(output_dir: Path, cfg: Config) -> nn.Module:
+    """The model a training run left in ``output_dir`` (``evaluation.run_checkpoint``) on cfg's device."""
+    return load_checkpoint(run_checkpoint(output_dir), device=cfg.train.device, with_data=False).model
 
 
 def test_on_sites(model: nn.Module, cfg: Config) -> dict[str, dict[str, float]]:
@@ -299,5 +294,5 @@ def local_baselines(cfg: Config, output_dir: Path) -> dict[str, dict[str, dict[s
     for i, name in enumerate(site_names(cfg)):
         site = build_site(cfg, i)
         Trainer(local_cfg, site, output_dir / name, progress=False).fit()
-        matrix[name] = test_on_sites(trained_model(output_dir / name, cfg, site.num_classes), cfg)
+        matrix[name] = test_on_sites(trained_model(output_dir / name, cfg), cfg)
     return matrix

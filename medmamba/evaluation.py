@@ -125,6 +125,15 @@ def model_classes(state: dict, cfg: Config | None) -> list[str] | None:
     return None
 
 
+def run_checkpoint(output_dir: str | Path) -> Path:
+    """The checkpoint a training run's folder stands for: best.pt, or last.pt when no epoch had a
+    finite validation metric (e.g. a validation split with one class), as the run's own test does."""
+    best, last = Path(output_dir) / "best.pt", Path(output_dir) / "last.pt"
+    if not best.is_file() and not last.is_file():
+        raise CheckpointError(f"{output_dir} holds no best.pt or last.pt: no training finished an epoch there")
+    return best if best.is_file() else last
+
+
 def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None = None, device: str = "auto",
                     model_name: str = "medmamba_t", class_map: dict[str, str] | None = None,
                     whole: bool = False, with_data: bool = True, data: Datasets | None = None) -> Loaded:

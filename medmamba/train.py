@@ -329,7 +329,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history,
             "run_id": self.run_id, "experiment": self.experiment, "config": self.cfg.to_dict(),
-            "rng": rng_state(self.train_loader.generator),
+            "class_names": self.data.class_names, "rng": rng_state(self.train_loader.generator),
         }
 
     def _restore(self, path: Path) -> None:

@@ -296,3 +296,15 @@ def test_train_amp_picks_the_autocast_dtype_per_device():
         autocast_dtype("fp16", cpu)
     assert load_config(None, ["train.amp=bf16"]).train.amp == "bf16"
     assert load_config(None, ["train.amp=false"]).train.amp is False  # older configs still load
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint_or_else_its_last(tmp_path):
+    from medmamba.errors import CheckpointError
+    from medmamba.evaluation import run_checkpoint
+
+    with pytest.raises(CheckpointError, match="holds no best.pt or last.pt"):
+        run_checkpoint(tmp_path)
+    (tmp_path / "last.pt").touch()
+    assert run_checkpoint(tmp_path) == tmp_path / "last.pt"  # no epoch had a finite validation metric
+    (tmp_path / "best.pt").touch()
+    assert run_checkpoint(tmp_path) == tmp_path / "best.pt"
