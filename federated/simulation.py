@@ -2,9 +2,13 @@
 
 The ServerApp and the ClientApp (``client_app.app``, the one SuperNodes run) are run by
 ``flwr.simulation.run_simulation`` on Flower's Ray backend, one virtual node per site with
-``federated.client_cpus``/``client_gpus`` each. With ``federated.centralized_baseline`` the same model
-is also trained on the pooled sites for rounds x local_epochs epochs and tested on the same global
-test set.
+``federated.client_cpus``/``client_gpus`` each. A ClientApp actor that dies (killed, out of memory)
+is restarted by Ray (up to once per round) and the site's message it was running, or was sent
+while it restarted, is run again once; a site whose retry fails too is named in the round's
+failures. (Flower alone returns a dead actor to its pool as if it were alive, so the sites sent
+to it failed every later round.)
+With ``federated.centralized_baseline`` the same model is also trained on the pooled sites for
+rounds x local_epochs epochs and tested on the same global test set.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
     fed = cfg.federated
     run_simulation(server_app=make_server_app(run, reports, errors), client_app=client_app.app,
                    num_supernodes=len(run.names),
-                   backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}})
+                   backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus,
+                                                        "max_restarts": fed.rounds, "max_task_retries": 1}})
     if errors:
         raise errors[0]
     if not reports:

@@ -506,3 +506,45 @@ def test_bad_deployment_inputs_are_clear_errors(medmnist_root, tmp_path):
         node_site(deployed, {"site-name": "a"})
     with pytest.raises(DataError, match="site a: data-root .*nowhere is not a folder"):
         node_site(deployed, {"site-name": "a", "data-root": str(tmp_path / "nowhere")})
+
+
+@pytest.mark.integration
+def test_a_killed_client_actor_is_replaced_and_later_rounds_have_every_site(mednist_root, tmp_path):
+    """SIGKILL of a ClientApp actor in round 2: Ray restarts it and the site's training runs again, so
+    rounds 2 and 3 have all three sites (Flower alone put the dead actor back in its pool: the sites
+    sent to it failed every later round)."""
+    import psutil
+
+    root = hospitals(mednist_root, tmp_path)
+    out = tmp_path / "fed"
+    sets = ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=3",
+            "federated.centralized_baseline=false", "train.batch_size=32", "data.size=28"]
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", "federate", "--config",
+                             str(ROOT / "configs/federated_quick.yaml"), *[a for kv in sets for a in ("--set", kv)],
+                             "--output-dir", str(out), "--no-mlflow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+
+    def busy_actors() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "ClientAppActor.run" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    while not busy_actors() and time.time() < deadline and proc.poll() is None:  # round 2 has started
+        time.sleep(0.1)
+    victim = busy_actors()[0]
+    victim.kill()
+    victim.wait(10)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-3000:]
+    rounds = json.loads((out / "federated_report.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    sites = {"hospital_a", "hospital_b", "hospital_c"}
+    assert all(set(r["sites"]) == sites and not r["failures"] for r in rounds), rounds

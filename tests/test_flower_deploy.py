@@ -90,7 +90,7 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
     root = hospitals(mednist_root, tmp_path)
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost",
-                    *SITES, "intruder"], check=True, capture_output=True)
+                    *SITES, "intruder", "impostor"], check=True, capture_output=True)
     fed = Federation(tmp_path)
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home/config.toml").write_text(  # the coordinator's flwr CLI: where the SuperLink is
@@ -132,6 +132,20 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
         _wait_for(lambda: (out / "federated_rounds.csv").is_file(), 300, "the report")  # (written last)
         _wait_for(lambda: status().startswith("finished"), 60, "the run's status")
         assert status() == "finished:completed"
+
+        # a registered SuperNode that claims a live site's name: the next study refuses to start
+        assert fed.flwr("supernode", "register", str(certs / "impostor.pub")).returncode == 0
+        fed.start("impostor", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
+                               "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
+                               str(certs / "impostor"), "--port", str(free_port()), "--node-config",
+                               f'site-name="hospital_a" data-root="{root / "hospital_b"}"'])
+        again = fed.flwr("run", str(ROOT), "hospitals", "--format", "json", "--run-config",
+                         f'set="{overrides} federated.rounds=1" output-dir="{tmp_path / "again"}"')
+        run_id = json.loads(again.stdout)["run-id"]
+        _wait_for(lambda: status().startswith("finished"), 180, "the second run's status")
+        assert status() == "finished:failed"
+        assert ("two nodes say they are site hospital_a: give each SuperNode its own site-name"
+                in fed.flwr("log", str(run_id), "--show", timeout=30).stdout)
     except AssertionError as exc:  # (within pytest's timeout, so that the logs are seen)
         raise AssertionError(f"{exc}\n{fed.diagnosis(run_id)}") from None
     finally:
@@ -152,7 +166,9 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
     assert "intruder" not in stats and "No SuperNode found with the given public key" in fed.log("superlink")
 
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["sites"] == ",".join(SITES)
+    runs = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the study, and the refused one
+    (run,) = [r for r in runs if r.info.status == "FINISHED"]
+    assert run.data.tags["sites"] == ",".join(SITES)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/accuracy")] == [1, 2]
     assert run.data.params["federated.partition"] == "deployed"
