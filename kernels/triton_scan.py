@@ -37,23 +37,27 @@ def _bc_offsets(b, g, l, n, nm, mask, s_b, s_g, s_l, s_n, SHARED: tl.constexpr):
     """Offsets and mask of B or C at (image b, group g, step l, states n): a vector when the
     program's channels share one group (``SHARED``, g a scalar), else a row per channel."""
     if SHARED:
-        return b * s_b + g * s_g + l * s_l + n * s_n, nm
-    return b * s_b + g[:, None] * s_g + l * s_l + n[None, :] * s_n, mask
+        off, m = b * s_b + g * s_g + l * s_l + n * s_n, nm
+    else:
+        off, m = b * s_b + g[:, None] * s_g + l * s_l + n[None, :] * s_n, mask
+    return off, m
 
 
 @triton.jit
 def _group(k, DIM, c, rows, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
     """The B/C group (row) of channels c of direction k: one scalar when they all share one."""
     if SHARED:
-        return (k * DIM + tl.program_id(2) * BLOCK_D) // rows
-    return c // rows
+        g = (k * DIM + tl.program_id(2) * BLOCK_D) // rows
+    else:
+        g = c // rows
+    return g
 
 
 @triton.jit
 def _load_bc(ptr, off, m, SHARED: tl.constexpr):
     M = tl.load(ptr + off, mask=m, other=0.0).to(tl.float32)
     if SHARED:
-        return M[None, :]
+        M = M[None, :]
     return M
 
 

@@ -1,0 +1,71 @@
+"""Compile the Triton scan's kernels for a GPU without one: Triton's whole compiler (Python AST to
+Triton IR, GPU IR, LLVM, PTX and, with ptxas, a cubin) runs on any machine. It type-checks what
+the interpreter never does (one type per variable across branches and loop iterations, return
+types), so a kernel that passes the interpreter tests but would not compile fails here.
+
+Run without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions):
+    python tests/compile_triton.py [--arch 90]
+Prints one line per kernel variant compiled; exits non-zero at the first that does not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# data (not gradient) pointers whose dtype follows the inputs'; the rest are fp32 (or int64 positions)
+INPUTS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "dout_ptr"}
+# (name, input dtype, flags): the variants the two entry points launch
+VARIANTS = [
+    ("SS2D low-rank delta, D, bias", "fp32", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
+                                                  SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=8)),
+    ("SS2D low-rank delta, D, bias", "bf16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
+                                                  SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=8)),
+    ("SS2D full delta, bare", "fp32", dict(HAS_D=False, HAS_BIAS=False, LOW_RANK=False, SOFTPLUS=False,
+                                           SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=1)),
+    ("selective_scan_fn fixed B, grouped C", "fp16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=False,
+                                                          SOFTPLUS=True, SHARED_B=False, SHARED_C=False,
+                                                          BLOCK_N=4, BLOCK_R=1)),
+]
+
+
+def compile_variant(kernel, dtype: str, flags: dict, target: GPUTarget):
+    const = {**flags, "CHUNK": 32, "BLOCK_D": 16}
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in const:
+            signature[name] = "constexpr"
+        elif name == "pos_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}" if name in INPUTS else "*fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(source, target=target)
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("compile_triton.py: unset TRITON_INTERPRET (it makes interpreted functions, not compilable ones)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 (A100), 90 (H100/H200)")
+    args = parser.parse_args()
+    from medmamba.kernels import triton_scan
+
+    target = GPUTarget("cuda", args.arch, 32)
+    for name, dtype, flags in VARIANTS:
+        for kernel in (triton_scan._scan_fwd, triton_scan._scan_bwd):
+            compiled = compile_variant(kernel, dtype, flags, target)
+            print(f"sm_{args.arch} {kernel.__name__} {name} {dtype}: {len(compiled.asm['ptx'])} chars of PTX, "
+                  f"{len(compiled.asm['cubin'])} bytes of cubin")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
