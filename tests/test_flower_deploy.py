@@ -172,3 +172,34 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
     assert run.data.tags["sites"] == ",".join(SITES)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/accuracy")] == [1, 2]
     assert run.data.params["federated.partition"] == "deployed"
+
+
+@pytest.mark.slow  # 1-2 min on 2 cores; `make test-all`
+def test_flwr_run_on_the_simulation_runtime(medmnist_root, tmp_path):
+    """`flwr run . sim` against a SuperLink in simulation mode (deploy/flower/README.md): the same
+    apps, configured by the run config, on Flower's Simulation Runtime."""
+    fed = Federation(tmp_path)
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home/config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{fed.port}"\ninsecure = true\n')
+    out = tmp_path / "study"
+    try:
+        fed.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                "--port", str(fed.port), "--database", str(tmp_path / "superlink.db")])
+        _wait_for(lambda: "Uvicorn running on http://" in fed.log("superlink"), 60, "the SuperLink")
+        configured = fed.flwr("federation", "simulation-config", "@none/default", "sim", "--num-supernodes", "3",
+                              "--client-resources-num-cpus", "1")
+        assert configured.returncode == 0, configured.stdout + configured.stderr
+        overrides = (f"federated.rounds=1 data.root={medmnist_root} mlflow.enabled=false "
+                     "federated.centralized_baseline=false")
+        done = fed.flwr("run", str(ROOT), "sim", "--stream", "--run-config",
+                        f'recipe="configs/federated_quick.yaml" set="{overrides}" output-dir="{out}"', timeout=400)
+        assert done.returncode == 0 and (out / "federated_report.json").is_file(), (
+            done.stdout[-3000:] + done.stderr[-3000:] + fed.diagnosis(None))
+    finally:
+        fed.stop()
+    report = json.loads((out / "federated_report.json").read_text())
+    assert report["sites"] == ["site_0", "site_1", "site_2"] and len(report["rounds"]) == 1
+    assert set(report["rounds"][0]["sites"]) == set(report["sites"]) and not report["rounds"][0]["failures"]
+    assert 0.5 < report["rounds"][0]["global"]["auc"] <= 1
