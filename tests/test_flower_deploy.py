@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,12 +30,39 @@ SITES = ("hospital_a", "hospital_b", "hospital_c")
 class Federation:
     """The processes of a loopback federation; ``stop`` kills every one by PID."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, certs: Path | None = None):
         self.dir = tmp_path
         self.env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # (flower-superexec, ...)
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
+        (tmp_path / "flwr-home").mkdir()
+        if certs:  # the coordinator's flwr CLI: where the SuperLink is
+            (tmp_path / "flwr-home/config.toml").write_text(
+                f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{self.port}"\n'
+                f'root-certificates = "{certs / "ca.crt"}"\n')
+
+    def superlink(self, certs: Path) -> None:
+        """The coordinator's SuperLink on loopback: TLS, SuperNode authentication, installed packages."""
+        self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+                                 "--ssl-certfile", str(certs / "superlink.pem"), "--ssl-keyfile",
+                                 str(certs / "superlink.key"), "--enable-supernode-auth",
+                                 "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                 "--port", str(self.port), "--database", str(self.dir / "superlink.db")])
+        _wait_for(lambda: "Uvicorn running on https://" in self.log("superlink"), 60, "the SuperLink")
+
+    def register(self, certs: Path, key: str) -> None:
+        registered = self.flwr("supernode", "register", str(certs / f"{key}.pub"))
+        assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered
+
+    def supernode(self, certs: Path, key: str, site: str, root: Path, port: int, folder: str | None = None) -> None:
+        """SuperNode ``key`` (its private key's name) as site ``site`` reading root/``folder``
+        (default: root/site), connecting to the Fleet API at 127.0.0.1:``port``."""
+        self.start(key, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                         "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
+                         str(certs / key), "--port", str(free_port()), "--node-config",
+                         f'site-name="{site}" data-root="{root / (folder or site)}" '
+                         f'state-dir="{self.dir / "site-state" / key}"'])
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         """Start ``argv``; its output goes to NAME.log, each line stamped with the time it came."""
@@ -91,29 +122,14 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost",
                     *SITES, "intruder", "impostor"], check=True, capture_output=True)
-    fed = Federation(tmp_path)
-    (tmp_path / "flwr-home").mkdir()
-    (tmp_path / "flwr-home/config.toml").write_text(  # the coordinator's flwr CLI: where the SuperLink is
-        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{fed.port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
+    fed = Federation(tmp_path, certs)
     out, uri, run_id = tmp_path / "study", f"sqlite:///{tmp_path}/mlruns.db", None
     try:
-        fed.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-                                "--ssl-certfile", str(certs / "superlink.pem"), "--ssl-keyfile",
-                                str(certs / "superlink.key"), "--enable-supernode-auth",
-                                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                                "--port", str(fed.port), "--database", str(tmp_path / "superlink.db")])
-        _wait_for(lambda: "Uvicorn running on https://" in fed.log("superlink"), 60, "the SuperLink")
+        fed.superlink(certs)
         for site in SITES:
-            registered = fed.flwr("supernode", "register", str(certs / f"{site}.pub"))
-            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered
-        for i, site in enumerate((*SITES, "intruder")):  # the intruder's key was never registered
-            data_root = root / (site if site != "intruder" else "hospital_a")
-            fed.start(site, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
-                             "--root-certificates", str(certs / "ca.crt"),
-                             "--auth-supernode-private-key", str(certs / site), "--port", str(free_port()),
-                             "--node-config", f'site-name="{site}" data-root="{data_root}" '
-                                              f'state-dir="{tmp_path / "site-state" / site}"'])
+            fed.register(certs, site)
+        for site in (*SITES, "intruder"):  # the intruder's key was never registered
+            fed.supernode(certs, site, site, root, fed.port, folder=None if site != "intruder" else "hospital_a")
         # a 0.6 M-parameter timm model: MedMamba-T's 56 MB weights take ~35 s per message on 2 busy cores,
         # and what is tested here is the deployment, not the model (the simulations train MedMamba)
         overrides = (f"model.name=mobilenetv3_small_050 data.size=28 federated.rounds=2 federated.round_timeout=120 "
@@ -134,11 +150,8 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
         assert status() == "finished:completed"
 
         # a registered SuperNode that claims a live site's name: the next study refuses to start
-        assert fed.flwr("supernode", "register", str(certs / "impostor.pub")).returncode == 0
-        fed.start("impostor", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
-                               "--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key",
-                               str(certs / "impostor"), "--port", str(free_port()), "--node-config",
-                               f'site-name="hospital_a" data-root="{root / "hospital_b"}"'])
+        fed.register(certs, "impostor")
+        fed.supernode(certs, "impostor", "hospital_a", root, fed.port, folder="hospital_b")
         again = fed.flwr("run", str(ROOT), "hospitals", "--format", "json", "--run-config",
                          f'set="{overrides} federated.rounds=1" output-dir="{tmp_path / "again"}"')
         run_id = json.loads(again.stdout)["run-id"]
@@ -179,7 +192,6 @@ def test_flwr_run_on_the_simulation_runtime(medmnist_root, tmp_path):
     """`flwr run . sim` against a SuperLink in simulation mode (deploy/flower/README.md): the same
     apps, configured by the run config, on Flower's Simulation Runtime."""
     fed = Federation(tmp_path)
-    (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home/config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{fed.port}"\ninsecure = true\n')
     out = tmp_path / "study"
@@ -203,3 +215,51 @@ def test_flwr_run_on_the_simulation_runtime(medmnist_root, tmp_path):
     assert report["sites"] == ["site_0", "site_1", "site_2"] and len(report["rounds"]) == 1
     assert set(report["rounds"][0]["sites"]) == set(report["sites"]) and not report["rounds"][0]["failures"]
     assert 0.5 < report["rounds"][0]["global"]["auc"] <= 1
+
+
+@pytest.mark.slow  # 2-3 min on 2 cores; `make test-all`
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (e.g. apt-get install nginx-light)")
+def test_hospitals_reach_only_the_fleet_api_through_the_nginx_recipe(mednist_root, tmp_path):
+    """deploy/flower/nginx-fleet.conf in front of the loopback SuperLink: two SuperNodes train a round
+    through it, and every other API (the Control API, which runs studies) is refused there."""
+    root = hospitals(mednist_root, tmp_path)
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost",
+                    "hospital_a", "hospital_b"], check=True, capture_output=True)
+    fed, proxy = Federation(tmp_path, certs), free_port()
+    fleet = ((ROOT / "deploy/flower/nginx-fleet.conf").read_text().replace("/etc/medmamba/certs", str(certs))
+             .replace("9092", str(proxy)).replace("127.0.0.1:9093", f"127.0.0.1:{fed.port}")
+             .replace("fl.coordinator.example.org", "localhost"))
+    (tmp_path / "fleet.conf").write_text(fleet)
+    # the recipe included in a minimal nginx.conf; as root, its workers too (the default "nobody"
+    # cannot write request bodies into this test's private folder)
+    (tmp_path / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "") + f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/nginx-error.log;\nevents {{}}\nhttp {{\n"
+        f"  access_log {tmp_path}/nginx-access.log;\n  client_body_temp_path {tmp_path}/body;\n"
+        f"  proxy_temp_path {tmp_path}/proxy;\n  include {tmp_path}/fleet.conf;\n}}\n")
+    out, run_id = tmp_path / "study", None
+    try:
+        fed.superlink(certs)
+        fed.start("nginx", ["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"])
+        _wait_for(lambda: (tmp_path / "nginx.pid").is_file(), 30, "nginx")
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        for path in ("/v1/control/list-runs", "/health", "/"):  # anything but the Fleet API: 403
+            with pytest.raises(urllib.error.HTTPError, match="403"):
+                urllib.request.urlopen(f"https://127.0.0.1:{proxy}{path}", context=context, timeout=10)
+        for site in ("hospital_a", "hospital_b"):
+            fed.register(certs, site)
+            fed.supernode(certs, site, site, root, proxy)
+        overrides = ("model.name=mobilenetv3_small_050 data.size=28 federated.rounds=1 federated.num_sites=2 "
+                     "federated.round_timeout=120 train.batch_size=32 mlflow.enabled=false")
+        submitted = fed.flwr("run", str(ROOT), "hospitals", "--format", "json", "--run-config",
+                             f'set="{overrides}" output-dir="{out}"')
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        run_id = json.loads(submitted.stdout)["run-id"]
+        _wait_for(lambda: (out / "federated_rounds.csv").is_file(), 300, "the report")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{fed.diagnosis(run_id)}") from None
+    finally:
+        fed.stop()
+    report = json.loads((out / "federated_report.json").read_text())
+    assert set(report["rounds"][0]["sites"]) == {"hospital_a", "hospital_b"} and not report["rounds"][0]["failures"]
+    assert "/v1/fleet/" in (tmp_path / "nginx-access.log").read_text()  # the SuperNodes came through the proxy
