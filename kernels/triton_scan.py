@@ -44,16 +44,6 @@ def _bc_offsets(b, g, l, n, nm, mask, s_b, s_g, s_l, s_n, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _group(k, DIM, c, rows, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
-    """The B/C group (row) of channels c of direction k: one scalar when they all share one."""
-    if SHARED:
-        g = (k * DIM + tl.program_id(2) * BLOCK_D) // rows
-    else:
-        g = c // rows
-    return g
-
-
-@triton.jit
 def _load_bc(ptr, off, m, SHARED: tl.constexpr):
     M = tl.load(ptr + off, mask=m, other=0.0).to(tl.float32)
     if SHARED:
@@ -88,11 +78,22 @@ def _delta(dt_ptr, W, b, k, p, d, r, dm, rm, bias, s_k, s_b, s_l, s_last,
 
 
 @triton.jit
-def _program(A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R,
-             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _group(k, DIM, c, rows, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
+    """The B/C group (row) of channels c of direction k: one scalar when they all share one."""
+    if SHARED:
+        g = (k * DIM + tl.program_id(2) * BLOCK_D) // rows
+    else:
+        g = c // rows
+    return g
+
+
+@triton.jit
+def _program(A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c,
+             HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SHARED_B: tl.constexpr,
+             SHARED_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """This program's image b, direction k, channels d (rows c = k*DIM + d of A, D, bias, W),
-    states n, their masks, and the per-channel parameters it keeps in registers."""
+    states n, their masks, the per-channel parameters it keeps in registers, and its channels'
+    groups of B and C."""
     b = tl.program_id(0)
     k = tl.program_id(1)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -108,7 +109,9 @@ def _program(A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R,
         W = tl.load(W_ptr + c[:, None] * R + r[None, :], mask=dm[:, None] & rm[None, :], other=0.0).to(tl.float32)
     else:
         W = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)
-    return b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W
+    gb = _group(k, DIM, c, rows_b, BLOCK_D, SHARED_B)
+    gc = _group(k, DIM, c, rows_c, BLOCK_D, SHARED_C)
+    return b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc
 
 
 @triton.jit
@@ -119,10 +122,9 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr,
               SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W = _program(
-        A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, HAS_D, HAS_BIAS, LOW_RANK, BLOCK_D, BLOCK_N, BLOCK_R)
-    gb = _group(k, DIM, c, rows_b, BLOCK_D, SHARED_B)
-    gc = _group(k, DIM, c, rows_c, BLOCK_D, SHARED_C)
+    b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
+        A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
+        BLOCK_D, BLOCK_N, BLOCK_R)
     state = ((b * K * DIM + c) * n_chunks)[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for l in range(L):
@@ -149,10 +151,9 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr,
               SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W = _program(
-        A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, HAS_D, HAS_BIAS, LOW_RANK, BLOCK_D, BLOCK_N, BLOCK_R)
-    gb = _group(k, DIM, c, rows_b, BLOCK_D, SHARED_B)
-    gc = _group(k, DIM, c, rows_c, BLOCK_D, SHARED_C)
+    b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
+        A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
+        BLOCK_D, BLOCK_N, BLOCK_R)
     row = b * K * DIM + c  # this program's rows of the per-image outputs
     state = (row * n_chunks)[:, None] * N + n[None, :]
     scratch = (row * CHUNK)[:, None] * N + n[None, :]

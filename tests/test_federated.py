@@ -220,6 +220,19 @@ def test_fedprox_and_fedbn_run_on_natural_hospitals(mednist_root, tmp_path, stra
     assert report["rounds"][-1]["global"]["accuracy"] > 1 / 6  # better than chance on 6 classes
 
 
+def _federate_after_round_1(sets: list[str], out: Path) -> subprocess.Popen:
+    """`medmamba federate` of configs/federated_quick.yaml with ``sets``, started in a process and
+    returned once its first round is saved (or it ended, or 5 minutes passed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", "federate", "--config",
+                             str(ROOT / "configs/federated_quick.yaml"), *[a for kv in sets for a in ("--set", kv)],
+                             "--output-dir", str(out), "--no-mlflow"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.integration
 @pytest.mark.slow  # (CI time: test_flower_deploy kills a site mid-study and checks the same naming)
 def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(mednist_root, tmp_path):
@@ -228,13 +241,7 @@ def test_a_site_that_fails_in_round_2_is_logged_by_name_and_the_others_go_on(med
     sets = ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=3",
             "federated.centralized_baseline=false", "train.batch_size=32"]
     victim = build_site(load_config(ROOT / "configs/federated_quick.yaml", sets), 1).train.samples[0][0]
-    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", "federate", "--config",
-                             str(ROOT / "configs/federated_quick.yaml"), *[a for kv in sets for a in ("--set", kv)],
-                             "--output-dir", str(out), "--no-mlflow"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    proc = _federate_after_round_1(sets, out)
     victim.unlink()  # after round 1 one of hospital_b's training images breaks on disk
     victim.write_bytes(b"not an image any more")
     output, _ = proc.communicate(timeout=400)
@@ -519,13 +526,7 @@ def test_a_killed_client_actor_is_replaced_and_later_rounds_have_every_site(medn
     out = tmp_path / "fed"
     sets = ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=3",
             "federated.centralized_baseline=false", "train.batch_size=32", "data.size=28"]
-    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", "federate", "--config",
-                             str(ROOT / "configs/federated_quick.yaml"), *[a for kv in sets for a in ("--set", kv)],
-                             "--output-dir", str(out), "--no-mlflow"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    proc = _federate_after_round_1(sets, out)
 
     def busy_actors() -> list[psutil.Process]:
         found = []
@@ -537,6 +538,7 @@ def test_a_killed_client_actor_is_replaced_and_later_rounds_have_every_site(medn
                 pass
         return found
 
+    deadline = time.time() + 300
     while not busy_actors() and time.time() < deadline and proc.poll() is None:  # round 2 has started
         time.sleep(0.1)
     victim = busy_actors()[0]
