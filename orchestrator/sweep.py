@@ -36,10 +36,10 @@ from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.reports import print_table, write_csv
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
-from medmamba.train import Callback, Trainer
+from medmamba.train import Trainer
 
 from .cluster import check_resources, init_ray, restore_into
-from .train import train_loop_per_worker
+from .train import EpochReport, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +173,11 @@ def trial_checkpoint(result: tune.Result) -> tune.Checkpoint:
     return result.checkpoint or tune.Checkpoint(result.metrics[CHECKPOINT_PATH_KEY])
 
 
-class TuneReport(Callback):
-    """Reports each epoch to Tune with the trial's directory as its checkpoint, once on disk."""
+class TuneReport(EpochReport):
+    """Each epoch reported to Tune with the trial's directory as its checkpoint."""
 
-    def __init__(self, out: Path):
-        self.out = out
-
-    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        trainer.checkpoints.wait()
-        tune.report(row, checkpoint=tune.Checkpoint.from_directory(self.out))
+    def report(self, trainer: Trainer, metrics: dict) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.out))
 
 
 class MlflowTrials(tune.Callback):
@@ -190,9 +186,10 @@ class MlflowTrials(tune.Callback):
     def __init__(self, uri: str, experiment: str, parent_run_id: str, keys: list[str]):
         self.uri, self.experiment, self.parent, self.keys = uri, experiment, parent_run_id, keys
         self._trackers: dict[str, Tracker] = {}
+        self._last_step: dict[str, int] = {}  # a trial's last logged epoch (a restored trial may repeat it)
 
     def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; clients stay behind
-        return {**self.__dict__, "_trackers": {}}
+        return {**self.__dict__, "_trackers": {}, "_last_step": {}}
 
     def tracker(self, trial) -> Tracker:
         if trial.trial_id not in self._trackers:
@@ -204,6 +201,7 @@ class MlflowTrials(tune.Callback):
             tags = {"mlflow.parentRunId": self.parent, "trial_id": trial.trial_id}
             tracker.start(f"trial_{trial.trial_id}", params, tags, run_id=found[0].info.run_id if found else None)
             self._trackers[trial.trial_id] = tracker
+            self._last_step[trial.trial_id] = max(tracker.logged_steps("train_loss"), default=0) if found else 0
         return self._trackers[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -211,7 +209,10 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         row = {k: v for k, v in result.items() if k in ("lr", "train_loss") or k.startswith("val_")}
-        self.tracker(trial).log_metrics(row, step=int(result.get("epoch", result["training_iteration"])))
+        tracker, step = self.tracker(trial), int(result.get("epoch", result["training_iteration"]))
+        if step > self._last_step[trial.trial_id]:
+            tracker.log_metrics(row, step=step)
+            self._last_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.tracker(trial).end("FINISHED")

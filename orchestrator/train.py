@@ -30,20 +30,39 @@ from .cluster import check_resources, init_ray, restore_into
 RUN_FILE = "ray_run.json"  # the Ray run name and storage of an output directory, for --resume
 
 
-class RayTrainReport(Callback):
-    """Reports each epoch (every rank: Ray synchronises on it) with rank 0's output directory as
-    the checkpoint, once its files are on disk; then the test metrics."""
+class EpochReport(Callback):
+    """Reports each epoch with the output directory as its checkpoint, once its files are on
+    disk. A run resumed with no epoch left to train reports its last epoch once more, so that
+    whoever waits on the reports (a Tune trial restored after its driver died) still gets one."""
 
     def __init__(self, out: Path):
-        self.out = out
+        self.out, self.reported = out, False
+
+    def report(self, trainer: Trainer, metrics: dict) -> None:
+        raise NotImplementedError
+
+    def _send(self, trainer: Trainer, metrics: dict) -> None:
+        trainer.checkpoints.wait()
+        self.report(trainer, metrics)
+        self.reported = True
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        trainer.checkpoints.wait()
-        ray.train.report(row, checkpoint=Checkpoint.from_directory(self.out) if trainer.is_main else None)
+        self._send(trainer, row)
+
+    def on_fit_end(self, trainer: Trainer, status: str) -> None:
+        if status == "FINISHED" and not self.reported and trainer.history:
+            self._send(trainer, dict(trainer.history[-1]))
+
+
+class RayTrainReport(EpochReport):
+    """Ray Train's reports (every rank: Ray synchronises on them; rank 0's directory is the
+    checkpoint), and the test metrics after the epochs."""
+
+    def report(self, trainer: Trainer, metrics: dict) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(self.out) if trainer.is_main else None)
 
     def on_test_end(self, trainer: Trainer, metrics: dict, files: list[Path]) -> None:
-        ray.train.report({"epoch": trainer.epoch, **{f"test_{k}": v for k, v in metrics.items() if k in METRIC_KEYS}},
-                         checkpoint=Checkpoint.from_directory(self.out) if trainer.is_main else None)
+        self._send(trainer, {"epoch": trainer.epoch, **{f"test_{k}": v for k, v in metrics.items() if k in METRIC_KEYS}})
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -6,8 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import pickle
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +20,11 @@ from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
 from medmamba.metrics import MACRO_KEYS, METRIC_KEYS
-from medmamba.orchestrator.sweep import apply_params, run_sweep, search_space
-from medmamba.orchestrator.train import train_distributed
+from medmamba.data import build_datasets
+from medmamba.orchestrator.sweep import MlflowTrials, apply_params, run_sweep, search_space
+from medmamba.orchestrator.train import EpochReport, train_distributed
+from medmamba.tracking import Tracker
+from medmamba.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +69,48 @@ def test_the_sweep_config_extends_the_quick_recipe():
     quick, sweep = load_config(ROOT / "configs/quick.yaml"), load_config(ROOT / "configs/sweep_quick.yaml")
     assert sweep.model == quick.model and sweep.optim == quick.optim and sweep.sched == quick.sched
     assert sweep.data.name == "breastmnist" and sweep.tune.num_samples >= 4
+
+
+# --- what a restored trial reports (no Ray needed) ------------------------------------------------
+
+class RecordedReport(EpochReport):
+    def __init__(self, out):
+        super().__init__(out)
+        self.sent = []
+
+    def report(self, trainer, metrics):
+        assert (self.out / "last.pt").is_file()  # the checkpoint is on disk before its report
+        self.sent.append(metrics["epoch"])
+
+
+def test_a_run_resumed_with_no_epoch_left_reports_its_last_epoch_once(medmnist_root, tmp_path):
+    """A Tune trial restored after its driver died between the trial's last report and Tune's
+    record of it re-runs a finished training: it must still report (Tune refuses a trial that
+    returns without its metric) and only once."""
+    cfg = _sweep_cfg(medmnist_root, "train.epochs=1")
+    data, reports = build_datasets(cfg.data), []
+    for epochs, resume in [(1, False), (1, True), (2, True)]:
+        reports.append(RecordedReport(tmp_path))
+        cfg.train.epochs = epochs
+        Trainer(cfg, data, tmp_path, callbacks=[reports[-1]], progress=False).fit(resume=resume, test=False)
+    assert [r.sent for r in reports] == [[1], [1], [2]]
+
+
+def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    parent = Tracker(uri, "sweep")
+    parent.start("sweep", {}, {})
+    trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 1e-3})
+    result = lambda epoch: {"epoch": epoch, "training_iteration": epoch, "train_loss": 1 / epoch, "val_auc": 0.5}
+    callback = MlflowTrials(uri, "sweep", parent.run_id, ["optim.lr"])
+    for epoch in (1, 2):
+        callback.on_trial_result(0, [], trial, result(epoch))
+    restored = pickle.loads(pickle.dumps(callback))  # as Tune restores its callbacks with the experiment
+    for epoch in (2, 3):
+        restored.on_trial_result(0, [], trial, result(epoch))
+    run = child_runs(MlflowClient(uri), parent.run_id)[0]
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")] == [1, 2, 3]
+    assert run.data.params == {"optim.lr": "0.001"} and run.data.tags["trial_id"] == "t1"
 
 
 # --- Ray Tune -------------------------------------------------------------------------------------
@@ -116,13 +163,15 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
         run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
 
 
-@pytest.mark.slow  # 1.5 min; make test-all
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path):
+@pytest.mark.slow  # 1.5 min (one worker per trial) and 4 min (two); make test-all
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker-trials", "two-worker-trials"])
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path, workers):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
+    per_trial = ["--set", "tune.workers_per_trial=2", "--set", "tune.cpus_per_trial=2"] if workers == 2 else []
     args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
             "--set", f"data.root={medmnist_root}", "--set", "tune.num_samples=4", "--set", "train.epochs=2",
-            "--set", "tune.max_concurrent=1", "--output-dir", str(out), "--tracking-uri", uri]
+            "--set", "tune.max_concurrent=1", *per_trial, "--output-dir", str(out), "--tracking-uri", uri]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_cluster["env"])
     client, deadline, done = MlflowClient(uri), time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
