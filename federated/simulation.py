@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flwr.simulation import run_simulation
 from medmamba.config import Config, absolute_paths
+from medmamba.reaper import reap_on_exit
 from medmamba.tracking import open_tracker
 
 from . import client_app
@@ -30,6 +31,7 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
     reports: list[dict] = []
     errors: list[BaseException] = []
     fed = cfg.federated
+    reap_on_exit()  # the simulation's Ray cluster goes away with this process, even when it is killed
     run_simulation(server_app=make_server_app(run, reports, errors), client_app=client_app.app,
                    num_supernodes=len(run.names),
                    backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus,

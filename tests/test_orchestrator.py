@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import child_runs, tracked
+from conftest import child_runs, start_medmamba, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
@@ -239,6 +240,33 @@ def test_workers_per_trial_must_each_get_a_cpu_and_whole_gpus(medmnist_root):
         _sweep_cfg(medmnist_root, "tune.workers_per_trial=2", "tune.cpus_per_trial=1")
     with pytest.raises(ConfigError, match="a whole number of GPUs"):
         _sweep_cfg(medmnist_root, "tune.workers_per_trial=2", "tune.cpus_per_trial=2", "tune.gpus_per_trial=1")
+
+
+@pytest.mark.integration
+def test_a_local_cluster_goes_away_with_its_killed_driver(medmnist_root, tmp_path):
+    """A sweep that starts its own Ray cluster, SIGKILLed: every process it started is gone within
+    seconds (Ray's DashboardAgent and RuntimeEnvAgent used to listen on for a minute)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = start_medmamba(["tune", "--config", str(ROOT / "configs/sweep_quick.yaml"), "--set", f"data.root={medmnist_root}",
+                           "--set", "tune.num_samples=1", "--output-dir", str(tmp_path / "sweep"),
+                           "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"], env=env)
+    driver, deadline = psutil.Process(proc.pid), time.time() + 180
+    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    while time.time() < deadline and proc.poll() is None:
+        names = {" ".join(p.cmdline()) for p in driver.children(recursive=True)}
+        if all(any(name.startswith(agent) for name in names) for agent in agents):
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # the watcher notes the driver's descendants every second
+    family = driver.children(recursive=True)
+    assert len(family) >= 4 and proc.poll() is None, "the sweep did not start a Ray cluster"
+    watchers = [p for p in psutil.process_iter(["cmdline"])
+                if "reaper.py" in " ".join(p.info["cmdline"] or []) and str(proc.pid) in p.info["cmdline"]]
+    assert len(watchers) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(family + watchers, timeout=15)
+    assert not alive, f"still running 15 s after the driver's death: {[' '.join(p.cmdline()) for p in alive]}"
 
 
 # --- Ray Train -----------------------------------------------------------------------------------
