@@ -14,11 +14,12 @@ from medmamba.reaper import reap_on_exit
 
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS, which `ray job submit` sets); without
-    either, start a local one, which goes away with this process however it ends. Idempotent."""
+    either, the one `ray start` runs on this machine, else a new local one (``"local"``: always
+    a new one), which goes away with this process however it ends. Idempotent."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if address in (None, "", "local"):
         reap_on_exit()
     ray.init(address=address, configure_logging=False)
 

@@ -515,7 +515,7 @@ def test_bad_deployment_inputs_are_clear_errors(medmnist_root, tmp_path):
         node_site(deployed, {"site-name": "a", "data-root": str(tmp_path / "nowhere")})
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 1.3 min on 2 cores (CI time); `make test-all`
 def test_a_killed_client_actor_is_replaced_and_later_rounds_have_every_site(mednist_root, tmp_path):
     """SIGKILL of a ClientApp actor in round 2: Ray restarts it and the site's training runs again, so
     rounds 2 and 3 have all three sites (Flower alone put the dead actor back in its pool: the sites

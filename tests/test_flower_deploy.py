@@ -42,11 +42,12 @@ class Federation:
                 f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{self.port}"\n'
                 f'root-certificates = "{certs / "ca.crt"}"\n')
 
-    def superlink(self, certs: Path) -> None:
-        """The coordinator's SuperLink on loopback: TLS, SuperNode authentication, installed packages."""
+    def superlink(self, certs: Path, simulation: bool = False) -> None:
+        """The coordinator's SuperLink on loopback: TLS, installed packages, and SuperNode
+        authentication (``simulation``: Flower's Simulation Runtime instead of SuperNodes)."""
         self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
                                  "--ssl-certfile", str(certs / "superlink.pem"), "--ssl-keyfile",
-                                 str(certs / "superlink.key"), "--enable-supernode-auth",
+                                 str(certs / "superlink.key"), "--simulation" if simulation else "--enable-supernode-auth",
                                  "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
                                  "--port", str(self.port), "--database", str(self.dir / "superlink.db")])
         _wait_for(lambda: "Uvicorn running on https://" in self.log("superlink"), 60, "the SuperLink")
@@ -191,21 +192,19 @@ def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_roo
 def test_flwr_run_on_the_simulation_runtime(medmnist_root, tmp_path):
     """`flwr run . sim` against a SuperLink in simulation mode (deploy/flower/README.md): the same
     apps, configured by the run config, on Flower's Simulation Runtime."""
-    fed = Federation(tmp_path)
-    (tmp_path / "flwr-home/config.toml").write_text(
-        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{fed.port}"\ninsecure = true\n')
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost"],
+                   check=True, capture_output=True)
+    fed = Federation(tmp_path, certs)
     out = tmp_path / "study"
     try:
-        fed.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--simulation",
-                                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                                "--port", str(fed.port), "--database", str(tmp_path / "superlink.db")])
-        _wait_for(lambda: "Uvicorn running on http://" in fed.log("superlink"), 60, "the SuperLink")
-        configured = fed.flwr("federation", "simulation-config", "@none/default", "sim", "--num-supernodes", "3",
+        fed.superlink(certs, simulation=True)  # TLS here too
+        configured = fed.flwr("federation", "simulation-config", "@none/default", "hospitals", "--num-supernodes", "3",
                               "--client-resources-num-cpus", "1")
         assert configured.returncode == 0, configured.stdout + configured.stderr
         overrides = (f"federated.rounds=1 data.root={medmnist_root} mlflow.enabled=false "
                      "federated.centralized_baseline=false")
-        done = fed.flwr("run", str(ROOT), "sim", "--stream", "--run-config",
+        done = fed.flwr("run", str(ROOT), "hospitals", "--stream", "--run-config",
                         f'recipe="configs/federated_quick.yaml" set="{overrides}" output-dir="{out}"', timeout=400)
         assert done.returncode == 0 and (out / "federated_report.json").is_file(), (
             done.stdout[-3000:] + done.stderr[-3000:] + fed.diagnosis(None))

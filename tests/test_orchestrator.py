@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import child_runs, start_medmamba, tracked
+from conftest import child_runs, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
@@ -88,7 +88,7 @@ def test_a_run_resumed_with_no_epoch_left_reports_its_last_epoch_once(medmnist_r
     """A Tune trial restored after its driver died between the trial's last report and Tune's
     record of it re-runs a finished training: it must still report (Tune refuses a trial that
     returns without its metric) and only once."""
-    cfg = _sweep_cfg(medmnist_root, "train.epochs=1")
+    cfg = _sweep_cfg(medmnist_root, "train.epochs=1", "model.name=mobilenetv3_small_050")
     data, reports = build_datasets(cfg.data), []
     for epochs, resume in [(1, False), (1, True), (2, True)]:
         reports.append(RecordedReport(tmp_path))
@@ -120,7 +120,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root)  # the model is a dimension too: ours against a timm baseline
-    cfg.tune.space["model.name"] = {"choice": ["medmamba_t", "resnet18"]}
+    cfg.tune.space["model.name"] = {"choice": ["medmamba_t", "mobilenetv3_small_050"]}  # (ResNets at 28 px: 5x slower)
     summary = run_sweep(tracked(cfg, uri), out)
     board = summary["leaderboard"]
     assert len(board) == 4 and all(row["status"] != "error" for row in board)
@@ -150,7 +150,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
         assert steps == list(range(1, row["epochs"] + 1)) and child.info.status == "FINISHED"
         assert float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
         assert child.data.params["model.name"] == row["model.name"]
-    assert {row["model.name"] for row in board} == {"medmamba_t", "resnet18"}
+    assert {row["model.name"] for row in board} == {"medmamba_t", "mobilenetv3_small_050"}
     assert best.model.name == summary["best_params"]["model.name"]
     assert [c.data.tags.get("best_trial") for c in children].count("true") == 1
 
@@ -209,6 +209,7 @@ def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster
     assert not (tmp_path / "sweep/ray").exists()
 
 
+@pytest.mark.slow  # 1.7 min on 2 cores (CI time); `make test-all`
 def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
@@ -243,30 +244,33 @@ def test_workers_per_trial_must_each_get_a_cpu_and_whole_gpus(medmnist_root):
 
 
 @pytest.mark.integration
-def test_a_local_cluster_goes_away_with_its_killed_driver(medmnist_root, tmp_path):
-    """A sweep that starts its own Ray cluster, SIGKILLed: every process it started is gone within
-    seconds (Ray's DashboardAgent and RuntimeEnvAgent used to listen on for a minute)."""
+def test_a_local_cluster_goes_away_with_its_killed_driver(tmp_path):
+    """A driver that started its own Ray cluster (as `tune`, `matrix`, `train --workers` do),
+    SIGKILLed: every process it started is gone within seconds (Ray's DashboardAgent and
+    RuntimeEnvAgent used to listen on for a minute)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = start_medmamba(["tune", "--config", str(ROOT / "configs/sweep_quick.yaml"), "--set", f"data.root={medmnist_root}",
-                           "--set", "tune.num_samples=1", "--output-dir", str(tmp_path / "sweep"),
-                           "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"], env=env)
-    driver, deadline = psutil.Process(proc.pid), time.time() + 180
-    agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-    while time.time() < deadline and proc.poll() is None:
-        names = {" ".join(p.cmdline()) for p in driver.children(recursive=True)}
-        if all(any(name.startswith(agent) for name in names) for agent in agents):
-            break
-        time.sleep(0.5)
-    time.sleep(2)  # the watcher notes the driver's descendants every second
-    family = driver.children(recursive=True)
-    assert len(family) >= 4 and proc.poll() is None, "the sweep did not start a Ray cluster"
-    watchers = [p for p in psutil.process_iter(["cmdline"])
-                if "reaper.py" in " ".join(p.info["cmdline"] or []) and str(proc.pid) in p.info["cmdline"]]
-    assert len(watchers) == 1
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _, alive = psutil.wait_procs(family + watchers, timeout=15)
-    assert not alive, f"still running 15 s after the driver's death: {[' '.join(p.cmdline()) for p in alive]}"
+    driver_code = ("import time; from medmamba.orchestrator.cluster import init_ray; init_ray('local'); "
+                   "print('up', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", driver_code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        driver, deadline = psutil.Process(proc.pid), time.time() + 120
+        agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        while time.time() < deadline:
+            names = [" ".join(p.cmdline()) for p in driver.children(recursive=True) if p.is_running()]
+            if all(any(name.startswith(agent) for name in names) for agent in agents):
+                break
+            time.sleep(0.5)
+        time.sleep(2)  # the watcher notes the driver's descendants every second
+        family = driver.children(recursive=True)
+        watchers = [p for p in family if "reaper.py" in " ".join(p.cmdline())]
+        assert len(family) >= 5 and len(watchers) == 1, [" ".join(p.cmdline())[:80] for p in family]
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=15)
+    assert not alive, f"still running 15 s after the driver's death: {[' '.join(p.cmdline())[:80] for p in alive]}"
 
 
 # --- Ray Train -----------------------------------------------------------------------------------
