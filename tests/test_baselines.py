@@ -153,7 +153,7 @@ def _train_args(medmnist_root, out, model, *extra):
             "--set", f"data.root={medmnist_root}", "--set", "train.epochs=1", "--output-dir", str(out), *extra]
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 50 s on 2 cores (CI time; fine-tuning has unit tests above); `make test-all`
 def test_a_resnet_trains_fine_tunes_resumes_and_evaluates_through_the_cli(medmnist_root, tmp_path, caplog):
     """ResNet-18 at 28 px on BreastMNIST, fine-tuned from an ImageNet-shaped timm state dict: the
     7x7 stem and the 1000-class head are skipped, the rest loaded; the MLflow run records the

@@ -280,6 +280,7 @@ def _train_cfg(medmnist_root, *extra):
                                                      "ray.num_workers=2", *extra])
 
 
+@pytest.mark.slow  # 1 min on 2 cores (CI time); `make test-all`
 def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster, medmnist_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     out = tmp_path / "ddp"

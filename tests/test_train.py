@@ -74,7 +74,7 @@ def test_resume_continues_the_same_run(medmnist_root, breast, tmp_path):
 def test_early_stopping(medmnist_root, breast, tmp_path):
     # A learning rate too small to learn: only BatchNorm statistics move, val loss soon stalls.
     cfg = _cfg(medmnist_root, "train.epochs=8", "optim.lr=1e-30", "train.early_stopping_patience=2",
-               "model.drop_path_rate=0.0", "train.monitor=loss")
+               "model.name=mobilenetv3_small_050", "model.drop_path_rate=0.0", "train.monitor=loss")
     trainer = Trainer(cfg, breast, tmp_path, progress=False)
     trainer.fit()
     losses = [row["val_loss"] for row in trainer.history]
