@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,24 @@ def hospitals(mednist_root: Path, tmp_path: Path, corrupt_site: str | None = Non
     if corrupt_site:
         (root / corrupt_site / classes[0] / "broken.jpeg").write_bytes(b"not an image")
     return root
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema made (MLflow's migrations take 2-3 s per new store)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlruns.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _migrated_store) -> str:
+    """A new, empty MLflow SQLite store at tmp_path/mlruns.db (a copy of the session's migrated one;
+    tests of a store's first use create theirs)."""
+    shutil.copy(_migrated_store, tmp_path / "mlruns.db")
+    return f"sqlite:///{tmp_path}/mlruns.db"
 
 
 def free_port() -> int:

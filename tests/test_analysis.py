@@ -124,10 +124,11 @@ def _quadrant_images(root: Path, count: int, size: int = 64, patch: int = 28) ->
 @pytest.mark.integration
 def test_gradcam_peaks_inside_the_patch_that_decides_the_class(tmp_path):
     """MedMamba-T trained on quadrant images: the default layer's Grad-CAM and Grad-CAM++ peaks
-    lie inside the bright square on at least 80% of the test images (93% and 94% measured)."""
+    lie inside the bright square on at least 80% of the test images (95% and 98% measured after
+    3 epochs; 93% and 94% after 5)."""
     _quadrant_images(tmp_path / "data", 320)
     assert main(["train", "--set", "data.name=folder", "--set", f"data.root={tmp_path / 'data'}",
-                 "--set", "data.size=64", "--set", "train.epochs=5", "--set", "train.batch_size=32",
+                 "--set", "data.size=64", "--set", "train.epochs=3", "--set", "train.batch_size=32",
                  "--set", "train.monitor=loss", "--set", "sched.milestones=[100]",
                  "--output-dir", str(tmp_path / "run"), "--no-mlflow"]) == 0
     loaded = load_checkpoint(tmp_path / "run" / "best.pt")
@@ -295,15 +296,10 @@ def test_robustness_severity_zero_is_evaluate_and_the_table_is_complete(breast_m
 
 
 # ------------------------------------------------------------------------------------ another dataset
-@pytest.fixture(scope="module")
-def pneumonia_model(medmnist_root, tmp_path_factory, store) -> Path:
-    return _train(medmnist_root, tmp_path_factory.mktemp("pn"), "--tracking-uri", store, dataset="pneumoniamnist")
-
-
 def _external_folder(root: Path, medmnist_root, counts: dict[str, tuple[int, int]]) -> list[tuple[np.ndarray, int]]:
-    """An image folder of PneumoniaMNIST test images under other class names: ``counts`` maps a
+    """An image folder of BreastMNIST test images under other class names: ``counts`` maps a
     folder name to (label taken from, number of images). Returns each written (image, label)."""
-    data = np.load(medmnist_root / "pneumoniamnist.npz")
+    data = np.load(medmnist_root / "breastmnist.npz")
     images, labels = data["test_images"], data["test_labels"].ravel()
     written, used = [], set()
     for folder, (label, n) in counts.items():
@@ -317,45 +313,46 @@ def _external_folder(root: Path, medmnist_root, counts: dict[str, tuple[int, int
 
 
 @pytest.mark.integration
-def test_a_model_is_evaluated_on_another_hospitals_folder_with_a_class_map(pneumonia_model, medmnist_root,
+def test_a_model_is_evaluated_on_another_hospitals_folder_with_a_class_map(breast_medmamba, medmnist_root,
                                                                            tmp_path, store, capsys):
     from medmamba.metrics import classification_metrics
 
-    written = _external_folder(tmp_path / "cpn", medmnist_root,
-                               {"Normal": (0, 30), "Pneumonia": (1, 40), "COVID-19": (1, 12)})
-    assert main(["evaluate", "--checkpoint", str(pneumonia_model), "--dataset", "folder",
-                 "--data-root", str(tmp_path / "cpn"), "--class-map", "Normal=normal,Pneumonia=pneumonia",
+    written = _external_folder(tmp_path / "hospital_b", medmnist_root,
+                               {"Benign": (1, 40), "Malignant": (0, 30), "Unclear": (0, 12)})
+    assert main(["evaluate", "--checkpoint", str(breast_medmamba), "--dataset", "folder",
+                 "--data-root", str(tmp_path / "hospital_b"),
+                 "--class-map", "Benign=normal, benign,Malignant=malignant",
                  "--split", "all", "--output-dir", str(tmp_path / "ev"), "--tracking-uri", store]) == 0
-    assert "COVID-19 12 images" in capsys.readouterr().out
+    assert "Unclear 12 images" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["unmapped_images"] == {"COVID-19": 12}
+    assert metrics["unmapped_images"] == {"Unclear": 12}
     assert sum(map(sum, metrics["confusion_matrix"])) == 70
-    # the same pixels through the model directly: identical metrics, pneumonia the positive class
+    # the same pixels through the model directly: identical metrics, malignant the positive class
     mapped = written[:70]
-    loaded = load_checkpoint(pneumonia_model, {"root": str(medmnist_root)})
+    loaded = load_checkpoint(breast_medmamba, {"root": str(medmnist_root)})
     x = torch.tensor(np.stack([img for img, _ in mapped]), dtype=torch.float32).div(255).sub(0.5).div(0.5)
     with torch.no_grad():
         probs = torch.softmax(loaded.model(x[:, None].expand(-1, 3, -1, -1)), 1).numpy()
-    expected = classification_metrics(np.array([y for _, y in mapped]), probs, class_names=["normal", "pneumonia"],
-                                       positive_class=1)
+    expected = classification_metrics(np.array([y for _, y in mapped]), probs,
+                                      class_names=["malignant", "normal, benign"], positive_class=0)
     for key in ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1"):
         assert metrics[key] == pytest.approx(expected[key], abs=1e-6), key
     (run,) = _runs(store, "evaluate")
     tags = run.data.tags
-    assert tags["dataset"] == "folder:cpn" and tags["trained_on"] == "pneumoniamnist"
-    assert tags["class_map"] == "Normal=normal,Pneumonia=pneumonia"
-    assert tags["source_run_id"] == torch.load(pneumonia_model, weights_only=True)["run_id"]
+    assert tags["dataset"] == "folder:hospital_b" and tags["trained_on"] == "breastmnist"
+    assert tags["class_map"] == "Benign=normal, benign,Malignant=malignant"
+    assert tags["source_run_id"] == torch.load(breast_medmamba, weights_only=True)["run_id"]
     assert run.data.metrics["all_auc"] == pytest.approx(expected["auc"])
     report = _report(store, tmp_path / "report")
-    assert "folder:cpn (trained on pneumoniamnist) AUC" in report
+    assert "folder:hospital_b (trained on breastmnist) AUC" in report
 
     # a model class without images is reported, not a crash
-    _external_folder(tmp_path / "only_normal", medmnist_root, {"Normal": (0, 10), "Other": (1, 5)})
-    assert main(["evaluate", "--checkpoint", str(pneumonia_model), "--dataset", "folder", "--data-root",
-                 str(tmp_path / "only_normal"), "--class-map", "Normal=normal", "--split", "all",
+    _external_folder(tmp_path / "only_normal", medmnist_root, {"Benign": (1, 10), "Other": (0, 5)})
+    assert main(["evaluate", "--checkpoint", str(breast_medmamba), "--dataset", "folder", "--data-root",
+                 str(tmp_path / "only_normal"), "--class-map", "Benign=normal, benign", "--split", "all",
                  "--output-dir", str(tmp_path / "ev2"), "--no-mlflow"]) == 0
-    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["classes_without_images"] == ["pneumonia"]
-    assert "model classes without images here: pneumonia" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["classes_without_images"] == ["malignant"]
+    assert "model classes without images here: malignant" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------ bad input

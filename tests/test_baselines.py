@@ -154,11 +154,11 @@ def _train_args(medmnist_root, out, model, *extra):
 
 
 @pytest.mark.slow  # 50 s on 2 cores (CI time; fine-tuning has unit tests above); `make test-all`
-def test_a_resnet_trains_fine_tunes_resumes_and_evaluates_through_the_cli(medmnist_root, tmp_path, caplog):
+def test_a_resnet_trains_fine_tunes_resumes_and_evaluates_through_the_cli(mlflow_uri, medmnist_root, tmp_path, caplog):
     """ResNet-18 at 28 px on BreastMNIST, fine-tuned from an ImageNet-shaped timm state dict: the
     7x7 stem and the 1000-class head are skipped, the rest loaded; the MLflow run records the
     model; resume never reads the pretrained file again; evaluate rebuilds the 28 px model."""
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     timm_file = tmp_path / "resnet18_in1k.pth"
     torch.save(timm.create_model("resnet18").state_dict(), timm_file)
     out = tmp_path / "run"

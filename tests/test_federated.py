@@ -161,8 +161,8 @@ def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
 # --- real simulations -----------------------------------------------------------------------------
 
 @pytest.mark.integration
-def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(medmnist_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(mlflow_uri, medmnist_root, tmp_path):
+    uri = mlflow_uri
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.centralized_baseline=false")
     report = run_federated(tracked(cfg, uri), tmp_path / "fed")
     rounds = report["rounds"]
@@ -283,8 +283,8 @@ def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_
 
 
 @pytest.mark.slow  # (CI time; the privacy unit tests above and the pooled baseline of the LOSO test run in CI)
-def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_differential_privacy_and_the_centralised_baseline(mlflow_uri, medmnist_root, tmp_path):
+    uri = mlflow_uri
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.rounds=1", "federated.centralized_baseline=true",
                "federated.dp_clipping_norm=5.0", "federated.dp_noise_multiplier=0.1", "federated.partition=iid")
     report = run_federated(tracked(cfg, uri), tmp_path / "fed")
@@ -301,8 +301,8 @@ def test_differential_privacy_and_the_centralised_baseline(medmnist_root, tmp_pa
 
 
 @pytest.mark.slow  # (CI time; 1.3 min)
-def test_an_interrupted_federation_resumes_after_its_last_round(medmnist_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_an_interrupted_federation_resumes_after_its_last_round(mlflow_uri, medmnist_root, tmp_path):
+    uri = mlflow_uri
     out = tmp_path / "fed"
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
@@ -345,14 +345,14 @@ def test_fedbn_batchnorm_layers_never_leave_a_site(medmnist_root, as_a_flower_no
 
 
 @pytest.mark.integration
-def test_a_round_with_fewer_sites_than_min_clients_fails_the_run_and_names_the_site(mednist_root, tmp_path):
+def test_a_round_with_fewer_sites_than_min_clients_fails_the_run_and_names_the_site(mlflow_uri, mednist_root, tmp_path):
     from medmamba.errors import FederationError
 
     root = hospitals(mednist_root, tmp_path, corrupt_site="hospital_b")
     cfg = load_config(ROOT / "configs/federated_quick.yaml",
                       ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=2",
                        "federated.min_clients=3", "federated.centralized_baseline=false", "train.batch_size=32"])
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     with pytest.raises(FederationError, match="(?s)before round 1: 2 of 3 sites can take part, fewer than federated."
                                               "min_clients=3; site hospital_b failed to read its data: DataError: "
                                               "1 unreadable images .*broken.jpeg"):
@@ -451,11 +451,11 @@ def test_a_held_out_site_never_trains_and_is_the_test_set(mednist_root, tmp_path
 
 
 @pytest.mark.integration
-def test_leave_one_site_out_and_local_baselines_in_one_report(mednist_root, tmp_path):
+def test_leave_one_site_out_and_local_baselines_in_one_report(mlflow_uri, mednist_root, tmp_path):
     import csv
 
     root = hospitals(mednist_root, tmp_path)
-    out, uri = tmp_path / "loso", f"sqlite:///{tmp_path}/mlruns.db"
+    out, uri = tmp_path / "loso", mlflow_uri
     assert main(["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", "data.name=folder",
                  "--set", f"data.root={root}", "--set", "federated.partition=natural", "--set", "federated.rounds=1",
                  "--set", "federated.local_baselines=true", "--set", "train.batch_size=32",

@@ -118,13 +118,13 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow  # 5 min on 2 cores: out of CI's 30 minutes; `make test-all`
-def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mednist_root, tmp_path):
+def test_a_deployed_federation_with_tls_and_authenticated_supernodes(mlflow_uri, mednist_root, tmp_path):
     root = hospitals(mednist_root, tmp_path)
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(ROOT / "deploy/flower/make_certs.sh"), str(certs), "127.0.0.1,localhost",
                     *SITES, "intruder", "impostor"], check=True, capture_output=True)
     fed = Federation(tmp_path, certs)
-    out, uri, run_id = tmp_path / "study", f"sqlite:///{tmp_path}/mlruns.db", None
+    out, uri, run_id = tmp_path / "study", mlflow_uri, None
     try:
         fed.superlink(certs)
         for site in SITES:

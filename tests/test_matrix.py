@@ -61,12 +61,12 @@ def test_table_6_marks_the_best_of_each_column_and_published_rows_keep_their_sou
     assert {r["table"] for r in rows} == {"Table 6", "Tables 3-5", "Table 7"}
 
 
-def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(ray_cluster, medmnist_root, tmp_path,
-                                                                           capsys):
+def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflow_uri, ray_cluster, medmnist_root,
+                                                                           tmp_path, capsys):
     """4 cells (MedMamba-T with 2 seeds, and ConvNeXt-T, which cannot run at 28 px); the driver is
     killed once a cell finished; --resume trains only what is left; the failed cells are reported
     and do not stop the others; `medmamba report` then tabulates the MLflow runs."""
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     out = tmp_path / "matrix"
     args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "train.epochs=1", "--set", "matrix.model.name=[medmamba_t,convnext_tiny]",
@@ -159,10 +159,10 @@ def _logged_runs(uri: str) -> MlflowClient:
     return client
 
 
-def test_the_report_compares_with_published_rows_and_renders_in_a_browser(tmp_path):
+def test_the_report_compares_with_published_rows_and_renders_in_a_browser(mlflow_uri, tmp_path):
     import shutil
 
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     _logged_runs(uri)
     out = tmp_path / "report"
     assert main(["report", "--tracking-uri", uri, "--experiment", "logged", "--output-dir", str(out),
@@ -193,10 +193,10 @@ def test_the_report_compares_with_published_rows_and_renders_in_a_browser(tmp_pa
     assert dom.count("<table>") == 3 and "<img" in dom  # Table 6, the dataset's table, the deltas; the plot
 
 
-def test_sweeps_and_federated_runs_get_their_own_summaries(tmp_path):
+def test_sweeps_and_federated_runs_get_their_own_summaries(mlflow_uri, tmp_path):
     from medmamba.comparison import federated_table, site_matrix_tables, sweep_table
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    client = MlflowClient(mlflow_uri)
     experiment = client.create_experiment("mixed")
     sweep = client.create_run(experiment, run_name="sweep-1", tags={
         "kind": "sweep", "best_trial": "t3", "best.optim.lr": "0.001", "best.optim.name": "adam"})
@@ -241,8 +241,8 @@ def test_k_fold_as_a_matrix_over_data_fold_summarises_mean_and_std_over_the_fold
     assert by_model[0]["auc_std"] == 0.0 and _metric_prefix({"model.name": "a"}) == "a/"
 
 
-def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(mlflow_uri, tmp_path):
+    client = MlflowClient(mlflow_uri)
     trained = client.create_run(client.create_experiment("train"), tags={"parameters": "14456453", "gflops": "0.04"})
     for key, value in (("model.name", "medmamba_s"), ("data.name", "pneumoniamnist"), ("data.size", "28")):
         client.log_param(trained.info.run_id, key, value)
@@ -260,8 +260,8 @@ def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(tmp_path):
         ("pneumoniamnist", "medmamba_s", "28", "evaluate", 0.95, 14456453.0)]
 
 
-def test_report_selections_that_name_nothing_are_one_line_errors(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_report_selections_that_name_nothing_are_one_line_errors(mlflow_uri, tmp_path, capsys):
+    uri = mlflow_uri
     client = _logged_runs(uri)
     experiment = client.get_experiment_by_name("logged").experiment_id
     bare = client.create_run(experiment)  # finished, but no test metrics: left out and counted

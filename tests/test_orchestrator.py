@@ -97,8 +97,8 @@ def test_a_run_resumed_with_no_epoch_left_reports_its_last_epoch_once(medmnist_r
     assert [r.sent for r in reports] == [[1], [1], [2]]
 
 
-def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(mlflow_uri, tmp_path):
+    uri = mlflow_uri
     parent = Tracker(uri, "sweep")
     parent.start("sweep", {}, {})
     trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 1e-3})
@@ -116,8 +116,9 @@ def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(tmp_
 
 # --- Ray Tune -------------------------------------------------------------------------------------
 
-def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, medmnist_root, tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(mlflow_uri, ray_cluster, medmnist_root, tmp_path,
+                                                                capsys):
+    uri = mlflow_uri
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root)  # the model is a dimension too: ours against a timm baseline
     cfg.tune.space["model.name"] = {"choice": ["medmamba_t", "mobilenetv3_small_050"]}  # (ResNets at 28 px: 5x slower)
@@ -166,8 +167,9 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(ray_cluster, med
 
 @pytest.mark.slow  # 1.5 min (one worker per trial) and 4 min (two); make test-all
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker-trials", "two-worker-trials"])
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_cluster, medmnist_root, tmp_path, workers):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(mlflow_uri, ray_cluster, medmnist_root, tmp_path,
+                                                                  workers):
+    uri = mlflow_uri
     out = tmp_path / "sweep"
     per_trial = ["--set", "tune.workers_per_trial=2", "--set", "tune.cpus_per_trial=2"] if workers == 2 else []
     args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
@@ -210,14 +212,14 @@ def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster
 
 
 @pytest.mark.slow  # 1.7 min on 2 cores (CI time); `make test-all`
-def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(ray_cluster, medmnist_root, tmp_path):
+def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
     def workers() -> set[str]:
         return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
 
     before = workers()
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root, "tune.num_samples=2", "tune.workers_per_trial=2", "tune.cpus_per_trial=2",
                      "train.epochs=1")
@@ -281,8 +283,8 @@ def _train_cfg(medmnist_root, *extra):
 
 
 @pytest.mark.slow  # 1 min on 2 cores (CI time); `make test-all`
-def test_two_ray_train_workers_give_a_run_like_a_single_process_one(ray_cluster, medmnist_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_two_ray_train_workers_give_a_run_like_a_single_process_one(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
+    uri = mlflow_uri
     out = tmp_path / "ddp"
     metrics = train_distributed(tracked(_train_cfg(medmnist_root, "train.epochs=2"), uri), out)
     for name in ("best.pt", "last.pt", "metrics.json", "history.json", "config.yaml", "roc.png"):
@@ -313,10 +315,10 @@ def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, medmnist_roo
 
 
 @pytest.mark.slow  # (CI time; 1.2 min)
-def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(ray_cluster, medmnist_root, tmp_path):
+def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "medmamba.cli", "train", "--config", str(ROOT / "configs/quick.yaml"),
             "--set", "data.name=breastmnist", "--set", f"data.root={medmnist_root}", "--set", "train.epochs=3",

@@ -1,17 +1,18 @@
 """The training loop on real data: checkpoints, metrics, resume, early stopping, NaN, MLflow."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from medmamba import create_model
 from medmamba.config import load_config
-from medmamba.data import Datasets, build_datasets
+from medmamba.data import build_datasets
 from medmamba.metrics import METRIC_KEYS
 from medmamba.tracking import Tracker
 from medmamba.train import MlflowLogger, Trainer
@@ -29,13 +30,20 @@ def breast(medmnist_root):
     return build_datasets(_cfg(medmnist_root).data)
 
 
+@pytest.fixture(scope="module")
+def breast_192(breast):
+    """BreastMNIST with only its first 192 training images (3 batches): for the loop's mechanics
+    (resume, RNG state, MLflow runs), which do not need a full epoch of learning."""
+    return dataclasses.replace(breast, train=Subset(breast.train, range(192)))
+
+
 @pytest.mark.integration
-def test_breastmnist_learns_and_logs(medmnist_root, breast, tmp_path):
+def test_breastmnist_learns_and_logs(mlflow_uri, medmnist_root, breast, tmp_path):
     """MedMamba-T at 28 px on CPU learns in 10 epochs (the training loss falls tenfold, the best
     validation AUC reaches 0.80, test AUC 0.75: test AUC ranged 0.77-0.80+ across CPU types, the
     rounding of their kernels alone changing the trajectory); outputs and MLflow records are complete."""
     cfg = _cfg(medmnist_root, "train.epochs=10")
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    uri = mlflow_uri
     trainer = Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "test-train"))], progress=False)
     metrics = trainer.fit()
     losses = [row["train_loss"] for row in trainer.history]
@@ -58,11 +66,13 @@ def test_breastmnist_learns_and_logs(medmnist_root, breast, tmp_path):
 
 
 @pytest.mark.integration
-def test_resume_continues_the_same_run(medmnist_root, breast, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
+def test_resume_continues_the_same_run(mlflow_uri, medmnist_root, breast_192, tmp_path):
+    uri = mlflow_uri
+    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path,
+                    callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
     first.fit()
-    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
+    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path,
+                     callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
     second.fit(resume=True)
     assert [row["epoch"] for row in second.history] == [1, 2] and second.run_id == first.run_id
     client = MlflowClient(uri)
@@ -90,16 +100,16 @@ class _NaNImages(Dataset):
         return torch.full((3, 28, 28), math.nan), i % 2
 
 
-def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(medmnist_root, breast, tmp_path):
-    data = Datasets(_NaNImages(), breast.val, breast.test, breast.class_names, "nan", "x")
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
+def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(mlflow_uri, medmnist_root, breast_192, tmp_path):
+    data = dataclasses.replace(breast_192, train=_NaNImages(), name="nan", checksum="x")
+    uri = mlflow_uri
     with pytest.raises(FloatingPointError, match="training loss became nan at epoch 1, step 0"):
         Trainer(_cfg(medmnist_root, "train.epochs=1"), data, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False).fit()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"
     # it died before its first checkpoint: a resume (a matrix cell's, say) continues that MLflow run
-    again = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path,
+    again = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path,
                     callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False)
     again.fit(resume=True)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
@@ -130,13 +140,13 @@ def test_a_final_training_batch_of_one_is_dropped_but_never_in_evaluation():
 
 
 @pytest.mark.integration
-def test_a_resumed_run_continues_the_uninterrupted_one(medmnist_root, breast, tmp_path):
+def test_a_resumed_run_continues_the_uninterrupted_one(medmnist_root, breast_192, tmp_path):
     """Every RNG (the data order included) is restored: epoch 2 after a resume is epoch 2 of a run
     that never stopped."""
-    straight = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path / "straight", progress=False)
+    straight = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path / "straight", progress=False)
     straight.fit(test=False)
-    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path / "resumed", progress=False).fit(test=False)
-    resumed = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path / "resumed", progress=False)
+    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path / "resumed", progress=False).fit(test=False)
+    resumed = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path / "resumed", progress=False)
     resumed.fit(resume=True, test=False)
     assert resumed.history[1]["train_loss"] == pytest.approx(straight.history[1]["train_loss"], rel=1e-6)
     assert resumed.history[1]["val_auc"] == pytest.approx(straight.history[1]["val_auc"], rel=1e-6)
@@ -156,19 +166,19 @@ def cuda_tagged_saves():
 
 
 @pytest.mark.integration
-def test_resume_state_written_on_a_gpu_loads_on_the_cpu(medmnist_root, breast, tmp_path, cuda_tagged_saves, caplog):
+def test_resume_state_written_on_a_gpu_loads_on_the_cpu(medmnist_root, breast_192, tmp_path, cuda_tagged_saves, caplog):
     """last.pt is read on the CPU with weights_only=True whatever device wrote it, and the CUDA RNG
     states in it are restored only where there is CUDA (here: a warning)."""
     from medmamba.runtime import rng_state
 
-    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False)
+    first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path, progress=False)
     first.fit(test=False)
     state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     state["rng"]["cuda"] = [rng_state()["torch"]]  # a GPU run's CUDA generator state
     torch.save(state, tmp_path / "last.pt")  # every storage tagged cuda:0 (the fixture)
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(tmp_path / "last.pt", weights_only=True)  # a load that does not map to the CPU fails here
-    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast, tmp_path, progress=False)
+    second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path, progress=False)
     second.fit(resume=True, test=False)
     assert [row["epoch"] for row in second.history] == [1, 2]
     assert "RNG states of 1 CUDA devices, this process has 0" in caplog.text
@@ -183,29 +193,29 @@ def test_resume_refuses_a_state_file_that_is_not_tensors_and_plain_data(medmnist
         trainer.fit(resume=True)
 
 
-def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breast, tmp_path):
+def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breast_192, tmp_path):
     from medmamba.errors import ConfigError
 
-    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast, tmp_path, progress=False).fit(test=False)
-    changed = Trainer(_cfg(medmnist_root, "train.epochs=2", "optim.lr=0.05", "model.d_state=8"), breast, tmp_path,
+    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path, progress=False).fit(test=False)
+    changed = Trainer(_cfg(medmnist_root, "train.epochs=2", "optim.lr=0.05", "model.d_state=8"), breast_192, tmp_path,
                       progress=False)
     with pytest.raises(ConfigError, match=r"was made with another config: model.d_state=8 \(was None\); "
                                           r"optim.lr=0.05 \(was 0.001\)\. Only train.epochs"):
         changed.fit(resume=True)
-    longer = Trainer(_cfg(medmnist_root, "train.epochs=2", "data.num_workers=1"), breast, tmp_path, progress=False)
+    longer = Trainer(_cfg(medmnist_root, "train.epochs=2", "data.num_workers=1"), breast_192, tmp_path, progress=False)
     longer.fit(resume=True, test=False)  # more epochs (and other workers) continue the run
     assert [row["epoch"] for row in longer.history] == [1, 2]
 
 
-def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(medmnist_root, breast,
-                                                                                       tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    broken = Datasets(_NaNImages(), breast.val, breast.test, breast.class_names, "breastmnist", breast.checksum)
+def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(mlflow_uri, medmnist_root,
+                                                                                       breast_192, tmp_path):
+    uri = mlflow_uri
+    broken = dataclasses.replace(breast_192, train=_NaNImages())
     cfg = _cfg(medmnist_root, "train.epochs=1")
     with pytest.raises(FloatingPointError):
         Trainer(cfg, broken, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit()
     assert not (tmp_path / "run" / "last.pt").exists()
-    Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit(
+    Trainer(cfg, breast_192, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit(
         resume=True, test=False)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
@@ -213,10 +223,10 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflo
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
 
 
-def test_default_run_names_differ_even_after_the_same_seed(tmp_path):
+def test_default_run_names_differ_even_after_the_same_seed(mlflow_uri, tmp_path):
     import random
 
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlruns.db", "names")
+    tracker = Tracker(mlflow_uri, "names")
     names = []
     for _ in range(2):
         random.seed(0)  # as every run seeds Python's random before its MLflow run starts
