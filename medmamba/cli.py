@@ -87,7 +87,7 @@ def _matrix(args: argparse.Namespace) -> int:
     result = run_matrix(cfg, args.output_dir, resume=args.resume)
     failed = [row for row in result["cells"] if row["status"] != "done"]
     for row in failed:
-        print(f"failed cell: {', '.join(f'{k}={row[k]}' for k in cfg.matrix)}: {row['error']}")
+        print(f"{row['status']} cell: {', '.join(f'{k}={row[k]}' for k in cfg.matrix)}: {row['error']}")
     print(f"{len(result['cells']) - len(failed)} of {len(result['cells'])} cells finished; per cell: "
           f"{args.output_dir}/matrix.csv, mean ± std per group: {args.output_dir}/summary.csv")
     return 1 if failed else 0

@@ -117,7 +117,8 @@ def _metric_prefix(group: dict) -> str:
 def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
     """Run (or with ``resume``, continue) the matrix of ``cfg`` into ``output_dir``; returns
     ``{"cells": [one row per cell], "summary": [one row per group]}``. A cell's row has its axis
-    values, ``status`` (done or failed), ``error``, its MLflow ``run_id`` and ``test_*`` metrics."""
+    values, ``status`` (done, failed, or unfinished when the matrix was stopped first), ``error``,
+    its MLflow ``run_id`` and ``test_*`` metrics."""
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     grid, axes = cells(cfg), list(cfg.matrix)
@@ -170,9 +171,9 @@ def _cell_row(out: Path, params: dict, errors: dict[str, str]) -> dict:
         test = {f"test_{k}": saved["test"].get(k, math.nan) for k in SUMMARY_METRICS}
         return {**params, "status": "done", "error": "", "run_id": saved["run_id"] or "",
                 "seconds": round(saved["seconds"], 1), **test}
-    error = errors.get(cell_name(params), "did not finish")
-    return {**params, "status": "failed", "error": error, "run_id": "", "seconds": math.nan,
-            **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
+    error = errors.get(cell_name(params))  # none: Tune stopped before the cell ended (Ctrl-C, a killed driver)
+    return {**params, "status": "failed" if error else "unfinished", "error": error or "did not finish",
+            "run_id": "", "seconds": math.nan, **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
 
 
 def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: list[Path], failed: int) -> None:
