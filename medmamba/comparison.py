@@ -21,6 +21,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import MEDMNIST_POSITIVE
 from .errors import MedMambaError
 from .metrics import MACRO_KEYS, METRIC_KEYS
 from .reports import write_csv
@@ -28,9 +29,11 @@ from .reports import write_csv
 PUBLISHED = Path(__file__).with_name("published.csv")
 METRICS = METRIC_KEYS + MACRO_KEYS
 TABLE6 = (("auc", "AUC"), ("accuracy", "OA"))
-# Tables 3-5: the paper's P, Se, Sp and F1 are macro averages over classes
+# Tables 3-5: the paper's P, Se, Sp and F1 are macro averages over classes. For a binary task the
+# macro Se and Sp are both the balanced accuracy, so there the table shows the positive class's.
 DETAILS = (("precision_macro", "P"), ("sensitivity_macro", "Se"), ("specificity_macro", "Sp"),
            ("f1_macro", "F1"), ("accuracy", "OA"), ("auc", "AUC"))
+BINARY_DETAILS = (("precision", "P"), ("sensitivity", "Se"), ("specificity", "Sp"), ("f1", "F1")) + DETAILS[4:]
 SKIPPED_KINDS = ("matrix", "report", "explain")  # runs that summarise others, or hold images, not numbers
 ROBUSTNESS_DROP = "drop/"  # `medmamba robustness` logs drop/<perturbation>_<metric>
 SITE_MATRIX = "site_matrix/"  # a federated run logs site_matrix/<model>/<tested at site>/<metric>
@@ -239,20 +242,31 @@ def table6(cells: dict, sizes: set[str]) -> Table:
                  header, rows, _mark_best(rows, values))
 
 
+def positive_class(results: list[Result], dataset: str) -> str | None:
+    """The positive class of a binary ``dataset``, as its runs tag it (runs logged before the tag:
+    MedMNIST's binary sets by name); None for a multi-class one."""
+    tagged = {r.tags["positive_class"] for r in results if r.dataset == dataset and "positive_class" in r.tags}
+    return min(tagged) if tagged else MEDMNIST_POSITIVE.get(dataset)
+
+
 def details(cells: dict, results: list[Result], dataset: str, sizes: set[str]) -> Table:
-    """Tables 3-5 for one dataset: parameters, GFLOPs and the macro P, Se, Sp, F1, OA, AUC."""
+    """Tables 3-5 for one dataset: parameters, GFLOPs, P, Se, Sp, F1 (macro; a binary task's
+    positive class), OA and AUC."""
     models = sorted({(k[0], k[2]) for k in cells if k[1] == dataset})
+    positive = positive_class(results, dataset)
+    columns = BINARY_DETAILS if positive else DETAILS
     rows, values = [], []
     for model, size in models:
         tagged = [r for r in results if (r.model, r.dataset, r.size) == (model, dataset, size)]
         params = next((r.params for r in tagged if r.params), None)
         gflops = next((r.gflops for r in tagged if r.gflops is not None), None)
-        found = [cells.get((model, dataset, size, metric)) for metric, _ in DETAILS]
+        found = [cells.get((model, dataset, size, metric)) for metric, _ in columns]
         rows.append([_label(model, size, sizes), f"{params / 1e6:.2f}" if params else "–",
                      f"{gflops:.2f}" if gflops is not None else "–"] + [c.text() if c else "–" for c in found])
         values.append([None, None, None] + [c.mean if c else None for c in found])
-    return Table(f"{dataset}: parameters (M), GFLOPs (conv + linear) and macro metrics, mean ± std (runs)",
-                 ["model", "params M", "GFLOPs"] + [name for _, name in DETAILS], rows, _mark_best(rows, values, 3))
+    which = f"P, Se, Sp and F1 of class {positive!r}" if positive else "macro P, Se, Sp and F1"
+    return Table(f"{dataset}: parameters (M), GFLOPs (conv + linear), {which}, mean ± std (runs)",
+                 ["model", "params M", "GFLOPs"] + [name for _, name in columns], rows, _mark_best(rows, values, 3))
 
 
 def deltas(cells: dict, reference: list[dict]) -> tuple[Table, list[dict]]:

@@ -236,6 +236,8 @@ class MlflowLogger(Callback):
                 "model": cfg.model.name, "parameters": cost.params,
                 "gflops": f"{cost.paper_macs / 1e9:.4f}", "gflops_full": f"{cost.full_macs / 1e9:.4f}",
                 "model_source": "medmamba" if isinstance(trainer.model, MedMamba) else "timm", **self.tags}
+        if data.num_classes == 2:  # its P, Se, Sp and F1 are this class's (see metrics.py)
+            tags["positive_class"] = data.class_names[data.positive_class]
         run_file = trainer.out / RUN_FILE  # a kill before the first checkpoint must not start a second run
         known = json.loads(run_file.read_text())["run_id"] if run_file.is_file() and trainer.resuming else None
         trainer.run_id = self.tracker.start(cfg.mlflow.run_name, cfg.flat(), tags,

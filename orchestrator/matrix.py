@@ -18,6 +18,7 @@ import math
 import re
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,8 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
         files = [write_csv(rows, out / "matrix.csv"), write_csv(summary, out / "summary.csv")]
         print_table(rows, f"matrix: {len(rows)} cells, {sum(r['status'] == 'done' for r in rows)} finished",
                     [*axes, "status", "test_auc", "test_accuracy"])
-        failed = [r for r in rows if r["status"] != "done"]
         if parent:
-            _log_summary(parent, summary, axes, files, len(failed))
+            _log_summary(parent, summary, axes, files, Counter(r["status"] for r in rows))
     return {"cells": rows, "summary": summary}
 
 
@@ -176,7 +176,8 @@ def _cell_row(out: Path, params: dict, errors: dict[str, str]) -> dict:
             "run_id": "", "seconds": math.nan, **{f"test_{k}": math.nan for k in SUMMARY_METRICS}}
 
 
-def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: list[Path], failed: int) -> None:
+def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: list[Path],
+                 statuses: Counter) -> None:
     metrics = {}
     for row in summary:
         prefix = _metric_prefix({k: row[k] for k in axes if k not in REPLICATES})
@@ -186,6 +187,6 @@ def _log_summary(parent: Tracker, summary: list[dict], axes: list[str], files: l
                 if not math.isnan(value):
                     metrics[f"{prefix}test_{metric}_{stat}"] = value
     parent.log_metrics(metrics)
-    parent.set_tags({"cells_failed": failed})
+    parent.set_tags({"cells_failed": statuses["failed"], "cells_unfinished": statuses["unfinished"]})
     for file in files:
         parent.log_artifact(file)

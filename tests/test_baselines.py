@@ -158,17 +158,16 @@ def test_a_resnet_trains_fine_tunes_resumes_and_evaluates_through_the_cli(mlflow
     """ResNet-18 at 28 px on BreastMNIST, fine-tuned from an ImageNet-shaped timm state dict: the
     7x7 stem and the 1000-class head are skipped, the rest loaded; the MLflow run records the
     model; resume never reads the pretrained file again; evaluate rebuilds the 28 px model."""
-    uri = mlflow_uri
     timm_file = tmp_path / "resnet18_in1k.pth"
     torch.save(timm.create_model("resnet18").state_dict(), timm_file)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, "medmamba.registry"):
         assert main(_train_args(medmnist_root, out, "resnet18", "--set", f"model.pretrained={timm_file}",
-                                "--tracking-uri", uri)) == 0
+                                "--tracking-uri", mlflow_uri)) == 0
     assert "skipped from the checkpoint (3): conv1.weight, fc.weight, fc.bias" in caplog.text
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["model"]["conv1.weight"].shape == (64, 3, 3, 3) and best["model"]["fc.weight"].shape == (2, 512)
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-baselines").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == "resnet18"
     assert run.data.tags["model_source"] == "timm" and run.data.tags["parameters"] == "11169858"

@@ -156,16 +156,15 @@ def test_evaluate_builds_the_checkpoints_model_and_links_its_training_run(mlflow
     a run tagged with the training run named in the checkpoint."""
     import torch
 
-    uri = mlflow_uri
-    assert main(_train_args(medmnist_root, tmp_path / "run", "--set", "model.d_state=8", "--tracking-uri", uri)) == 0
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--set", "model.d_state=8", "--tracking-uri", mlflow_uri)) == 0
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (trained,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert best["run_id"] == trained.info.run_id and best["experiment"] == "medmamba-quick"
     assert best["model"]["stages.0.blocks.0.ssm.A_log"].shape[-1] == 8
 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "val",
-                 "--output-dir", str(tmp_path / "eval"), "--tracking-uri", uri]) == 0
+                 "--output-dir", str(tmp_path / "eval"), "--tracking-uri", mlflow_uri]) == 0
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-evaluate").experiment_id])
     assert run.info.status == "FINISHED"
     assert "val_auc" in run.data.metrics and not any(k.startswith("test_") for k in run.data.metrics)

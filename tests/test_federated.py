@@ -162,9 +162,8 @@ def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
 
 @pytest.mark.integration
 def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(mlflow_uri, medmnist_root, tmp_path):
-    uri = mlflow_uri
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.centralized_baseline=false")
-    report = run_federated(tracked(cfg, uri), tmp_path / "fed")
+    report = run_federated(tracked(cfg, mlflow_uri), tmp_path / "fed")
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[2]["global"]["auc"] > rounds[0]["global"]["auc"]
@@ -178,7 +177,7 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(mlflow_uri, 
     for name in ("best.pt", "federated_rounds.csv", "federated_curves.png"):
         assert (tmp_path / "fed" / name).stat().st_size > 0
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
@@ -284,12 +283,11 @@ def test_fedbn_keeps_each_sites_batchnorm_and_shares_the_rest(medmnist_root, as_
 
 @pytest.mark.slow  # (CI time; the privacy unit tests above and the pooled baseline of the LOSO test run in CI)
 def test_differential_privacy_and_the_centralised_baseline(mlflow_uri, medmnist_root, tmp_path):
-    uri = mlflow_uri
     cfg = _cfg(medmnist_root, "data.name=breastmnist", "federated.rounds=1", "federated.centralized_baseline=true",
                "federated.dp_clipping_norm=5.0", "federated.dp_noise_multiplier=0.1", "federated.partition=iid")
-    report = run_federated(tracked(cfg, uri), tmp_path / "fed")
+    report = run_federated(tracked(cfg, mlflow_uri), tmp_path / "fed")
     assert len(report["rounds"]) == 1 and len(report["rounds"][0]["sites"]) == 3
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.data.params["federated.dp_clipping_norm"] == "5.0"
     assert run.data.params["federated.dp_noise_multiplier"] == "0.1"
@@ -302,11 +300,10 @@ def test_differential_privacy_and_the_centralised_baseline(mlflow_uri, medmnist_
 
 @pytest.mark.slow  # (CI time; 1.3 min)
 def test_an_interrupted_federation_resumes_after_its_last_round(mlflow_uri, medmnist_root, tmp_path):
-    uri = mlflow_uri
     out = tmp_path / "fed"
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
-            "--output-dir", str(out), "--tracking-uri", uri]
+            "--output-dir", str(out), "--tracking-uri", mlflow_uri]
     proc = start_medmamba(args)
     deadline = time.time() + 300
     while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
@@ -318,7 +315,7 @@ def test_an_interrupted_federation_resumes_after_its_last_round(mlflow_uri, medm
     assert main(args + ["--resume"]) == 0
     report = json.loads((out / "federated_report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global/auc")] == [0, 1, 2, 3]
@@ -352,12 +349,11 @@ def test_a_round_with_fewer_sites_than_min_clients_fails_the_run_and_names_the_s
     cfg = load_config(ROOT / "configs/federated_quick.yaml",
                       ["data.name=folder", f"data.root={root}", "federated.partition=natural", "federated.rounds=2",
                        "federated.min_clients=3", "federated.centralized_baseline=false", "train.batch_size=32"])
-    uri = mlflow_uri
     with pytest.raises(FederationError, match="(?s)before round 1: 2 of 3 sites can take part, fewer than federated."
                                               "min_clients=3; site hospital_b failed to read its data: DataError: "
                                               "1 unreadable images .*broken.jpeg"):
-        run_federated(tracked(cfg, uri), tmp_path / "fed")
-    client = MlflowClient(uri)
+        run_federated(tracked(cfg, mlflow_uri), tmp_path / "fed")
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
     assert run.info.status == "FAILED"
 

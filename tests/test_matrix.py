@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import child_runs, start_medmamba
 from medmamba.cli import main
-from medmamba.comparison import Cell, ReportError, published, read_results, table6, unified_metrics
+from medmamba.comparison import (Cell, ReportError, Result, aggregate, details, published, read_results, table6,
+                                 unified_metrics)
 from medmamba.config import load_config
 from medmamba.errors import ConfigError
 from medmamba.orchestrator.matrix import cell_name, cells, run_matrix
@@ -61,16 +62,31 @@ def test_table_6_marks_the_best_of_each_column_and_published_rows_keep_their_sou
     assert {r["table"] for r in rows} == {"Table 6", "Tables 3-5", "Table 7"}
 
 
+def test_the_details_table_shows_a_binary_tasks_positive_class_and_macro_metrics_otherwise():
+    """Macro Se and Sp of a binary task are both the balanced accuracy: its table shows the class tagged
+    by the runs (MedMNIST's binary sets by name for runs logged before the tag)."""
+    metrics = {"precision": 0.6, "sensitivity": 0.5, "specificity": 0.9, "f1": 0.55, "precision_macro": 0.7,
+               "sensitivity_macro": 0.7, "specificity_macro": 0.7, "f1_macro": 0.7, "accuracy": 0.8, "auc": 0.85}
+    results = [Result("a", "medmamba_t", "hospital", "28", "train", metrics, tags={"positive_class": "tumour"}),
+               Result("b", "medmamba_t", "breastmnist", "28", "train", metrics),
+               Result("c", "medmamba_t", "pathmnist", "28", "train", metrics)]
+    scores = aggregate(results)
+    hospital, breast, path = (details(scores, results, d, {"28"}) for d in ("hospital", "breastmnist", "pathmnist"))
+    assert "of class 'tumour'" in hospital.title and "of class 'malignant'" in breast.title
+    assert hospital.rows[0][3:] == breast.rows[0][3:] == [f"{v:.3f} ± 0.000 (1)" for v in (0.6, 0.5, 0.9, 0.55, 0.8, 0.85)]
+    assert "macro P, Se, Sp and F1" in path.title
+    assert path.rows[0][3:7] == ["0.700 ± 0.000 (1)"] * 4
+
+
 def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflow_uri, ray_cluster, medmnist_root,
                                                                            tmp_path, capsys):
     """4 cells (MedMamba-T with 2 seeds, and ConvNeXt-T, which cannot run at 28 px); the driver is
     killed once a cell finished; --resume trains only what is left; the failed cells are reported
     and do not stop the others; `medmamba report` then tabulates the MLflow runs."""
-    uri = mlflow_uri
     out = tmp_path / "matrix"
     args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "train.epochs=1", "--set", "matrix.model.name=[medmamba_t,convnext_tiny]",
-            "--output-dir", str(out), "--tracking-uri", uri]
+            "--output-dir", str(out), "--tracking-uri", mlflow_uri]
     proc = start_medmamba(args, env=ray_cluster["env"])
     def killable() -> bool:  # a cell finished, and (most often) another one started
         started = {p.parent for p in out.glob("cells/*/mlflow_run.json")}
@@ -97,10 +113,11 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflo
         ("medmamba_t", "0", "done"), ("medmamba_t", "1", "done"),
         ("convnext_tiny", "0", "failed"), ("convnext_tiny", "1", "failed")]
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     parent_id = json.loads((out / "matrix.json").read_text())["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["cells_failed"] == "2"
+    assert parent.data.tags["cells_unfinished"] == "0"
     children = child_runs(client, parent_id)
     assert sorted(c.data.tags["matrix_cell"] for c in children) == sorted(cell_name(
         {"model.name": "medmamba_t", "train.seed": s}) for s in (0, 1))  # one run per trained cell, none twice
@@ -115,7 +132,7 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflo
                                                                   "optim.lr=0.01"]), out, resume=True)
 
     # the report: every number equals the runs' own metrics read back with MlflowClient
-    assert main(["report", "--tracking-uri", uri, "--experiment", "medmamba-matrix",
+    assert main(["report", "--tracking-uri", mlflow_uri, "--experiment", "medmamba-matrix",
                  "--output-dir", str(tmp_path / "report")]) == 0
     with open(tmp_path / "report" / "report.csv") as f:
         report = {(r["model"], r["dataset"], r["size"], r["metric"]): r for r in csv.DictReader(f)}
@@ -162,10 +179,9 @@ def _logged_runs(uri: str) -> MlflowClient:
 def test_the_report_compares_with_published_rows_and_renders_in_a_browser(mlflow_uri, tmp_path):
     import shutil
 
-    uri = mlflow_uri
-    _logged_runs(uri)
+    _logged_runs(mlflow_uri)
     out = tmp_path / "report"
-    assert main(["report", "--tracking-uri", uri, "--experiment", "logged", "--output-dir", str(out),
+    assert main(["report", "--tracking-uri", mlflow_uri, "--experiment", "logged", "--output-dir", str(out),
                  "--no-mlflow"]) == 0
     markdown = (out / "report.md").read_text()
     assert "3 finished runs with test metrics; left out: 1 unfinished" in markdown
@@ -271,8 +287,7 @@ def test_an_evaluation_on_another_dataset_is_a_cross_dataset_row(mlflow_uri, tmp
 
 
 def test_report_selections_that_name_nothing_are_one_line_errors(mlflow_uri, tmp_path, capsys):
-    uri = mlflow_uri
-    client = _logged_runs(uri)
+    client = _logged_runs(mlflow_uri)
     experiment = client.get_experiment_by_name("logged").experiment_id
     bare = client.create_run(experiment)  # finished, but no test metrics: left out and counted
     client.log_metric(bare.info.run_id, "val_auc", 0.7)
@@ -283,6 +298,6 @@ def test_report_selections_that_name_nothing_are_one_line_errors(mlflow_uri, tmp
     for args, message in ((["--experiment", "logged", "--tag", "model"], "--tag 'model' is not KEY=VALUE"),
                           ([], "say which runs to report: --experiment NAME and/or --run-id ID"),
                           (["--experiment", "logged", "--tag", "model=vit"], "nothing to report in logged: 0 runs")):
-        assert main(["report", "--tracking-uri", uri, "--output-dir", str(tmp_path / "r"), "--no-mlflow", *args]) == 2
+        assert main(["report", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "r"), "--no-mlflow", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -98,19 +98,18 @@ def test_a_run_resumed_with_no_epoch_left_reports_its_last_epoch_once(medmnist_r
 
 
 def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(mlflow_uri, tmp_path):
-    uri = mlflow_uri
-    parent = Tracker(uri, "sweep")
+    parent = Tracker(mlflow_uri, "sweep")
     parent.start("sweep", {}, {})
     trial = SimpleNamespace(trial_id="t1", config={"optim.lr": 1e-3})
     result = lambda epoch: {"epoch": epoch, "training_iteration": epoch, "train_loss": 1 / epoch, "val_auc": 0.5}
-    callback = MlflowTrials(uri, "sweep", parent.run_id, ["optim.lr"])
+    callback = MlflowTrials(mlflow_uri, "sweep", parent.run_id, ["optim.lr"])
     for epoch in (1, 2):
         callback.on_trial_result(0, [], trial, result(epoch))
     restored = pickle.loads(pickle.dumps(callback))  # as Tune restores its callbacks with the experiment
     for epoch in (2, 3):
         restored.on_trial_result(0, [], trial, result(epoch))
-    run = child_runs(MlflowClient(uri), parent.run_id)[0]
-    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")] == [1, 2, 3]
+    run = child_runs(MlflowClient(mlflow_uri), parent.run_id)[0]
+    assert [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run.info.run_id, "val_auc")] == [1, 2, 3]
     assert run.data.params == {"optim.lr": "0.001"} and run.data.tags["trial_id"] == "t1"
 
 
@@ -118,11 +117,10 @@ def test_trial_runs_do_not_log_an_epoch_that_a_restored_trial_reports_again(mlfl
 
 def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(mlflow_uri, ray_cluster, medmnist_root, tmp_path,
                                                                 capsys):
-    uri = mlflow_uri
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root)  # the model is a dimension too: ours against a timm baseline
     cfg.tune.space["model.name"] = {"choice": ["medmamba_t", "mobilenetv3_small_050"]}  # (ResNets at 28 px: 5x slower)
-    summary = run_sweep(tracked(cfg, uri), out)
+    summary = run_sweep(tracked(cfg, mlflow_uri), out)
     board = summary["leaderboard"]
     assert len(board) == 4 and all(row["status"] != "error" for row in board)
     assert any(row["status"] == "stopped early" and row["epochs"] == 1 for row in board)  # ASHA
@@ -136,7 +134,7 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(mlflow_uri, ray_
     for name in ("leaderboard.csv", "optuna_history.png", "optuna_importances.png", "optuna_parallel.png"):
         assert (out / name).stat().st_size > 0, name
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == board[0]["trial"]
@@ -162,21 +160,20 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(mlflow_uri, ray_
     assert evaluated["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
 
     with pytest.raises(ConfigError, match="already holds a sweep"):  # never overwritten silently
-        run_sweep(tracked(_sweep_cfg(medmnist_root), uri), out)
+        run_sweep(tracked(_sweep_cfg(medmnist_root), mlflow_uri), out)
 
 
 @pytest.mark.slow  # 1.5 min (one worker per trial) and 4 min (two); make test-all
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker-trials", "two-worker-trials"])
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(mlflow_uri, ray_cluster, medmnist_root, tmp_path,
                                                                   workers):
-    uri = mlflow_uri
     out = tmp_path / "sweep"
     per_trial = ["--set", "tune.workers_per_trial=2", "--set", "tune.cpus_per_trial=2"] if workers == 2 else []
     args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
             "--set", f"data.root={medmnist_root}", "--set", "tune.num_samples=4", "--set", "train.epochs=2",
-            "--set", "tune.max_concurrent=1", *per_trial, "--output-dir", str(out), "--tracking-uri", uri]
+            "--set", "tune.max_concurrent=1", *per_trial, "--output-dir", str(out), "--tracking-uri", mlflow_uri]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ray_cluster["env"])
-    client, deadline, done = MlflowClient(uri), time.time() + 300, []
+    client, deadline, done = MlflowClient(mlflow_uri), time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
         state = out / "sweep.json"
         if state.is_file():
@@ -219,11 +216,10 @@ def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(mlflow_uri, ra
         return {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000)}
 
     before = workers()
-    uri = mlflow_uri
     out = tmp_path / "sweep"
     cfg = _sweep_cfg(medmnist_root, "tune.num_samples=2", "tune.workers_per_trial=2", "tune.cpus_per_trial=2",
                      "train.epochs=1")
-    summary = run_sweep(tracked(cfg, uri), out)
+    summary = run_sweep(tracked(cfg, mlflow_uri), out)
     board = summary["leaderboard"]
     assert [(row["status"], row["epochs"]) for row in board] == [("complete", 1)] * 2
     assert len(workers() - before) == 4  # two data-parallel workers per trial
@@ -231,7 +227,7 @@ def test_a_sweep_whose_trials_each_train_on_two_ray_train_workers(mlflow_uri, ra
     metrics = json.loads((out / "metrics.json").read_text())  # the best trial's best epoch, tested
     assert sum(map(sum, metrics["confusion_matrix"])) == 156
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     children = child_runs(client, json.loads((out / "sweep.json").read_text())["parent_run_id"])
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     for child in children:  # rank 0's epoch, once
@@ -284,9 +280,8 @@ def _train_cfg(medmnist_root, *extra):
 
 @pytest.mark.slow  # 1 min on 2 cores (CI time); `make test-all`
 def test_two_ray_train_workers_give_a_run_like_a_single_process_one(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
-    uri = mlflow_uri
     out = tmp_path / "ddp"
-    metrics = train_distributed(tracked(_train_cfg(medmnist_root, "train.epochs=2"), uri), out)
+    metrics = train_distributed(tracked(_train_cfg(medmnist_root, "train.epochs=2"), mlflow_uri), out)
     for name in ("best.pt", "last.pt", "metrics.json", "history.json", "config.yaml", "roc.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
@@ -296,7 +291,7 @@ def test_two_ray_train_workers_give_a_run_like_a_single_process_one(mlflow_uri, 
     assert saved["auc"] == pytest.approx(metrics["auc"]) and 0.5 < saved["auc"] <= 1
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
@@ -318,11 +313,10 @@ def test_more_workers_than_the_cluster_has_are_refused(ray_cluster, medmnist_roo
 def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
     from ray.util.state import list_actors
 
-    uri = mlflow_uri
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "medmamba.cli", "train", "--config", str(ROOT / "configs/quick.yaml"),
             "--set", "data.name=breastmnist", "--set", f"data.root={medmnist_root}", "--set", "train.epochs=3",
-            "--workers", "2", "--output-dir", str(out), "--tracking-uri", uri]
+            "--workers", "2", "--output-dir", str(out), "--tracking-uri", mlflow_uri]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ray_cluster["env"])
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and killed is None:
@@ -337,7 +331,7 @@ def test_a_killed_ray_train_worker_restarts_from_the_last_checkpoint(mlflow_uri,
     assert proc.returncode == 0, output[-3000:]
     state = torch.load(out / "last.pt", weights_only=False)
     assert [row["epoch"] for row in state["history"]] == [1, 2, 3]
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]

@@ -43,8 +43,8 @@ def test_breastmnist_learns_and_logs(mlflow_uri, medmnist_root, breast, tmp_path
     validation AUC reaches 0.80, test AUC 0.75: test AUC ranged 0.77-0.80+ across CPU types, the
     rounding of their kernels alone changing the trajectory); outputs and MLflow records are complete."""
     cfg = _cfg(medmnist_root, "train.epochs=10")
-    uri = mlflow_uri
-    trainer = Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "test-train"))], progress=False)
+    trainer = Trainer(cfg, breast, tmp_path / "run", callbacks=[MlflowLogger(Tracker(mlflow_uri, "test-train"))],
+                      progress=False)
     metrics = trainer.fit()
     losses = [row["train_loss"] for row in trainer.history]
     assert losses[-1] < losses[0] / 10 and trainer.best >= 0.80 and metrics["auc"] >= 0.75, (losses, trainer.best, metrics)
@@ -54,10 +54,11 @@ def test_breastmnist_learns_and_logs(mlflow_uri, medmnist_root, breast, tmp_path
     model = create_model("medmamba_t", num_classes=2, checkpoint=tmp_path / "run" / "best.pt")
     assert sum(p.numel() for p in model.parameters()) > 1e7
 
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("test-train").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.001" and run.data.tags["dataset_md5"] == breast.checksum
+    assert run.data.tags["positive_class"] == "malignant"
     assert run.data.metrics["test_auc"] == pytest.approx(metrics["auc"])
     assert len(client.get_metric_history(run.info.run_id, "val_auc")) == 10
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
@@ -67,15 +68,14 @@ def test_breastmnist_learns_and_logs(mlflow_uri, medmnist_root, breast, tmp_path
 
 @pytest.mark.integration
 def test_resume_continues_the_same_run(mlflow_uri, medmnist_root, breast_192, tmp_path):
-    uri = mlflow_uri
     first = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path,
-                    callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
+                    callbacks=[MlflowLogger(Tracker(mlflow_uri, "r"))], progress=False)
     first.fit()
     second = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path,
-                     callbacks=[MlflowLogger(Tracker(uri, "r"))], progress=False)
+                     callbacks=[MlflowLogger(Tracker(mlflow_uri, "r"))], progress=False)
     second.fit(resume=True)
     assert [row["epoch"] for row in second.history] == [1, 2] and second.run_id == first.run_id
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     assert len(client.search_runs([client.get_experiment_by_name("r").experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(first.run_id, "train_loss")] == [1, 2]
 
@@ -102,15 +102,15 @@ class _NaNImages(Dataset):
 
 def test_nan_loss_stops_with_a_clear_error_and_a_failed_run(mlflow_uri, medmnist_root, breast_192, tmp_path):
     data = dataclasses.replace(breast_192, train=_NaNImages(), name="nan", checksum="x")
-    uri = mlflow_uri
     with pytest.raises(FloatingPointError, match="training loss became nan at epoch 1, step 0"):
-        Trainer(_cfg(medmnist_root, "train.epochs=1"), data, tmp_path, callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False).fit()
-    client = MlflowClient(uri)
+        Trainer(_cfg(medmnist_root, "train.epochs=1"), data, tmp_path,
+                callbacks=[MlflowLogger(Tracker(mlflow_uri, "nan"))], progress=False).fit()
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert run.info.status == "FAILED"
     # it died before its first checkpoint: a resume (a matrix cell's, say) continues that MLflow run
     again = Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path,
-                    callbacks=[MlflowLogger(Tracker(uri, "nan"))], progress=False)
+                    callbacks=[MlflowLogger(Tracker(mlflow_uri, "nan"))], progress=False)
     again.fit(resume=True)
     (run,) = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert again.run_id == run.info.run_id and run.info.status == "FINISHED"
@@ -209,15 +209,14 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breas
 
 def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(mlflow_uri, medmnist_root,
                                                                                        breast_192, tmp_path):
-    uri = mlflow_uri
     broken = dataclasses.replace(breast_192, train=_NaNImages())
     cfg = _cfg(medmnist_root, "train.epochs=1")
     with pytest.raises(FloatingPointError):
-        Trainer(cfg, broken, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit()
+        Trainer(cfg, broken, tmp_path / "run", callbacks=[MlflowLogger(Tracker(mlflow_uri, "early"))], progress=False).fit()
     assert not (tmp_path / "run" / "last.pt").exists()
-    Trainer(cfg, breast_192, tmp_path / "run", callbacks=[MlflowLogger(Tracker(uri, "early"))], progress=False).fit(
+    Trainer(cfg, breast_192, tmp_path / "run", callbacks=[MlflowLogger(Tracker(mlflow_uri, "early"))], progress=False).fit(
         resume=True, test=False)
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("early").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
