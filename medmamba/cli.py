@@ -292,13 +292,14 @@ def _report(args: argparse.Namespace) -> int:
     from .config import MlflowConfig
     from .tracking import check_reachable, mlflow_run, open_tracker, resolve_uri
 
-    if not (args.experiment or args.run_id):
-        raise ConfigError("say which runs to report: --experiment NAME and/or --run-id ID")
+    if not (args.experiment or args.run_id or args.parent_run):
+        raise ConfigError("say which runs to report: --experiment NAME, --run-id ID and/or --parent-run ID")
     tags = dict(parse_tag(t) for t in args.tag)
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
     results, counts = read_results(MlflowClient(uri), args.experiment, args.run_id, args.parent_run, tags)
-    title = args.title or f"MedMamba report: {', '.join(args.experiment + args.run_id)}"
+    selection = args.experiment + args.run_id + ([f"runs under {args.parent_run}"] if args.parent_run else [])
+    title = args.title or f"MedMamba report: {', '.join(selection)}"
     files = write_report(results, counts, args.output_dir, title)
     tracker = open_tracker(MlflowConfig(enabled=not args.no_mlflow, tracking_uri=uri,
                                         experiment=args.report_experiment))

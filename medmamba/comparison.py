@@ -137,7 +137,10 @@ def _source(client, run):
 def read_results(client, experiments: list[str], run_ids: list[str] = (), parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None) -> tuple[list[Result], dict[str, int]]:
     """The finished runs of ``experiments`` (and/or ``run_ids``) that match the filters, with the
-    counts of what was left out: ``{"selected", "unfinished", "without_metrics"}``."""
+    counts of what was left out: ``{"selected", "unfinished", "without_metrics"}``. With
+    ``parent_run_id`` and no experiment, the parent's experiment is searched."""
+    if parent_run_id and not experiments:
+        experiments = [client.get_experiment(_run(client, parent_run_id, "--parent-run").info.experiment_id).name]
     ids = []
     for name in experiments:
         experiment = client.get_experiment_by_name(name)
@@ -149,7 +152,7 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
     if parent_run_id:
         clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     runs = client.search_runs(ids, " and ".join(clauses), max_results=50000) if ids else []
-    runs += [client.get_run(run_id) for run_id in run_ids]
+    runs += [_run(client, run_id, "--run-id") for run_id in run_ids]
     counts = {"selected": len(runs), "unfinished": 0, "without_metrics": 0}
     results = []
     for run in runs:
@@ -166,6 +169,15 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
         raise ReportError(f"nothing to report in {what}: {counts['selected']} runs match, {counts['unfinished']} "
                           f"unfinished, {counts['without_metrics']} finished without test metrics")
     return results, counts
+
+
+def _run(client, run_id: str, option: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise ReportError(f"{option} {run_id}: no such MLflow run in {client.tracking_uri}") from exc
 
 
 def aggregate(results: list[Result]) -> dict[tuple[str, str, str, str], Cell]:

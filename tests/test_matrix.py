@@ -122,6 +122,8 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflo
     assert sorted(c.data.tags["matrix_cell"] for c in children) == sorted(cell_name(
         {"model.name": "medmamba_t", "train.seed": s}) for s in (0, 1))  # one run per trained cell, none twice
     assert all(c.info.status == "FINISHED" and c.data.tags["model.name"] == "medmamba_t" for c in children)
+    nested, _ = read_results(client, [], parent_run_id=parent_id)  # in the parent's experiment
+    assert sorted(r.run_id for r in nested) == sorted(c.info.run_id for c in children)
     aucs = [c.data.metrics["test_auc"] for c in children]
     assert parent.data.metrics["medmamba_t/test_auc_mean"] == pytest.approx(statistics.fmean(aucs))
     assert parent.data.metrics["medmamba_t/test_auc_std"] == pytest.approx(statistics.stdev(aucs))
@@ -296,7 +298,9 @@ def test_report_selections_that_name_nothing_are_one_line_errors(mlflow_uri, tmp
     assert counts == {"selected": 5, "unfinished": 1, "without_metrics": 1}
     capsys.readouterr()  # (MLflow's messages while the store was made)
     for args, message in ((["--experiment", "logged", "--tag", "model"], "--tag 'model' is not KEY=VALUE"),
-                          ([], "say which runs to report: --experiment NAME and/or --run-id ID"),
+                          ([], "say which runs to report: --experiment NAME, --run-id ID and/or --parent-run ID"),
+                          (["--parent-run", "0f" * 16], f"--parent-run {'0f' * 16}: no such MLflow run in sqlite:"),
+                          (["--run-id", "0f" * 16], f"--run-id {'0f' * 16}: no such MLflow run in sqlite:"),
                           (["--experiment", "logged", "--tag", "model=vit"], "nothing to report in logged: 0 runs")):
         assert main(["report", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "r"), "--no-mlflow", *args]) == 2
         err = capsys.readouterr().err
