@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -48,9 +49,10 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    port = free_port()
-    proc = _start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+def mlflow_server(tmp_path_factory, _migrated_store):
+    port, root = free_port(), tmp_path_factory.mktemp("mlflow")
+    shutil.copy(_migrated_store, root / "db.sqlite")  # (the server need not migrate a new store)
+    proc = _start_mlflow_server(root, port)
     yield f"http://127.0.0.1:{port}"
     _stop(proc)
 
