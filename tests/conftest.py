@@ -1,10 +1,12 @@
 """Shared fixtures: the real datasets beside the checkout (../shared/data)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,55 +105,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster (`ray start --head --block`, 2 CPUs, dashboard and job server on).
-
-    Yields {"address": GCS address, "dashboard": http URL, "env": for subprocesses}; RAY_ADDRESS
-    points drivers in this process and in subprocesses at it. At the end of the session its own
-    processes are stopped by PID (its process group), not by `ray stop`, which would also stop
-    every other Ray cluster on the machine.
+@contextlib.contextmanager
+def ray_head(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """`ray start --head --block ARGS` in its own temp dir and process group, running until the
+    block ends. It is stopped by its process group (SIGTERM, then SIGKILL after 60 s), not by
+    `ray stop`, which would also stop every other Ray cluster on the machine; its temp dir goes too.
     """
     import signal
     import tempfile
     import time
 
+    temp_dir = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 characters
+    log = Path(temp_dir) / "ray_start.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                                 "--disable-usage-stats", f"--temp-dir={temp_dir}", *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log.read_text():
+            if head.poll() is not None or time.time() > deadline:
+                pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield head
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (`ray_head`: 2 CPUs, dashboard and job server on).
+
+    Yields {"address": GCS address, "dashboard": http URL, "env": for subprocesses}; RAY_ADDRESS
+    points drivers in this process and in subprocesses at it.
+    """
     import ray
 
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     port, dash = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray")  # its own (short: Ray's socket paths must fit in 107 characters)
-    log = Path(temp_dir) / "ray_start.log"
-    with open(log, "w") as out:
-        head = subprocess.Popen([f"{bin_dir}/ray", "start", "--head", "--block", f"--port={port}",
-                                 f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
-                                 "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while "Ray runtime started" not in log.read_text():
-        if head.poll() is not None or time.time() > deadline:
-            if head.poll() is None:
-                os.killpg(head.pid, signal.SIGKILL)
-            pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
     old = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+    with ray_head([f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
+                   "--include-dashboard=true"], env):
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if old is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = old
+            yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        finally:
+            ray.shutdown()
+            if old is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = old
 
 
 def pytest_collection_modifyitems(items):

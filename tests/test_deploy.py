@@ -107,14 +107,11 @@ def test_no_recipe_exposes_an_unauthenticated_server():
 def test_a_ray_head_with_token_authentication_refuses_a_job_without_the_token(tmp_path):
     """What the recipes start: the job server refuses `ray job submit` unless it carries the token."""
     import os
-    import shutil
-    import signal
     import subprocess
     import sys
-    import tempfile
     import time
 
-    from conftest import free_port
+    from conftest import free_port, ray_head
 
     ray = str(Path(sys.executable).parent / "ray")
     owner, stranger = tmp_path / "owner", tmp_path / "stranger"
@@ -122,12 +119,9 @@ def test_a_ray_head_with_token_authentication_refuses_a_job_without_the_token(tm
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     as_owner = {**env, "HOME": str(owner), "RAY_AUTH_MODE": "token"}  # (the client reads ~/.ray/auth_token)
     subprocess.run([ray, "get-auth-token", "--generate"], env=as_owner, check=True, capture_output=True)
-    dashboard, temp_dir = free_port(), tempfile.mkdtemp(prefix="ray")  # (short: Ray's socket paths must fit in 107 characters)
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(free_port()), "--dashboard-host",
-                             "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "1", "--include-dashboard",
-                             "true", "--temp-dir", temp_dir], env=as_owner,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    dashboard = free_port()
+    with ray_head(["--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                   "--num-cpus", "1", "--include-dashboard", "true"], as_owner) as head:
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "echo", "ran"]
         deadline = time.time() + 120
         while (accepted := subprocess.run(submit, env=as_owner, capture_output=True, text=True, timeout=120)).returncode:
@@ -136,7 +130,3 @@ def test_a_ray_head_with_token_authentication_refuses_a_job_without_the_token(tm
         assert "ran" in accepted.stdout
         refused = subprocess.run(submit, env={**env, "HOME": str(stranger)}, capture_output=True, text=True, timeout=120)
         assert refused.returncode != 0 and "no authentication token was found" in refused.stdout + refused.stderr
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head and the Ray processes it started
-        head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
