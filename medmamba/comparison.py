@@ -254,19 +254,23 @@ def table6(cells: dict, sizes: set[str]) -> Table:
                  header, rows, _mark_best(rows, values))
 
 
-def positive_class(results: list[Result], dataset: str) -> str | None:
-    """The positive class of a binary ``dataset``, as its runs tag it (runs logged before the tag:
-    MedMNIST's binary sets by name); None for a multi-class one."""
+def positive_classes(results: list[Result], dataset: str) -> set[str]:
+    """The positive class of a binary ``dataset`` as its runs tag it (runs logged before the tag:
+    MedMNIST's binary sets by name); empty for a multi-class one, several if the runs disagree."""
     tagged = {r.tags["positive_class"] for r in results if r.dataset == dataset and "positive_class" in r.tags}
-    return min(tagged) if tagged else MEDMNIST_POSITIVE.get(dataset)
+    return tagged or ({MEDMNIST_POSITIVE[dataset]} if dataset in MEDMNIST_POSITIVE else set())
 
 
 def details(cells: dict, results: list[Result], dataset: str, sizes: set[str]) -> Table:
     """Tables 3-5 for one dataset: parameters, GFLOPs, P, Se, Sp, F1 (macro; a binary task's
-    positive class), OA and AUC."""
+    positive class, unless its runs name different ones), OA and AUC."""
     models = sorted({(k[0], k[2]) for k in cells if k[1] == dataset})
-    positive = positive_class(results, dataset)
+    classes = positive_classes(results, dataset)
+    positive = next(iter(classes)) if len(classes) == 1 else None
     columns = BINARY_DETAILS if positive else DETAILS
+    which = f"P, Se, Sp and F1 of class {positive!r}" if positive else "macro P, Se, Sp and F1"
+    if len(classes) > 1:  # one class's precision averaged with another's would mean nothing
+        which += f" (its runs name different positive classes: {', '.join(sorted(classes))})"
     rows, values = [], []
     for model, size in models:
         tagged = [r for r in results if (r.model, r.dataset, r.size) == (model, dataset, size)]
@@ -276,7 +280,6 @@ def details(cells: dict, results: list[Result], dataset: str, sizes: set[str]) -
         rows.append([_label(model, size, sizes), f"{params / 1e6:.2f}" if params else "–",
                      f"{gflops:.2f}" if gflops is not None else "–"] + [c.text() if c else "–" for c in found])
         values.append([None, None, None] + [c.mean if c else None for c in found])
-    which = f"P, Se, Sp and F1 of class {positive!r}" if positive else "macro P, Se, Sp and F1"
     return Table(f"{dataset}: parameters (M), GFLOPs (conv + linear), {which}, mean ± std (runs)",
                  ["model", "params M", "GFLOPs"] + [name for _, name in columns], rows, _mark_best(rows, values, 3))
 

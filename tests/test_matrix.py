@@ -76,6 +76,10 @@ def test_the_details_table_shows_a_binary_tasks_positive_class_and_macro_metrics
     assert hospital.rows[0][3:] == breast.rows[0][3:] == [f"{v:.3f} ± 0.000 (1)" for v in (0.6, 0.5, 0.9, 0.55, 0.8, 0.85)]
     assert "macro P, Se, Sp and F1" in path.title
     assert path.rows[0][3:7] == ["0.700 ± 0.000 (1)"] * 4
+    mixed = results[:1] + [Result("d", "medmamba_t", "hospital", "28", "train", metrics, tags={"positive_class": "cyst"})]
+    table = details(aggregate(mixed), mixed, "hospital", {"28"})
+    assert "macro P, Se, Sp and F1 (its runs name different positive classes: cyst, tumour)" in table.title
+    assert table.rows[0][3:7] == ["0.700 ± 0.000 (2)"] * 4
 
 
 def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflow_uri, ray_cluster, medmnist_root,
