@@ -166,8 +166,9 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
             results.append(result)
     if not results:
         what = ", ".join(experiments + list(run_ids)) or "the selection"
-        raise ReportError(f"nothing to report in {what}: {counts['selected']} runs match, {counts['unfinished']} "
-                          f"unfinished, {counts['without_metrics']} finished without test metrics")
+        runs = f"{counts['selected']} run" + ("" if counts["selected"] == 1 else "s")
+        raise ReportError(f"nothing to report in {what}: {runs} selected, {counts['unfinished']} unfinished, "
+                          f"{counts['without_metrics']} finished without test metrics")
     return results, counts
 
 

@@ -160,7 +160,7 @@ def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflo
     # a report over nothing, or over an unknown experiment, says so
     with pytest.raises(ReportError, match=r"no MLflow experiment named 'nope' \(experiments: .*medmamba-matrix"):
         read_results(client, ["nope"])
-    with pytest.raises(ReportError, match="nothing to report in medmamba-reports: 0 runs match"):
+    with pytest.raises(ReportError, match="nothing to report in medmamba-reports: 0 runs selected"):
         read_results(client, ["medmamba-reports"])
 
 
