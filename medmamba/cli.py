@@ -288,7 +288,7 @@ def _robustness(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from .comparison import read_results, write_report
+    from .comparison import read_results, runs_text, write_report
     from .config import MlflowConfig
     from .tracking import check_reachable, mlflow_run, open_tracker, resolve_uri
 
@@ -308,7 +308,7 @@ def _report(args: argparse.Namespace) -> int:
         for file in files if tracker else []:
             tracker.log_artifact(file)
     print((args.output_dir / "report.md").read_text())
-    print(f"{len(results)} runs; files in {args.output_dir} (report.html, report.md, report.tex, report.csv)")
+    print(f"{runs_text(len(results))}; files in {args.output_dir} (report.html, report.md, report.tex, report.csv)")
     return 0
 
 

@@ -71,10 +71,21 @@ class Cell:
 
     @property
     def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+        """Sample standard deviation (n - 1); NaN for one run, which has none."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
 
     def text(self) -> str:
-        return f"{self.mean:.3f} ± {self.std:.3f} ({len(self.values)})"
+        return mean_std(self.mean, self.std, len(self.values))
+
+
+def runs_text(n: int) -> str:
+    """"1 run", "2 runs"."""
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
+def mean_std(mean: float, std: float, n: int) -> str:
+    """"0.850 ± 0.071 (2)"; one run: "0.880 (1)"."""
+    return f"{mean:.3f} ± {std:.3f} ({n})" if n > 1 else f"{mean:.3f} ({n})"
 
 
 def unified_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -166,8 +177,7 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
             results.append(result)
     if not results:
         what = ", ".join(experiments + list(run_ids)) or "the selection"
-        runs = f"{counts['selected']} run" + ("" if counts["selected"] == 1 else "s")
-        raise ReportError(f"nothing to report in {what}: {runs} selected, {counts['unfinished']} unfinished, "
+        raise ReportError(f"nothing to report in {what}: {runs_text(counts['selected'])} selected, {counts['unfinished']} unfinished, "
                           f"{counts['without_metrics']} finished without test metrics")
     return results, counts
 
@@ -296,7 +306,7 @@ def deltas(cells: dict, reference: list[dict]) -> tuple[Table, list[dict]]:
                          "delta": cell.mean - ref["value"], "source": f"{ref['source']}, {ref['table']}"})
     table = Table("Against published results (delta = ours - published)",
                   ["model", "dataset", "size", "metric", "ours", "published", "delta", "source"],
-                  [[r["model"], r["dataset"], r["size"], r["metric"], f"{r['ours']:.3f} ± {r['std']:.3f} ({r['n']})",
+                  [[r["model"], r["dataset"], r["size"], r["metric"], mean_std(r["ours"], r["std"], r["n"]),
                     f"{r['published']:.3f}", f"{r['delta']:+.3f}", r["source"]] for r in rows])
     return table, rows
 
@@ -428,7 +438,7 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     files = [write_csv(long, out / "report.csv")]
     if delta_rows:
         files.append(write_csv(delta_rows, out / "deltas.csv"))
-    summary = (f"{len(results)} finished runs with test metrics; left out: {counts['unfinished']} unfinished, "
+    summary = (f"{runs_text(len(results))} finished with test metrics; left out: {counts['unfinished']} unfinished, "
                f"{counts['without_metrics']} without test metrics")
     (out / "report.md").write_text(f"# {title}\n\n{summary}\n\n" + "\n".join(t.markdown() for t in tables))
     (out / "report.tex").write_text("\n".join(t.latex() for t in tables))

@@ -97,7 +97,7 @@ def _groups(rows: list[dict], axes: list[str]) -> dict[tuple, list[dict]]:
 
 def summarise(rows: list[dict], axes: list[str]) -> list[dict]:
     """Per group of cells that differ only in replicate axes (seeds, folds): the mean, standard
-    deviation (n - 1; 0 for one run) and count of each test metric over its finished cells."""
+    deviation (n - 1; NaN for one run, and then not logged) and count of each test metric over its finished cells."""
     summary = []
     for group, members in _groups(rows, axes).items():
         done = [r for r in members if r["status"] == "done"]
@@ -105,7 +105,7 @@ def summarise(rows: list[dict], axes: list[str]) -> list[dict]:
         for metric in SUMMARY_METRICS:
             values = [r[f"test_{metric}"] for r in done if not math.isnan(r.get(f"test_{metric}", math.nan))]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
-            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else math.nan
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
         summary.append(row)
     return summary
 
