@@ -105,6 +105,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_tmpdir() -> Iterator[None]:
+    """The local Ray clusters that the code under test starts keep their session folders in a temp
+    dir of this test session's (RAY_TMPDIR), removed at its end, rather than in /tmp/ray."""
+    import tempfile
+
+    if "RAY_TMPDIR" in os.environ:  # the caller chose one
+        yield
+        return
+    os.environ["RAY_TMPDIR"] = temp_dir = tempfile.mkdtemp(prefix="ray")  # short: socket paths
+    try:
+        yield
+    finally:
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def ray_head(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """`ray start --head --block ARGS` in its own temp dir and process group, running until the
