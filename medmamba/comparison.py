@@ -177,8 +177,8 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
             results.append(result)
     if not results:
         what = ", ".join(experiments + list(run_ids)) or "the selection"
-        raise ReportError(f"nothing to report in {what}: {runs_text(counts['selected'])} selected, {counts['unfinished']} unfinished, "
-                          f"{counts['without_metrics']} finished without test metrics")
+        raise ReportError(f"nothing to report in {what}: {runs_text(counts['selected'])} selected, "
+                          f"{counts['unfinished']} unfinished, {counts['without_metrics']} finished without test metrics")
     return results, counts
 
 
