@@ -83,6 +83,7 @@ def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> 
         trainer = Trainer(cfg, build_datasets(cfg.data), out, callbacks=tracking_callbacks(cfg, tags), progress=False)
         metrics = trainer.fit(resume=True)  # whatever a killed driver left here: a checkpoint, or only its MLflow run
         done.write_text(json.dumps({"params": params, "run_id": trainer.run_id, "seconds": time.perf_counter() - start,
+                                    "ended": time.time(),
                                     "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}))
     tune.report({f"test_{k}": v for k, v in json.loads(done.read_text())["test"].items()})
 
