@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import matplotlib
@@ -90,8 +91,15 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return Path(path)
 
 
+def _cell_text(value: object) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
 def print_table(rows: list[dict], title: str, columns: list[str] | None = None) -> None:
-    """``rows`` as a table on the terminal (floats to 4 significant digits)."""
+    """``rows`` as a table on the terminal (floats to 4 significant digits; NaN, a value that does
+    not exist such as an unfinished cell's metric, as a dash)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -100,5 +108,5 @@ def print_table(rows: list[dict], title: str, columns: list[str] | None = None) 
     for key in columns:
         table.add_column(key)
     for row in rows:
-        table.add_row(*(f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns))
+        table.add_row(*(_cell_text(row.get(k)) for k in columns))
     Console().print(table)

@@ -251,14 +251,17 @@ def test_sweeps_and_federated_runs_get_their_own_summaries(mlflow_uri, tmp_path)
     assert matrix.rows == [["federated", "0.700", "–"], ["local/hospital_a", "0.900", "0.600"]]
 
 
-def test_a_cell_that_errored_is_failed_and_one_the_stopped_matrix_never_ended_is_unfinished(tmp_path):
+def test_a_cell_that_errored_is_failed_and_one_the_stopped_matrix_never_ended_is_unfinished(tmp_path, capsys):
     from medmamba.orchestrator.matrix import _cell_row
+    from medmamba.reports import print_table
 
     params = {"model.name": "resnet18", "train.seed": 0}
     failed = _cell_row(tmp_path, params, {cell_name(params): "ConfigError: it runs at 32 px"})
     assert (failed["status"], failed["error"]) == ("failed", "ConfigError: it runs at 32 px")
     unfinished = _cell_row(tmp_path, params, {})
     assert (unfinished["status"], unfinished["error"]) == ("unfinished", "did not finish")
+    print_table([unfinished], "matrix", ["model.name", "status", "test_auc"])  # no metric: a dash, not nan
+    assert "│ resnet18   │ unfinished │ –        │" in capsys.readouterr().out
 
 
 def test_k_fold_as_a_matrix_over_data_fold_summarises_mean_and_std_over_the_folds():
