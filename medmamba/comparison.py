@@ -447,7 +447,8 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     figure = (f'<img alt="accuracy against GFLOPs" src="data:image/png;base64,'
               f'{base64.b64encode(plot.read_bytes()).decode()}">' if plot else "")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"  # "0.812 ± 0.027 (3)" on one line
+             "td:first-child{text-align:left}")
     (out / "report.html").write_text(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
