@@ -312,6 +312,15 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A checked copy of ``cfg`` with ``values`` set by config key ('optim.lr': 3e-4, ...)."""
+    new = config_from_dict(cfg.to_dict())
+    for key, value in values.items():
+        set_key(new, key, value)
+    validate(new)
+    return new
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (after its ``base``), then ``overrides`` ('a.b=value')."""
     cfg = Config()

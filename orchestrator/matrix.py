@@ -24,7 +24,7 @@ from typing import Any
 
 from ray import tune
 
-from medmamba.config import Config, absolute_paths, check_resumable, config_from_dict
+from medmamba.config import Config, absolute_paths, check_resumable, config_from_dict, with_values
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import check_model_name
@@ -33,7 +33,6 @@ from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer, tracking_callbacks
 
 from .cluster import check_resources, init_ray
-from .sweep import apply_params
 
 STATE_FILE = "matrix.json"  # the parent MLflow run of an output directory
 DONE_FILE = "cell.json"  # in a cell's folder once its run (test pass and MLflow record) is complete
@@ -42,8 +41,13 @@ SUMMARY_METRICS = ("auc", "accuracy", "f1", "sensitivity", "specificity", "preci
 
 
 def cell_name(params: dict[str, Any]) -> str:
-    """A cell's folder name: its axis values, e.g. ``model.name=resnet18,train.seed=0``."""
-    return ",".join(f"{k}={re.sub(r'[^A-Za-z0-9_.-]', '_', str(v))}" for k, v in params.items())
+    """A cell's folder name: its axis values, e.g. ``model.name=resnet18,train.seed=0`` (a list
+    value such as ``sched.milestones: [50, 75]`` as ``50-75``)."""
+    return ",".join(f"{k}={re.sub(r'[^A-Za-z0-9_.-]', '_', _text(v))}" for k, v in params.items())
+
+
+def _text(value: Any) -> str:
+    return "-".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def cells(cfg: Config) -> list[dict[str, Any]]:
@@ -54,7 +58,7 @@ def cells(cfg: Config) -> list[dict[str, Any]]:
     grid = [dict(zip(cfg.matrix, values)) for values in itertools.product(*cfg.matrix.values())]
     for params in grid:
         try:
-            apply_params(cfg, params)
+            with_values(cfg, params)
         except ConfigError as exc:
             raise ConfigError(f"matrix cell {cell_name(params)}: {exc}") from exc
     for name in cfg.matrix.get("model.name", []):
@@ -64,7 +68,7 @@ def cells(cfg: Config) -> list[dict[str, Any]]:
 
 def cell_config(base: Config, params: dict[str, Any]) -> Config:
     """The training config of one cell: the base recipe with the cell's values and no matrix."""
-    cfg = apply_params(base, params)
+    cfg = with_values(base, params)
     cfg.matrix = {}
     cfg.mlflow.run_name = cfg.mlflow.run_name or cell_name(params)
     return cfg
@@ -88,21 +92,23 @@ def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> 
     tune.report({f"test_{k}": v for k, v in json.loads(done.read_text())["test"].items()})
 
 
-def _groups(rows: list[dict], axes: list[str]) -> dict[tuple, list[dict]]:
+def _groups(rows: list[dict], axes: list[str]) -> list[tuple[dict, list[dict]]]:
+    """(the non-replicate axis values, the rows that have them) for each group of rows."""
     keys = [k for k in axes if k not in REPLICATES]
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[str, tuple[dict, list[dict]]] = {}
     for row in rows:
-        groups.setdefault(tuple((k, row[k]) for k in keys), []).append(row)
-    return groups
+        values = {k: row[k] for k in keys}
+        groups.setdefault(json.dumps(values), (values, []))[1].append(row)  # a key even for list values
+    return list(groups.values())
 
 
 def summarise(rows: list[dict], axes: list[str]) -> list[dict]:
     """Per group of cells that differ only in replicate axes (seeds, folds): the mean, standard
     deviation (n - 1; NaN for one run, and then not logged) and count of each test metric over its finished cells."""
     summary = []
-    for group, members in _groups(rows, axes).items():
+    for group, members in _groups(rows, axes):
         done = [r for r in members if r["status"] == "done"]
-        row = {**dict(group), "cells": len(members), "finished": len(done)}
+        row = {**group, "cells": len(members), "finished": len(done)}
         for metric in SUMMARY_METRICS:
             values = [r[f"test_{metric}"] for r in done if not math.isnan(r.get(f"test_{metric}", math.nan))]
             row[f"{metric}_mean"] = statistics.fmean(values) if values else math.nan
@@ -112,7 +118,7 @@ def summarise(rows: list[dict], axes: list[str]) -> list[dict]:
 
 
 def _metric_prefix(group: dict) -> str:
-    label = "/".join(str(v) for v in group.values())
+    label = "/".join(_text(v) for v in group.values())
     return re.sub(r"[^A-Za-z0-9_./ -]", "_", label) + "/" if label else ""
 
 

@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from medmamba.config import Config, absolute_paths, config_from_dict, save_config, set_key, validate
+from medmamba.config import Config, absolute_paths, config_from_dict, save_config, with_values
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
@@ -62,14 +62,11 @@ def _fractions(text: Any) -> list[float]:
 
 def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     """A copy of ``cfg`` with a trial's parameters set (milestone fractions turned into epochs)."""
-    new = config_from_dict(cfg.to_dict())
-    for key, value in params.items():
-        if key == MILESTONES:
-            epochs = new.train.epochs
-            value = sorted({min(epochs, max(1, round(f * epochs))) for f in _fractions(value)})
-        set_key(new, key, value)
-    validate(new)
-    return new
+    params = dict(params)
+    if MILESTONES in params:
+        epochs = int(params.get("train.epochs", cfg.train.epochs))
+        params[MILESTONES] = sorted({min(epochs, max(1, round(f * epochs))) for f in _fractions(params[MILESTONES])})
+    return with_values(cfg, params)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,20 @@ def test_a_matrix_is_the_cross_product_of_its_axes_checked_before_anything_runs(
         cells(load_config(ROOT / "configs/quick.yaml"))
 
 
+def test_a_list_valued_axis_is_plain_config_values_named_and_grouped():
+    from medmamba.orchestrator.matrix import cell_config, summarise
+
+    cfg = load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.sched.milestones=[[1], [2, 3]]", "train.epochs=4"])
+    grid = cells(cfg)  # milestones in epochs, as the config key takes them (a sweep searches fractions)
+    assert cell_config(cfg, grid[1]).sched.milestones == [2, 3]
+    assert cell_name(grid[1]) == "model.name=medmamba_t,train.seed=0,sched.milestones=2-3"
+    rows = [{**params, "status": "done", "test_auc": 0.5 + 0.1 * params["train.seed"]} for params in grid]
+    summary = summarise(rows, list(cfg.matrix))
+    assert [(r["model.name"], r["sched.milestones"], r["finished"]) for r in summary] == [
+        ("medmamba_t", [1], 2), ("medmamba_t", [2, 3], 2), ("resnet18", [1], 2), ("resnet18", [2, 3], 2)]
+    assert summary[1]["auc_mean"] == pytest.approx(0.55)
+
+
 def test_metric_names_are_unified_across_run_kinds():
     assert unified_metrics({"test_auc": 0.9, "val_auc": 0.8, "global/accuracy": 0.7, "global/f1_macro": 0.5,
                             "test_loss": float("nan"), "best_val_auc": 1.0}) == \
