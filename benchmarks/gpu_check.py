@@ -144,9 +144,10 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             seconds = _median_seconds(step, device, steps)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            peak = (f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda"
+                    else "no peak memory on CPU")
             rows.append(f"| scan stage {stage + 1} ({H}x{W}, d {d}, n {n}, batch {batch}) | {name} | "
-                        f"{seconds * 1e3:.2f} ms fwd+bwd, peak {peak:.0f} MiB | "
+                        f"{seconds * 1e3:.2f} ms fwd+bwd, {peak} | "
                         f"{seconds / floor:.1f}x the HBM floor ({floor * 1e3:.3f} ms at {bandwidth / 1e9:.0f} GB/s) |")
     return rows
 
