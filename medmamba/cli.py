@@ -179,6 +179,9 @@ def _explain(args: argparse.Namespace) -> int:
     check_methods(methods)  # before any data is read
     if args.num_images < 1:
         raise ConfigError(f"--num-images is {args.num_images}; explain at least one image")
+    missing = [path for path in args.images or [] if not Path(path).is_file()]
+    if missing:  # before a checkpoint is loaded or an MLflow run opened
+        raise ConfigError(f"--images: no such file: {', '.join(missing)}")
     with _checkpoint_run(args, "explain", {"methods": ",".join(methods)}, with_data=not args.images) as (loaded, tracker):
         if args.images:
             images, labels, ids = _image_files(args.images, loaded.size), None, {"paths": np.array(args.images)}

@@ -92,7 +92,7 @@ def test_explain_writes_heatmaps_of_the_drawn_images_for_ours_and_a_timm_model(w
 
 
 @pytest.mark.integration
-def test_explain_image_files_needs_no_dataset(breast_resnet, medmnist_root, tmp_path):
+def test_explain_image_files_needs_no_dataset(breast_resnet, medmnist_root, tmp_path, capsys):
     """Chosen files are explained with the checkpoint's own class names; no data is read."""
     files = []
     for i, value in enumerate((40, 200)):
@@ -104,6 +104,11 @@ def test_explain_image_files_needs_no_dataset(breast_resnet, medmnist_root, tmp_
     saved = np.load(tmp_path / "x" / "heatmaps.npz")
     assert saved["paths"].tolist() == [str(f) for f in files] and "labels" not in saved
     assert saved["heatmaps"].shape == (2, 28, 28) and "heatmaps_layercam" in saved
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert main(["explain", "--checkpoint", str(breast_resnet), "--images", str(files[0]), str(tmp_path / "scan9.png"),
+                 "--output-dir", str(tmp_path / "y"), "--tracking-uri", store]) == 2
+    assert capsys.readouterr().err == f"medmamba explain: error: --images: no such file: {tmp_path / 'scan9.png'}\n"
+    assert not (tmp_path / "mlruns.db").exists()  # checked before any MLflow run opened
 
 
 def _quadrant_images(root: Path, count: int, size: int = 64, patch: int = 28) -> None:
