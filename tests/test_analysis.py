@@ -393,6 +393,8 @@ def test_bad_analysis_inputs_are_one_line_errors(breast_resnet, medmnist_root, t
         (["evaluate", *external, "--class-map", "Malignant=tumour"], "maps onto ['tumour']"),
         (["evaluate", *external], "(map them onto the model's classes with --class-map"),
         (["evaluate", *base, "--class-map", "a=b"], "breastmnist is not a folder"),
+        (["evaluate", *base, "--dataset", "pneumoniamnist"],
+         "the model's classes are ['malignant', 'normal, benign'] and pneumoniamnist's are ['normal', 'pneumonia']"),
     ]
     for args, message in cases:
         assert main(args) == 2, args
