@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters and FLOPs of a model (ours or any timm architecture)")
     info.add_argument("model", help=f"{', '.join(list_models())}, or a timm name such as resnet18")
-    info.add_argument("--img-size", type=int, default=224)
+    info.add_argument("--size", "--img-size", dest="img_size", type=int, default=224, help="image size in px")
     info.add_argument("--num-classes", type=int, default=1000)
     info.add_argument("--in-chans", type=int, default=3)
     info.set_defaults(func=_info)

@@ -59,7 +59,7 @@ def test_flops_in_the_papers_convention(name, gflops):
 
 
 def test_info_command_prints_both_conventions(capsys):
-    assert cli_main(["info", "medmamba_t", "--img-size", "224", "--num-classes", "1000"]) == 0
+    assert cli_main(["info", "medmamba_t", "--size", "224", "--num-classes", "1000"]) == 0
     out = capsys.readouterr().out
     assert "15.22 M" in out and "2.0 G" in out and "full" in out
 
