@@ -150,8 +150,9 @@ def read_results(client, experiments: list[str], run_ids: list[str] = (), parent
     """The finished runs of ``experiments`` (and/or ``run_ids``) that match the filters, with the
     counts of what was left out: ``{"selected", "unfinished", "without_metrics"}``. With
     ``parent_run_id`` and no experiment, the parent's experiment is searched."""
-    if parent_run_id and not experiments:
-        experiments = [client.get_experiment(_run(client, parent_run_id, "--parent-run").info.experiment_id).name]
+    if parent_run_id:  # a mistyped id is named as such, not reported as an empty selection
+        parent = _run(client, parent_run_id, "--parent-run")
+        experiments = experiments or [client.get_experiment(parent.info.experiment_id).name]
     ids = []
     for name in experiments:
         experiment = client.get_experiment_by_name(name)

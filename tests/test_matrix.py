@@ -322,6 +322,7 @@ def test_report_selections_that_name_nothing_are_one_line_errors(mlflow_uri, tmp
     for args, message in ((["--experiment", "logged", "--tag", "model"], "--tag 'model' is not KEY=VALUE"),
                           ([], "say which runs to report: --experiment NAME, --run-id ID and/or --parent-run ID"),
                           (["--parent-run", "0f" * 16], f"--parent-run {'0f' * 16}: no such MLflow run in sqlite:"),
+                          (["--experiment", "logged", "--parent-run", "0f" * 16], f"--parent-run {'0f' * 16}: no such"),
                           (["--run-id", "0f" * 16], f"--run-id {'0f' * 16}: no such MLflow run in sqlite:"),
                           (["--experiment", "logged", "--tag", "model=vit"], "nothing to report in logged: 0 runs")):
         assert main(["report", "--tracking-uri", mlflow_uri, "--output-dir", str(tmp_path / "r"), "--no-mlflow", *args]) == 2
