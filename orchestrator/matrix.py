@@ -165,7 +165,9 @@ def _fit(cfg: Config, grid: list[dict], out: Path, parent_run_id: str | None) ->
         {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     results = tune.Tuner(
         trainable, param_space={"cell": tune.grid_search(grid)},
-        tune_config=tune.TuneConfig(reuse_actors=True),  # no process start and imports per cell
+        # a new process for every cell: about 6 s of start-up and imports a cell, against reused
+        # processes whose later cells ran 8-20% slower and grew in memory (benchmarks/matrix.py)
+        tune_config=tune.TuneConfig(reuse_actors=False),
         run_config=tune.RunConfig(name="matrix", storage_path=cfg.ray.storage_path or str(out / "ray"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))).fit()
     return {cell_name(r.config["cell"]): str(r.error).strip().splitlines()[-1] for r in results if r.error}
