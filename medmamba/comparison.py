@@ -17,6 +17,7 @@ import base64
 import csv
 import html
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,10 @@ class Table:
                           r"\bottomrule", r"\end{tabular}"]) + "\n"
 
     def html(self) -> str:
-        cell = lambda i, j, t: f"<td><b>{html.escape(t)}</b></td>" if (i, j) in self.bold else f"<td>{html.escape(t)}</td>"  # noqa: E731
+        def cell(i: int, j: int, text: str) -> str:  # numbers stay on one line; words (a source) wrap
+            kind = "" if re.match(r"[-+–]?\d", text) else " class='text'"
+            text = f"<b>{html.escape(text)}</b>" if (i, j) in self.bold else html.escape(text)
+            return f"<td{kind}>{text}</td>"
         rows = "".join("<tr>" + "".join(cell(i, j, t) for j, t in enumerate(row)) + "</tr>" for i, row in enumerate(self.rows))
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
         return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
@@ -448,8 +452,9 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     figure = (f'<img alt="accuracy against GFLOPs" src="data:image/png;base64,'
               f'{base64.b64encode(plot.read_bytes()).decode()}">' if plot else "")
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"  # "0.812 ± 0.027 (3)" on one line
-             "td:first-child{text-align:left}")
+             # numbers such as "0.812 ± 0.027 (3)" on one line, words (a source) wrap
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"
+             "td:first-child,td.text{text-align:left}td.text{white-space:normal}")
     (out / "report.html").write_text(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"

@@ -215,6 +215,8 @@ def test_the_report_compares_with_published_rows_and_renders_in_a_browser(mlflow
     assert float(deltas[("resnet18", "auc")]["delta"]) == pytest.approx(0.90 - 0.901)
     assert float(deltas[("resnet18", "accuracy")]["delta"]) == pytest.approx(0.85 - 0.863)
     assert (out / "accuracy_vs_gflops.png").stat().st_size > 0
+    page = (out / "report.html").read_text()  # numbers stay on one line (nowrap), a source's words wrap
+    assert "<td>0.820 ± 0.028 (2)</td>" in page and "<td class='text'>MedMNIST v2 (Yang" in page
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
