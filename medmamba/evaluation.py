@@ -158,12 +158,12 @@ def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None =
     if (class_map or not with_data) and classes is None:
         raise CheckpointError("the checkpoint does not record its class names (and its config names no MedMNIST "
                               "set): " + ("a class map has nothing to map onto" if class_map else "name a dataset"))
-    if data is None and with_data and data_cfg.name in MEDMNIST_2D and classes is not None \
-            and medmnist_class_names(data_cfg.name) != classes:
-        raise CheckpointError(f"the model's classes are {classes} and {data_cfg.name}'s are "
-                              f"{medmnist_class_names(data_cfg.name)}: test a model on a dataset with the same "
-                              "classes (an image folder's class names can be mapped with --class-map)")
     if data is None and with_data:
+        target_classes = medmnist_class_names(data_cfg.name) if data_cfg.name in MEDMNIST_2D else None
+        if classes is not None and target_classes not in (None, classes):
+            raise CheckpointError(f"the model's classes are {classes} and {data_cfg.name}'s are {target_classes}: "
+                                  "test a model on a dataset with the same classes (an image folder's class names "
+                                  "can be mapped with --class-map)")
         data = build_datasets(data_cfg, classes if data_cfg.name == "folder" else None, class_map, whole)
     classes = data.class_names if data else classes
     model_cfg = replace(cfg.model if cfg else ModelConfig(name=model_name), num_classes=None)
