@@ -171,7 +171,7 @@ def ray_cluster():
     old = os.environ.get("RAY_ADDRESS")
     with ray_head([f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
                    "--include-dashboard=true"], env):
-        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        os.environ["RAY_ADDRESS"] = env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         try:
             yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
         finally:
