@@ -246,8 +246,12 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 def set_key(cfg: Config, key: str, value: Any) -> None:
     section, _, name = key.partition(".")
     sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section not in sections or not name:
+    if section not in sections:
         raise ConfigError(f"unknown config key {key!r}; sections: {', '.join(sections)}")
+    if not name:
+        example = "matrix.train.seed=[0, 1]" if section == "matrix" else \
+            f"{section}.{dataclasses.fields(getattr(cfg, section))[0].name}=..."
+        raise ConfigError(f"{key!r} is a config section, not a key: set one of its keys, e.g. {example}")
     if section == "matrix":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"config key {key}: a matrix axis is a non-empty list of values, got {value!r}")

@@ -30,6 +30,8 @@ def test_defaults_file_and_overrides(tmp_path):
     ("train.monitor=kappa", "config key train.monitor: expected a metric name"),
     ("data.split_ratios=[0.5, 0.5, 0.5]", "config key data.split_ratios"),
     ("optim.lr", "override 'optim.lr' is not key=value"),
+    ("train=1", "'train' is a config section, not a key: set one of its keys, e.g. train.epochs="),
+    ("matrix={}", "'matrix' is a config section, not a key: set one of its keys, e.g. matrix.train.seed=[0, 1]"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
