@@ -13,9 +13,9 @@ Each cell is a short training run (MedMamba-T, BreastMNIST, 28 px, ``--epochs`` 
    start-up (Tune's set-up, worker start and imports, until the first cell starts) and the gap
    between one cell's end and the next cell's start on the same worker.
 
-Target: the matrix's wall time within 10% of the cells' side by side (3 against 2). The ratio to
-the ideal (3 against 1) is printed too. Ray's cluster is started before the clock, as
-`ray job submit` finds it running.
+Targets: the matrix's wall time within 10% of the ideal (3 against 1, the issue's) and within 10%
+of the cells side by side (3 against 2, what the machine does without a scheduler). Ray's cluster
+is started before the clock, as `ray job submit` finds it running.
 
     python benchmarks/matrix.py --data-root ../shared/data/medmnist
 """
@@ -98,8 +98,9 @@ def main() -> None:
     print(f"   ideal = sum / {args.cpus}:         {ideal:7.1f} s")
     print(f"2. side by side, no Ray:     {floor:7.1f} s  = {floor / ideal:.2f}x the ideal "
           f"(per cell: {per_cell([t for times in shared for t in times])})")
-    print(f"3. matrix on Ray, wall time: {wall:7.1f} s  = {wall / ideal:.2f}x the ideal, "
-          f"{wall / floor:.2f}x side by side (target <= 1.10x: {'met' if wall <= 1.1 * floor else 'NOT met'})")
+    met = lambda ratio: "met" if ratio <= 1.1 else "NOT met"  # noqa: E731
+    print(f"3. matrix on Ray, wall time: {wall:7.1f} s  = {wall / ideal:.2f}x the ideal (target <= 1.10x: "
+          f"{met(wall / ideal)}), {wall / floor:.2f}x side by side (target <= 1.10x: {met(wall / floor)})")
     print(f"   per cell: {per_cell([r['seconds'] for r in result['cells']])}")
     print(f"   Ray's start-up until the first cell: {startup:.1f} s; gap between cells on a worker: {gap:.2f} s")
 

@@ -7,6 +7,8 @@ has them and this process has CUDA.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import random
@@ -55,6 +57,18 @@ def autocast_dtype(amp: str | bool, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and give the C heap's free memory back to the OS (glibc's ``malloc_trim``;
+    a no-op elsewhere). A process that runs one training after another (a reused Ray Tune actor)
+    otherwise keeps every finished run's freed tensors as fragmented free heap: without this, a
+    matrix worker grew 0.35 GB a cell and its later cells trained up to 20% slower."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not Linux with glibc (macOS, musl): nothing to trim
+        pass
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

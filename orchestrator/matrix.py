@@ -29,6 +29,7 @@ from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import check_model_name
 from medmamba.reports import print_table, write_csv
+from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer, tracking_callbacks
 
@@ -81,6 +82,7 @@ def run_cell(config: dict, base: dict, root: str, parent_run_id: str | None) -> 
     out = Path(root) / cell_name(params)
     done = out / DONE_FILE
     if not done.is_file():
+        release_freed_memory()  # what the worker's previous cell left
         start = time.perf_counter()
         tags = {"mlflow.parentRunId": parent_run_id, "matrix_cell": cell_name(params),
                 **{k: str(v) for k, v in params.items()}} if parent_run_id else None
@@ -165,9 +167,7 @@ def _fit(cfg: Config, grid: list[dict], out: Path, parent_run_id: str | None) ->
         {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     results = tune.Tuner(
         trainable, param_space={"cell": tune.grid_search(grid)},
-        # a new process for every cell: about 6 s of start-up and imports a cell, against reused
-        # processes whose later cells ran 8-20% slower and grew in memory (benchmarks/matrix.py)
-        tune_config=tune.TuneConfig(reuse_actors=False),
+        tune_config=tune.TuneConfig(reuse_actors=True),  # no process start and imports per cell (about 6 s)
         run_config=tune.RunConfig(name="matrix", storage_path=cfg.ray.storage_path or str(out / "ray"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))).fit()
     return {cell_name(r.config["cell"]): str(r.error).strip().splitlines()[-1] for r in results if r.error}

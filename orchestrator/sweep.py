@@ -35,6 +35,7 @@ from medmamba.errors import ConfigError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.reports import print_table, write_csv
+from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer
 
@@ -140,6 +141,7 @@ def run_trial(params: dict, base: dict, storage: str) -> None:
     cfg = apply_params(config_from_dict(base), params)
     if cfg.tune.workers_per_trial > 1:
         return _run_trial_on_workers(cfg, storage)
+    release_freed_memory()  # what the actor's previous trial left (one-worker trials reuse their process)
     with tempfile.TemporaryDirectory(prefix="medmamba-trial-") as tmp:
         out = Path(tmp)
         resumed = restore_into(tune.get_checkpoint(), out)  # a retried or resumed trial continues
