@@ -25,7 +25,7 @@ from pathlib import Path
 from .data import MEDMNIST_POSITIVE
 from .errors import MedMambaError
 from .metrics import MACRO_KEYS, METRIC_KEYS
-from .reports import write_csv
+from .reports import MISSING, write_csv
 
 PUBLISHED = Path(__file__).with_name("published.csv")
 METRICS = METRIC_KEYS + MACRO_KEYS
@@ -237,12 +237,14 @@ class Table:
                           r"\bottomrule", r"\end{tabular}"]) + "\n"
 
     def html(self) -> str:
+        is_text = lambda text: not re.match(rf"[-+{MISSING}]?\d", text)  # noqa: E731
         def cell(i: int, j: int, text: str) -> str:  # numbers stay on one line; words (a source) wrap
-            kind = "" if re.match(r"[-+–]?\d", text) else " class='text'"
+            kind = " class='text'" if is_text(text) else ""
             text = f"<b>{html.escape(text)}</b>" if (i, j) in self.bold else html.escape(text)
             return f"<td{kind}>{text}</td>"
         rows = "".join("<tr>" + "".join(cell(i, j, t) for j, t in enumerate(row)) + "</tr>" for i, row in enumerate(self.rows))
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        words = [j == 0 or all(is_text(row[j]) for row in self.rows) for j in range(len(self.header))]  # left-aligned
+        head = "".join(f"<th{' class=text' if w else ''}>{html.escape(h)}</th>" for h, w in zip(self.header, words))
         return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -264,7 +266,7 @@ def table6(cells: dict, sizes: set[str]) -> Table:
     rows, values = [], []
     for model, size in models:
         found = [cells.get((model, d, size, metric)) for d in datasets for metric, _ in TABLE6]
-        rows.append([_label(model, size, sizes)] + [c.text() if c else "–" for c in found])
+        rows.append([_label(model, size, sizes)] + [c.text() if c else MISSING for c in found])
         values.append([None] + [c.mean if c else None for c in found])
     return Table("Test AUC and overall accuracy (OA) by dataset: mean ± std (runs); best per column in bold",
                  header, rows, _mark_best(rows, values))
@@ -293,8 +295,8 @@ def details(cells: dict, results: list[Result], dataset: str, sizes: set[str]) -
         params = next((r.params for r in tagged if r.params), None)
         gflops = next((r.gflops for r in tagged if r.gflops is not None), None)
         found = [cells.get((model, dataset, size, metric)) for metric, _ in columns]
-        rows.append([_label(model, size, sizes), f"{params / 1e6:.2f}" if params else "–",
-                     f"{gflops:.2f}" if gflops is not None else "–"] + [c.text() if c else "–" for c in found])
+        rows.append([_label(model, size, sizes), f"{params / 1e6:.2f}" if params else MISSING,
+                     f"{gflops:.2f}" if gflops is not None else MISSING] + [c.text() if c else MISSING for c in found])
         values.append([None, None, None] + [c.mean if c else None for c in found])
     return Table(f"{dataset}: parameters (M), GFLOPs (conv + linear), {which}, mean ± std (runs)",
                  ["model", "params M", "GFLOPs"] + [name for _, name in columns], rows, _mark_best(rows, values, 3))
@@ -322,8 +324,8 @@ def sweep_table(results: list[Result]) -> Table | None:
     rows = []
     for r in sorted(sweeps, key=lambda r: r.name):
         best = ", ".join(f"{k[5:]}={v}" for k, v in sorted(r.tags.items()) if k.startswith("best."))
-        validation = next((f"{k[5:]} {v:.3f}" for k, v in r.logged.items() if k.startswith("best_")), "–")
-        rows.append([r.name, r.model, r.dataset, r.tags.get("best_trial", "–"), best or "–", validation,
+        validation = next((f"{k[5:]} {v:.3f}" for k, v in r.logged.items() if k.startswith("best_")), MISSING)
+        rows.append([r.name, r.model, r.dataset, r.tags.get("best_trial", MISSING), best or MISSING, validation,
                      f"{r.metrics.get('auc', math.nan):.3f}", f"{r.metrics.get('accuracy', math.nan):.3f}"])
     return Table("Sweeps: the best trial of each", ["sweep", "model", "dataset", "best trial", "parameters",
                                                    "best validation", "test AUC", "test OA"], rows) if rows else None
@@ -336,12 +338,12 @@ def federated_table(results: list[Result]) -> Table | None:
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         if r.kind == "federated":
-            key = (r.tags.get("strategy", "?"), r.tags.get("partition", "?"), r.tags.get("holdout_site", "–"),
+            key = (r.tags.get("strategy", "?"), r.tags.get("partition", "?"), r.tags.get("holdout_site", MISSING),
                    r.dataset, r.model)
             groups.setdefault(key, []).append(r)
     rows = []
     mean = lambda xs: statistics.fmean(xs) if xs else math.nan  # noqa: E731
-    fmt = lambda v: "–" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: MISSING if math.isnan(v) else f"{v:.3f}"  # noqa: E731
     for (strategy, partition, holdout, dataset, model), runs in sorted(groups.items()):
         glob = mean([r.metrics["auc"] for r in runs if "auc" in r.metrics])
         worst = mean([min(sites) for r in runs if (sites := list(_site_aucs(r).values()))])
@@ -350,8 +352,8 @@ def federated_table(results: list[Result]) -> Table | None:
         site_aucs = _site_aucs(runs[0])
         worst_name = f" ({min(site_aucs, key=site_aucs.get)})" if len(runs) == 1 and site_aucs else ""
         rows.append([strategy, partition, holdout, dataset, model, str(len(runs)), fmt(glob), fmt(worst) + worst_name,
-                     fmt(central), "–" if math.isnan(central) else f"{glob - central:+.3f}",
-                     "–" if math.isnan(epsilon) else f"{epsilon:.2f}"])
+                     fmt(central), MISSING if math.isnan(central) else f"{glob - central:+.3f}",
+                     MISSING if math.isnan(epsilon) else f"{epsilon:.2f}"])
     return Table("Federated runs: test AUC of the global model, its worst site, and the centralised baseline",
                  ["strategy", "partition", "held-out site", "dataset", "model", "runs", "global AUC",
                   "worst-site AUC", "centralised AUC", "gap", "privacy ε"], rows) if rows else None
@@ -373,7 +375,7 @@ def site_matrix_tables(results: list[Result]) -> list[Table]:
                 cells[model, site] = value
         if cells:
             sites, models = sorted({s for _, s in cells}), sorted({m for m, _ in cells})
-            rows = [[model] + [f"{cells[model, site]:.3f}" if (model, site) in cells else "–" for site in sites]
+            rows = [[model] + [f"{cells[model, site]:.3f}" if (model, site) in cells else MISSING for site in sites]
                     for model in models]
             tables.append(Table(f"Federated run {r.name or r.run_id}: test AUC of each model (rows) at each site",
                                 ["model", *sites], rows))
@@ -396,7 +398,7 @@ def analysis_tables(cells: dict, sizes: set[str]) -> list[Table]:
         groups = sorted({(m, d, s) for m, d, s, _ in drops})
         if columns:
             rows = [[_label(m, s, sizes), d] + [c.text() if (c := drops.get((m, d, s, f"{ROBUSTNESS_DROP}{p}_{metric}")))
-                                                else "–" for p in columns] for m, d, s in groups]
+                                                else MISSING for p in columns] for m, d, s in groups]
             tables.append(Table(f"Robustness: {name} drop at the highest severity per perturbation, mean ± std (runs)",
                                 ["model", "dataset"] + columns, rows))
     return tables
@@ -454,7 +456,7 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
              # numbers such as "0.812 ± 0.027 (3)" on one line, words (a source) wrap
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"
-             "td:first-child,td.text{text-align:left}td.text{white-space:normal}")
+             "td:first-child,.text{text-align:left}td.text{white-space:normal}")
     (out / "report.html").write_text(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"

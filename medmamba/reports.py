@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+MISSING = "–"  # a table cell without a value (NaN, no runs)
+
 
 def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Path) -> Path:
     cm = np.asarray(cm)
@@ -93,7 +95,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 def _cell_text(value: object) -> str:
     if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.4g}"
+        return MISSING if math.isnan(value) else f"{value:.4g}"
     return "" if value is None else str(value)
 
 

@@ -217,6 +217,7 @@ def test_the_report_compares_with_published_rows_and_renders_in_a_browser(mlflow
     assert (out / "accuracy_vs_gflops.png").stat().st_size > 0
     page = (out / "report.html").read_text()  # numbers stay on one line (nowrap), a source's words wrap
     assert "<td>0.820 ± 0.028 (2)</td>" in page and "<td class='text'>MedMNIST v2 (Yang" in page
+    assert "<th class=text>source</th>" in page and "<th>delta</th>" in page  # a header aligns as its column
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
