@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-
 import logging
+import sys
 from pathlib import Path
 
 from .config import load_config, validate
@@ -17,6 +16,17 @@ from .registry import create_model, list_models
 # medmnist, scikit-learn and mlflow costs seconds that `medmamba info` does not need.
 
 EVALUATE_EXPERIMENT = "medmamba-evaluate"  # evaluation runs, each tagged with the run that trained its checkpoint
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (images, classes, channels, pixels)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -177,8 +187,6 @@ def _explain(args: argparse.Namespace) -> int:
 
     methods = args.method or ["gradcam", "gradcam++"]
     check_methods(methods)  # before any data is read
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images is {args.num_images}; explain at least one image")
     missing = [path for path in args.images or [] if not Path(path).is_file()]
     if missing:  # before a checkpoint is loaded or an MLflow run opened
         raise ConfigError(f"--images: no such file: {', '.join(missing)}")
@@ -354,13 +362,13 @@ def _checkpoint_command(sub, name: str, help: str) -> argparse.ArgumentParser:
     cmd.add_argument("--checkpoint", required=True)
     cmd.add_argument("--dataset", help="MedMNIST flag or 'folder' (default: the checkpoint's)")
     cmd.add_argument("--data-root")
-    cmd.add_argument("--size", type=int)
+    cmd.add_argument("--size", type=_count)
     cmd.add_argument("--class-map", metavar="SRC=DST,...",
                      help="an image folder's class names onto the model's; folders it does not name are dropped")
     cmd.add_argument("--model", default="medmamba_t", help="model name when the checkpoint has no config")
     cmd.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
                      help="all: every image (an external folder's images all become the test set)")
-    cmd.add_argument("--batch-size", type=int, default=128)
+    cmd.add_argument("--batch-size", type=_count, default=128)
     cmd.add_argument("--device", default="auto")
     cmd.add_argument("--output-dir", type=Path, required=True)
     cmd.add_argument("--tracking-uri")
@@ -373,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameters and FLOPs of a model (ours or any timm architecture)")
     info.add_argument("model", help=f"{', '.join(list_models())}, or a timm name such as resnet18")
-    info.add_argument("--size", "--img-size", dest="img_size", type=int, default=224, help="image size in px")
-    info.add_argument("--num-classes", type=int, default=1000)
-    info.add_argument("--in-chans", type=int, default=3)
+    info.add_argument("--size", "--img-size", dest="img_size", type=_count, default=224, help="image size in px")
+    info.add_argument("--num-classes", type=_count, default=1000)
+    info.add_argument("--in-chans", type=_count, default=3)
     info.set_defaults(func=_info)
 
     train = _run_command(sub, "train", "train a model on one process (CPU or one GPU)",
@@ -412,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_command(sub, "evaluate", "the paper's metrics of a checkpoint on a dataset split").set_defaults(
         func=_evaluate)
     explain = _checkpoint_command(sub, "explain", "Grad-CAM heatmaps of a checkpoint on images of a split or files")
-    explain.add_argument("--num-images", type=int, default=8, help="images drawn from --split (seeded)")
+    explain.add_argument("--num-images", type=_count, default=8, help="images drawn from --split (seeded)")
     explain.add_argument("--images", nargs="+", metavar="FILE", help="explain these image files instead")
     explain.add_argument("--method", action="append", metavar="NAME",
                          help="gradcam, gradcam++, xgradcam or layercam (repeatable; default gradcam and gradcam++)")
@@ -424,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed = _checkpoint_command(sub, "embed", "features before the classifier in 2-D (t-SNE/UMAP), silhouette score")
     embed.add_argument("--method", action="append", metavar="NAME", help="tsne or umap (repeatable; default tsne)")
     embed.add_argument("--by-site", action="store_true", help="a federated checkpoint: every site's split, by site")
-    embed.add_argument("--max-images", type=int, help="a seeded sample of at most this many images per group")
+    embed.add_argument("--max-images", type=_count, help="a seeded sample of at most this many images per group")
     embed.add_argument("--seed", type=int, default=0)
     embed.set_defaults(func=_embed)
     robust = _checkpoint_command(sub, "robustness", "metrics of a checkpoint under image perturbations by severity")

@@ -84,8 +84,14 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | di
     ``img_size`` px images; with ``checkpoint`` (a path, or what ``read_checkpoint`` returned),
     load all of its weights (ours or the published format)."""
     check_model_name(name)
+    if num_classes < 1 or kwargs.get("in_chans", 1) < 1:
+        raise ConfigError(f"{name} needs at least 1 class and 1 input channel, got num_classes={num_classes}, "
+                          f"in_chans={kwargs.get('in_chans', 3)}")
     if name in _REGISTRY:
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)  # MedMamba runs at any size
+        patch = kwargs.get("patch_size", 4)
+        if img_size is not None and img_size < patch:
+            raise ConfigError(f"{name} needs images of at least {patch} px (its patch embedding), got {img_size}")
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)  # MedMamba runs at any size from 4 px
     else:
         ours_only = sorted(set(kwargs) - {"in_chans", "drop_path_rate"})
         if ours_only:

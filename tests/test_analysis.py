@@ -385,7 +385,6 @@ def test_bad_analysis_inputs_are_one_line_errors(breast_resnet, medmnist_root, t
         (["robustness", *base, "--perturbation", "fog"], "unknown perturbation 'fog'"),
         (["robustness", *base, "--severity", "7"], "severity 7 is out of range"),
         (["explain", *base, "--method", "gradcam3"], "unknown CAM method 'gradcam3'"),
-        (["explain", *base, "--num-images", "0"], "--num-images is 0"),
         (["explain", *base, "--target-layer", "layer9"], "no layer 'layer9'; did you mean"),
         (["embed", *base, "--method", "pca"], "unknown projection 'pca'"),
         (["evaluate", *external, "--class-map", "Benign"], "not a pair"),
@@ -400,5 +399,11 @@ def test_bad_analysis_inputs_are_one_line_errors(breast_resnet, medmnist_root, t
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    for args, message in [(["explain", *base, "--num-images", "0"], "argument --num-images: must be at least 1, got 0"),
+                          (["evaluate", *base, "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+                          (["embed", *base, "--max-images", "-1"], "argument --max-images: must be at least 1, got -1")]:
+        with pytest.raises(SystemExit) as exit_:  # argparse's own errors, before any data is read
+            main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, args
     # a class name with a comma maps; the external set then evaluates
     assert main(["evaluate", *external, "--class-map", "Malignant=malignant,Benign=normal, benign"]) == 0

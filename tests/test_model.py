@@ -6,6 +6,7 @@ import torch
 
 from medmamba import MedMamba, convert_official, create_model, infer_config, list_models
 from medmamba.cli import main as cli_main
+from medmamba.errors import ConfigError
 from medmamba.flops import complexity
 
 
@@ -62,6 +63,22 @@ def test_info_command_prints_both_conventions(capsys):
     assert cli_main(["info", "medmamba_t", "--size", "224", "--num-classes", "1000"]) == 0
     out = capsys.readouterr().out
     assert "15.22 M" in out and "2.0 G" in out and "full" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "2"], "medmamba_t needs images of at least 4 px (its patch embedding), got 2"),
+    (["--size", "0"], "argument --size/--img-size: must be at least 1, got 0"),
+    (["--in-chans", "0"], "argument --in-chans: must be at least 1, got 0"),
+    (["--num-classes", "two"], "argument --num-classes: expected a whole number, got 'two'"),
+])
+def test_info_refuses_sizes_and_counts_the_model_cannot_take(args, message, capsys):
+    try:
+        code = cli_main(["info", "medmamba_t", *args])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="needs at least 1 class and 1 input channel, got num_classes=0"):
+        create_model("resnet18", num_classes=0)
 
 
 @pytest.mark.parametrize("size", [(28, 28), (64, 64), (128, 128), (28, 44), (50, 30)])
