@@ -39,7 +39,7 @@ from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import complexity
 from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .registry import build_model, load_pretrained, read_checkpoint
 from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
@@ -292,6 +292,11 @@ class Trainer:
     def __init__(self, cfg: Config, data: Datasets, output_dir: str | Path, callbacks: list[Callback] = (),
                  progress: bool = True):
         self.cfg, self.data, self.progress = cfg, data, progress
+        t, (rank, size) = cfg.train, world()
+        self.batch_size = math.ceil(t.batch_size / size)
+        if self.batch_size < 2:  # a training batch of one image cannot be batch-normalised
+            raise ConfigError(f"train.batch_size is {t.batch_size}: training needs at least 2 images per batch"
+                              + (f" on each of its {size} workers" if size > 1 else "") + " (batch normalisation)")
         self.out = Path(output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
@@ -303,14 +308,12 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.sched)
         self.amp = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        t, (rank, size) = cfg.train, world()
         self.sampler = None
         self.train_model: nn.Module = self.model
         if size > 1:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.sampler = DistributedSampler(data.train, num_replicas=size, rank=rank, shuffle=True, seed=t.seed)
-        self.batch_size = math.ceil(t.batch_size / size)
         self.train_loader = make_loader(data.train, self.batch_size, True, t.seed, cfg.data.num_workers,
                                         sampler=self.sampler)
         self.val_loader = make_loader(shard(data.val), self.batch_size, False, num_workers=cfg.data.num_workers)

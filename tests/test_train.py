@@ -130,6 +130,11 @@ def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
         Trainer(_cfg(medmnist_root, "train.device=cuda"), breast, tmp_path, progress=False)
 
 
+def test_a_batch_size_of_one_is_refused_before_a_model_is_built(medmnist_root, breast, tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size is 1: training needs at least 2 images per batch"):
+        Trainer(_cfg(medmnist_root, "train.batch_size=1"), breast, tmp_path, progress=False)
+
+
 def test_a_final_training_batch_of_one_is_dropped_but_never_in_evaluation():
     from torch.utils.data import TensorDataset
 
