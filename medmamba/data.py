@@ -241,9 +241,22 @@ class ImageFolderSplit(Dataset):
 
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
     files = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     return files
+
+
+def _check_no_empty_classes(roots: list[Path], per_split: dict[str, list[tuple[Path, str]]]) -> None:
+    """DataError naming the class folders (hidden ones aside) with no readable image in any split,
+    and what they hold instead (DICOM files, say), rather than training without those classes."""
+    folders = {d.name: d for r in roots for d in r.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    empty = sorted(set(folders) - {label for files in per_split.values() for _, label in files})
+    if empty:
+        other = collections.Counter(f.suffix.lower() or f.name for name in empty for r in roots if (r / name).is_dir()
+                        for f in (r / name).rglob("*") if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES)
+        held = f"; they hold {', '.join(f'{n} {k}' for k, n in other.most_common(5))} files" if other else ""
+        raise DataError(f"class folders {empty} hold no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}){held}: "
+                        "add or convert their images, or remove the folders")
 
 
 def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path, str]]:
@@ -309,6 +322,7 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
         per_split = {s: _check_images(_scan_classes(root / s), cfg.skip_corrupt) for s in SPLITS}
     else:
         per_split = {"all": _check_images(_scan_classes(root), cfg.skip_corrupt)}
+    _check_no_empty_classes([root / s for s in SPLITS] if given else [root], per_split)
     unmapped = {}
     if class_map:
         per_split, unmapped = _map_classes(per_split, class_map, classes, root)

@@ -109,7 +109,22 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path / "nope")))
     (tmp_path / "only").mkdir()
-    with pytest.raises(DataError, match="found 0 class folders with images"):
+    with pytest.raises(DataError, match=r"class folders \['only'\] hold no readable images"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+
+
+def test_a_class_folder_without_images_is_named_not_dropped(mednist_root, tmp_path):
+    for split in ("train", "val", "test"):
+        _copy_classes(mednist_root, tmp_path / split, ["CXR", "Hand"], per_class=4)
+    _copy_classes(mednist_root, tmp_path / "train" / ".cache", ["CXR"], per_class=1)  # hidden folders are not classes
+    for image in (tmp_path / "val" / "Hand").iterdir():  # a class missing from one split only: a warning
+        image.unlink()
+    assert build_datasets(DataConfig(name="folder", root=str(tmp_path))).class_names == ["CXR", "Hand"]
+    for split in ("train", "val", "test"):
+        (tmp_path / split / "BreastMRI").mkdir()
+        (tmp_path / split / "BreastMRI" / "scan.dcm").write_bytes(b"DICM")
+    with pytest.raises(DataError, match=r"class folders \['BreastMRI'\] hold no readable images \(.bmp, .*\); "
+                                        r"they hold 3 .dcm files: add or convert"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path)))
 
 
