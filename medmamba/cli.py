@@ -301,13 +301,13 @@ def _report(args: argparse.Namespace) -> int:
 
     from .comparison import read_results, runs_text, write_report
     from .config import MlflowConfig
-    from .tracking import check_reachable, mlflow_run, open_tracker, resolve_uri
+    from .tracking import check_store, mlflow_run, open_tracker, resolve_uri
 
     if not (args.experiment or args.run_id or args.parent_run):
         raise ConfigError("say which runs to report: --experiment NAME, --run-id ID and/or --parent-run ID")
     tags = dict(parse_tag(t) for t in args.tag)
     uri = resolve_uri(args.tracking_uri)
-    check_reachable(uri)
+    check_store(uri, existing=True)
     results, counts = read_results(MlflowClient(uri), args.experiment, args.run_id, args.parent_run, tags)
     selection = args.experiment + args.run_id + ([f"runs under {args.parent_run}"] if args.parent_run else [])
     title = args.title or f"MedMamba report: {', '.join(selection)}"

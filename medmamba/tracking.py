@@ -53,6 +53,20 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "another --tracking-uri (default: sqlite:///mlruns.db)") from exc
 
 
+def check_store(uri: str, existing: bool = False) -> None:
+    """Raise TrackingError for a store MLflow cannot use: an unreachable server, a folder path
+    (MLflow 3 refuses its file store unless $MLFLOW_ALLOW_FILE_STORE is set) and, with
+    ``existing`` (reading runs), a SQLite file that is not there (MLflow would create an empty one)."""
+    check_reachable(uri)
+    if "://" not in uri or uri.startswith("file:"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+            raise TrackingError(f"tracking URI {uri} is a folder, MLflow's file store, which MLflow 3 no longer "
+                                "uses by default: give sqlite:///PATH.db or an http(s) server (or set "
+                                "MLFLOW_ALLOW_FILE_STORE=true to use the folder)")
+    elif existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]} (tracking URI {uri})")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -130,7 +144,7 @@ class Tracker:
 
     def __init__(self, uri: str | None, experiment: str):
         self.uri = resolve_uri(uri)
-        check_reachable(self.uri)
+        check_store(self.uri)
         with _first_use_lock(self.uri):  # the store's schema and the experiment are created once
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient  # (mlflow is imported when a run is tracked)

@@ -85,6 +85,17 @@ def test_unreachable_tracking_server_fails_before_training(medmnist_root, tmp_pa
     assert time.time() - start < 30 and not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_folder_or_missing_store_is_named_before_anything_runs(medmnist_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", str(tmp_path / "mlruns"))) == 2
+    assert f"tracking URI {tmp_path / 'mlruns'} is a folder, MLflow's file store" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    missing = tmp_path / "typo.db"  # reading runs never creates an empty store
+    assert main(["report", "--tracking-uri", f"sqlite:///{missing}", "--experiment", "x", "--output-dir",
+                 str(tmp_path / "report")]) == 2
+    assert f"no MLflow store at {missing}" in capsys.readouterr().err and not missing.exists()
+
+
 def test_bad_config_and_data_exit_2_with_the_reason(medmnist_root, tmp_path, capsys):
     assert main(_train_args(medmnist_root, tmp_path, "--set", "optim.lrr=1", "--no-mlflow")) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
