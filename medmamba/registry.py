@@ -91,7 +91,7 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | di
         patch = kwargs.get("patch_size", 4)
         if img_size is not None and img_size < patch:
             raise ConfigError(f"{name} needs images of at least {patch} px (its patch embedding), got {img_size}")
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)  # MedMamba runs at any size from 4 px
+        model = _REGISTRY[name](num_classes=num_classes, **kwargs)  # MedMamba runs at any size from its patch up
     else:
         ours_only = sorted(set(kwargs) - {"in_chans", "drop_path_rate"})
         if ours_only:
