@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     monitor: MetricName = "auc"  # validation metric for the best checkpoint and early stopping
-    early_stopping_patience: int | None = None  # epochs without improvement; None: off
+    early_stopping_patience: Annotated[int, Range(ge=1)] | None = None  # epochs without improvement; None: off
     # mixed precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 (CUDA or CPU); fp16 (CUDA, with a
     # GradScaler); off. true/false (older configs) mean auto/off.
     amp: Literal["auto", "bf16", "fp16", "off"] | bool = "auto"
@@ -83,14 +83,14 @@ class TrainConfig:
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # sgd only
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9  # sgd only
 
 
 @dataclass
 class SchedConfig:
     milestones: list[int] = field(default_factory=lambda: [50, 75])  # MultiStepLR, in epochs
-    gamma: float = 0.1
+    gamma: Annotated[float, Range(ge=0)] = 0.1
 
 
 @dataclass
@@ -108,7 +108,7 @@ class RayConfig:
     num_workers: int = 1  # Ray Train data-parallel workers (`medmamba train --workers`)
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0
-    max_failures: int = 2  # restarts of the worker group (Train) or of a trial (Tune) after a failure
+    max_failures: Annotated[int, Range(ge=-1)] = 2  # -1: no limit; restarts of the worker group (Train) or of a trial (Tune) after a failure
     autoscaling: bool = False  # true: the cluster adds nodes on demand; skip the check against its current size
 
 
@@ -116,15 +116,15 @@ class RayConfig:
 class TuneConfig:
     metric: str = "val_auc"  # a per-epoch key: val_accuracy, val_auc, val_f1, val_loss, train_loss
     mode: Literal["min", "max"] = "max"
-    num_samples: int = 16
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1
-    gpus_per_trial: float = 0
+    num_samples: Annotated[int, Range(ge=1)] = 16
+    max_concurrent: Annotated[int, Range(ge=1)] = 2
+    cpus_per_trial: Annotated[float, Range(ge=0)] = 1
+    gpus_per_trial: Annotated[float, Range(ge=0)] = 0
     # > 1: each trial is a Ray Train data-parallel run of this many workers (Tune over Train V2), the
     # trial's CPUs and GPUs split evenly among them (e.g. gpus_per_trial: 4, workers_per_trial: 4)
     workers_per_trial: Annotated[int, Range(ge=1)] = 1
-    grace_period: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    reduction_factor: int = 2  # ASHA
+    grace_period: Annotated[int, Range(ge=1)] = 1  # ASHA: epochs every trial runs before it can be stopped
+    reduction_factor: Annotated[int, Range(ge=2)] = 2  # ASHA
     seed: int = 0  # Optuna's TPE sampler
     # {config key: {choice: [...]} | {loguniform: [low, high]} | {uniform: [low, high]} | {randint: [low, high]}};
     # sched.milestones takes choices of comma-separated fractions of train.epochs, e.g. "0.5,0.75"
@@ -141,7 +141,7 @@ class FederatedConfig:
     # fedbn: BatchNorm layers stay local; fedadam/fedyogi/fedadagrad: adaptive server optimisers (Reddi
     # et al. 2021); fedavgm: server momentum
     strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = "fedavg"
-    mu: float = 0.01  # fedprox proximal term
+    mu: Annotated[float, Range(ge=0)] = 0.01  # fedprox proximal term
     server_lr: Annotated[float, Range(ge=0)] | None = None  # the server optimiser's step (None: Flower's default)
     server_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.0  # fedavgm
     beta_1: Annotated[float, Range(ge=0, lt=1)] = 0.9  # fedadam, fedyogi
@@ -153,8 +153,8 @@ class FederatedConfig:
     local_epochs: int = 1
     fraction_fit: float = 1.0  # share of the sites sampled to train each round
     min_clients: int = 2  # sites that must train (and be available) each round
-    client_cpus: float = 1  # resources of one simulated site
-    client_gpus: float = 0
+    client_cpus: Annotated[float, Range(ge=0)] = 1  # resources of one simulated site
+    client_gpus: Annotated[float, Range(ge=0)] = 0
     # differential privacy, on when dp_clipping_norm is set: each site clips its update; "central": the
     # server adds Gaussian noise (dp_noise_multiplier x clipping norm) to the aggregate, so it protects
     # against whoever sees the global model but trusts the server; "local": each site adds noise before
@@ -167,7 +167,7 @@ class FederatedConfig:
     centralized_baseline: bool = False  # also train on the pooled sites for rounds x local_epochs epochs
     # also train each site alone for rounds x local_epochs epochs and test every model at every site (simulation)
     local_baselines: bool = False
-    round_timeout: float = 3600  # seconds the server waits for a round's replies
+    round_timeout: Annotated[float, Range(ge=1)] = 3600  # seconds the server waits for a round's replies
 
 
 @dataclass

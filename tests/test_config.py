@@ -1,6 +1,7 @@
 """YAML configs with --set overrides: defaults, types, and errors that name the key."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,16 @@ def test_defaults_file_and_overrides(tmp_path):
     ("train.monitor=kappa", "config key train.monitor: expected a metric name"),
     ("data.split_ratios=[0.5, 0.5, 0.5]", "config key data.split_ratios"),
     ("optim.lr", "override 'optim.lr' is not key=value"),
+    ("tune.num_samples=0", "config key tune.num_samples: must be >= 1, got 0"),  # (an empty sweep crashed)
+    ("tune.reduction_factor=1", "config key tune.reduction_factor: must be >= 2, got 1"),
+    ("optim.momentum=1", "config key optim.momentum: must be in [0, 1), got 1.0"),
+    ("train.early_stopping_patience=0", "config key train.early_stopping_patience: must be >= 1, got 0"),
+    ("federated.round_timeout=0", "config key federated.round_timeout: must be >= 1, got 0.0"),
     ("train=1", "'train' is a config section, not a key: set one of its keys, e.g. train.epochs="),
     ("matrix={}", "'matrix' is a config section, not a key: set one of its keys, e.g. matrix.train.seed=[0, 1]"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
 
 
