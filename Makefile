@@ -34,7 +34,8 @@ $(LINKS): $(STAMP) $(PACKAGES)
 	$(PY) -m pip install --quiet --no-deps -e . --config-settings editable_mode=strict
 	touch $@
 
-demo: install
+demo: install  # a new run each time: the last demo's folder goes first
+	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/medmamba train --config configs/quick.yaml --output-dir $(DEMO_OUT) \
 		$(if $(DATA_ROOT),--set data.root=$(DATA_ROOT))
 

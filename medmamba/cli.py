@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .config import load_config, validate
@@ -53,6 +56,10 @@ def _run_config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
+    held = [f for f in ("last.pt", "ray_run.json") if (args.output_dir / f).is_file()]  # one process's, Ray Train's
+    if held and not args.resume:
+        raise ConfigError(f"{args.output_dir} already holds a training run ({held[0]}); continue it with --resume "
+                          "or choose another --output-dir")
     if args.kfold:
         return _cross_validate(cfg, args)
     if args.workers is not None:
@@ -456,12 +463,31 @@ def _check_output_dir(path: Path | None) -> None:
         raise ConfigError(f"--output-dir {path} cannot be written ({exc.strerror or exc}); choose another folder") from None
 
 
+@contextlib.contextmanager
+def _sole_run_in(path: Path) -> Iterator[None]:
+    """Hold ``path/.medmamba.lock`` while a training command runs there: a second one on the same
+    folder stops at once instead of overwriting the first one's checkpoints. The OS releases the
+    lock when the process ends, however it ends."""
+    with open(path / ".medmamba.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"--output-dir {path} is in use by another medmamba command ({lock.read().strip()}); "
+                              "wait for it to end or choose another folder") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_output_dir(getattr(args, "output_dir", None))
-        return args.func(args)
+        with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():
+            return args.func(args)
     except (MedMambaError, FileNotFoundError) as exc:
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2

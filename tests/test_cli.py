@@ -96,6 +96,26 @@ def test_a_folder_or_missing_store_is_named_before_anything_runs(medmnist_root, 
     assert f"no MLflow store at {missing}" in capsys.readouterr().err and not missing.exists()
 
 
+def test_a_finished_or_running_output_dir_is_never_overwritten(medmnist_root, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    assert main(_train_args(medmnist_root, out, "--no-mlflow")) == 0
+    saved = (out / "last.pt").read_bytes()
+    assert main(_train_args(medmnist_root, out, "--no-mlflow")) == 2
+    assert f"{out} already holds a training run (last.pt); continue it with --resume" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == saved
+    with open(out / ".medmamba.lock", "a+") as lock:  # another command's, running there now
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write("pid 4242")
+        lock.flush()
+        assert main(_train_args(medmnist_root, out, "--no-mlflow", "--resume")) == 2
+        assert f"--output-dir {out} is in use by another medmamba command (pid 4242)" in capsys.readouterr().err
+    assert main(_train_args(medmnist_root, out, "--no-mlflow", "--resume")) == 0  # a finished run stays finished
+    assert (out / "last.pt").read_bytes() == saved
+
+
 def test_bad_config_and_data_exit_2_with_the_reason(medmnist_root, tmp_path, capsys):
     assert main(_train_args(medmnist_root, tmp_path, "--set", "optim.lrr=1", "--no-mlflow")) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
