@@ -221,6 +221,10 @@ class FederatedRun:
     def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
         self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
         self.out.mkdir(parents=True, exist_ok=True)
+        held = [f for f in (STATE_FILE, REPORT_FILE) if (self.out / f).is_file()]
+        if held and not resume:  # its best.pt and report would be overwritten
+            raise ConfigError(f"{self.out} already holds a federated study ({held[0]}); continue it with --resume "
+                              "or choose another --output-dir")
         self.deployed = cfg.federated.partition == "deployed"
         self.recorder = RoundRecorder()
         self.data = None if self.deployed else pooled_datasets(cfg)  # the server's own test set, if any

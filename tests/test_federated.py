@@ -204,6 +204,9 @@ def test_fedavg_on_three_dirichlet_sites_learns_and_logs_every_site(mlflow_uri, 
     assert tested["auc"] == pytest.approx(rounds[best["round"] - 1]["global"]["auc"], abs=1e-6)
     assert run.data.tags["best_round"] == str(best["round"]) and "test_auc" in run.data.metrics
 
+    with pytest.raises(ConfigError, match="already holds a federated study .*; continue it with --resume"):
+        run_federated(tracked(cfg, mlflow_uri), tmp_path / "fed")  # a second study never overwrites the first
+
 
 @pytest.mark.slow  # (CI time; FedBN's unit tests above run in CI)
 @pytest.mark.parametrize("strategy", ["fedprox", "fedbn"])
