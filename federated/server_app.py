@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      FedProx, FedYogi)
 
 from medmamba.comparison import SITE_MATRIX
-from medmamba.config import Config, absolute_paths, check_resumable, load_config
+from medmamba.config import Config, absolute_paths, check_new_output, check_resumable, load_config
 from medmamba.data import make_loader
 from medmamba.errors import ConfigError, FederationError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint, predict_metrics
@@ -221,10 +221,7 @@ class FederatedRun:
     def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
         self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
         self.out.mkdir(parents=True, exist_ok=True)
-        held = [f for f in (STATE_FILE, REPORT_FILE) if (self.out / f).is_file()]
-        if held and not resume:  # its best.pt and report would be overwritten
-            raise ConfigError(f"{self.out} already holds a federated study ({held[0]}); continue it with --resume "
-                              "or choose another --output-dir")
+        check_new_output(self.out, "federated study", (STATE_FILE, REPORT_FILE), resume)
         self.deployed = cfg.federated.partition == "deployed"
         self.recorder = RoundRecorder()
         self.data = None if self.deployed else pooled_datasets(cfg)  # the server's own test set, if any

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import load_config, validate
+from .config import check_new_output, load_config, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
@@ -56,10 +56,7 @@ def _run_config(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _run_config(args)
-    held = [f for f in ("last.pt", "ray_run.json") if (args.output_dir / f).is_file()]  # one process's, Ray Train's
-    if held and not args.resume:
-        raise ConfigError(f"{args.output_dir} already holds a training run ({held[0]}); continue it with --resume "
-                          "or choose another --output-dir")
+    check_new_output(args.output_dir, "training run", ("last.pt", "ray_run.json"), args.resume)  # one process's, Ray Train's
     if args.kfold:
         return _cross_validate(cfg, args)
     if args.workers is not None:

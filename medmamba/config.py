@@ -392,6 +392,15 @@ RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "t
              "federated.client_gpus", "mlflow.", "ray.", "tune.", "matrix.")
 
 
+def check_new_output(out: Path, what: str, markers: tuple[str, ...], resume: bool) -> None:
+    """ConfigError when ``out`` already holds a ``what`` (one of its ``markers`` files is there) and
+    this is not a resume: a command never overwrites an earlier run's results."""
+    held = [m for m in markers if (Path(out) / m).is_file()]
+    if held and not resume:
+        raise ConfigError(f"{out} already holds a {what} ({held[0]}); continue it with --resume or choose "
+                          "another --output-dir")
+
+
 def check_resumable(saved: dict, cfg: Config, what: str | Path) -> None:
     """ConfigError naming every key in which ``cfg`` differs from the config ``saved`` with a run
     (``what``), but for those a resume may change (``RESUMABLE``)."""

@@ -239,9 +239,14 @@ class ImageFolderSplit(Dataset):
                             "was built, so it changed since: restore it or remove it") from exc
 
 
+def _class_dirs(root: Path) -> list[Path]:
+    """``root``'s class folders: its sub-folders, hidden ones (.cache, .ipynb_checkpoints) aside."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
     files = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in _class_dirs(root):
         files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     return files
 
@@ -249,8 +254,8 @@ def _scan_classes(root: Path) -> list[tuple[Path, str]]:
 def _check_no_empty_classes(roots: list[Path], per_split: dict[str, list[tuple[Path, str]]]) -> None:
     """DataError naming the class folders (hidden ones aside) with no readable image in any split,
     and what they hold instead (DICOM files, say), rather than training without those classes."""
-    folders = {d.name: d for r in roots for d in r.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    empty = sorted(set(folders) - {label for files in per_split.values() for _, label in files})
+    folders = {d.name for r in roots for d in _class_dirs(r)}
+    empty = sorted(folders - {label for files in per_split.values() for _, label in files})
     if empty:
         other = collections.Counter(f.suffix.lower() or f.name for name in empty for r in roots if (r / name).is_dir()
                         for f in (r / name).rglob("*") if f.is_file() and f.suffix.lower() not in IMAGE_SUFFIXES)

@@ -24,7 +24,8 @@ from typing import Any
 
 from ray import tune
 
-from medmamba.config import Config, absolute_paths, check_resumable, config_from_dict, with_values
+from medmamba.config import (Config, absolute_paths, check_new_output, check_resumable, config_from_dict,
+                             with_values)
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import check_model_name
@@ -133,10 +134,9 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
     out.mkdir(parents=True, exist_ok=True)
     grid, axes = cells(cfg), list(cfg.matrix)
     absolute_paths(cfg)
+    check_new_output(out, "matrix", (STATE_FILE,), resume)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if state and not resume:
-        raise ConfigError(f"{out} already holds a matrix; continue it with --resume or choose another --output-dir")
     if state:  # the recipe must be the one the finished cells ran (axes may grow)
         check_resumable(state["config"], cfg, state_file)
     state = state or {"parent_run_id": None, "name": f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"}

@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from medmamba.config import Config, absolute_paths, config_from_dict, save_config, with_values
+from medmamba.config import Config, absolute_paths, check_new_output, config_from_dict, save_config, with_values
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
@@ -297,6 +297,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
     ``{"best_params", "best_value", "test_metrics", "leaderboard"}``. MLflow: ``cfg.mlflow``."""
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_new_output(out, "sweep", (STATE_FILE,), resume)  # before Ray starts
     t = cfg.tune
     space = search_space(cfg)
     absolute_paths(cfg)
@@ -306,8 +307,6 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
                     cfg.ray.autoscaling)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
-    if state and not resume:
-        raise ConfigError(f"{out} already holds a sweep; continue it with --resume or choose another --output-dir")
     if state is None:
         state = {"storage_path": cfg.ray.storage_path or str(out / "ray"), "parent_run_id": None,
                  "name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
