@@ -10,13 +10,18 @@ One kernel pair serves both entry points, as the compiled CPU kernel does: K sca
 SS2D's four directions of a channels-last map, with its low-rank delta projection, bias,
 softplus and D skip fused, so neither the four sequences nor the full delta exist.
 
-One program scans ``BLOCK_D`` channels of one direction of one image with an fp32 state of
-(BLOCK_D, N) in registers. The forward writes each direction's y and the state at the start of
-every ``CHUNK`` steps; the backward walks the chunks last to first, recomputes each chunk's states
-from its saved start into a (batch, K*dim, CHUNK, N) scratch buffer and runs the adjoint
-recurrence back through it. No (batch, D, L, N) tensor exists. Gradients shared between programs
-(B and C by every channel of a group, the low-rank delta by every channel of a direction) are
-summed with fp32 atomic adds.
+One program scans ``BLOCK_D`` channels of one direction of one image, ``CHUNK`` steps at a time:
+it loads the chunk's inputs as (CHUNK, BLOCK_D) and (CHUNK, N) tiles, forms the (CHUNK, BLOCK_D, N)
+decays exp(delta*A) and inputs delta*u*B, and runs ``tl.associative_scan`` over the steps with
+the affine operator (h -> a*h + b), continuing from the state the previous chunk ended with
+(fp32). Triton's layout gives each thread all of a chunk's steps for one (channel, state), so
+the scan runs in registers, and a chunk's loads are issued together rather than one step after
+another. The forward writes each direction's y and the state at the start of every chunk; the
+backward walks the chunks last to first, recomputes each chunk's states from its saved start
+and runs the adjoint recurrence (G_l = dy_l C_l + a_(l+1) G_(l+1)) as a reverse scan in the same
+way. No (batch, D, L, N) tensor exists. Gradients shared between programs (B and C by every
+channel of a group, the low-rank delta by every channel of a direction) are summed with fp32
+atomic adds, one chunk at a time.
 """
 from __future__ import annotations
 
@@ -28,60 +33,81 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels made now run on CPU tensors, interpreted
-CHUNK = 32  # steps between saved states
+CHUNK = 16  # steps scanned together; the state is saved at the start of each chunk
 BLOCK_D = 16  # channels per program
+NUM_WARPS = 8  # the backward's (CHUNK, BLOCK_D, N) tiles need ~240 registers a thread at 8 warps: no spills
 
 
 @triton.jit
-def _bc_offsets(b, g, l, n, nm, mask, s_b, s_g, s_l, s_n, SHARED: tl.constexpr):
-    """Offsets and mask of B or C at (image b, group g, step l, states n): a vector when the
-    program's channels share one group (``SHARED``, g a scalar), else a row per channel."""
+def _affine(a1, b1, a2, b2):
+    """Compose two steps of h -> a*h + b, the first (a1, b1) then the second: the scans' operator."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _row(x, t, at: tl.constexpr):
+    """Row ``at`` of a (CHUNK, ...) tile: the state after a chunk's last step, or before its first."""
+    return tl.sum(tl.where(t[:, None, None] == at, x, 0.0), axis=0)
+
+
+@triton.jit
+def _bc_offsets(b, g, p, lm, n, nm, dm, s_b, s_g, s_l, s_n, SHARED: tl.constexpr):
+    """Offsets and mask of the B or C tile at (image b, groups g, positions p, states n): (CHUNK, N)
+    when the program's channels share one group (``SHARED``, g a scalar), else (CHUNK, BLOCK_D, N)."""
     if SHARED:
-        off, m = b * s_b + g * s_g + l * s_l + n * s_n, nm
+        off = b * s_b + g * s_g + p[:, None] * s_l + n[None, :] * s_n
+        m = lm[:, None] & nm[None, :]
     else:
-        off, m = b * s_b + g[:, None] * s_g + l * s_l + n[None, :] * s_n, mask
+        off = b * s_b + g[None, :, None] * s_g + p[:, None, None] * s_l + n[None, None, :] * s_n
+        m = lm[:, None, None] & dm[None, :, None] & nm[None, None, :]
     return off, m
 
 
 @triton.jit
 def _load_bc(ptr, off, m, SHARED: tl.constexpr):
+    """The B or C tile as (CHUNK, BLOCK_D or 1, N), fp32."""
     M = tl.load(ptr + off, mask=m, other=0.0).to(tl.float32)
     if SHARED:
-        M = M[None, :]
+        M = M[:, None, :]
     return M
 
 
 @triton.jit
 def _add_bc(ptr, off, m, value, SHARED: tl.constexpr):
+    """Add a (CHUNK, BLOCK_D, N) gradient into dB or dC, summed over the channels when they share a group."""
     if SHARED:
-        tl.atomic_add(ptr + off, tl.sum(value, axis=0), mask=m)
+        tl.atomic_add(ptr + off, tl.sum(value, axis=1), mask=m)
     else:
         tl.atomic_add(ptr + off, value, mask=m)
 
 
 @triton.jit
-def _delta(dt_ptr, W, b, k, p, d, r, dm, rm, bias, s_k, s_b, s_l, s_last,
+def _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, s_k, s_b, s_l, s_last,
            LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(raw, dt) of the program's channels at position p: delta (+ bias), softplus'd if asked;
-    in low rank, delta = W @ the position's R-vector of direction k."""
+    """(raw, dt, v) of the program's channels at positions p, (CHUNK, BLOCK_D): delta (+ bias),
+    softplus'd if asked, and 0 at steps past the end (so they leave the state as it is); in low
+    rank, delta = the position's R-vector v of direction k (CHUNK, BLOCK_R) times W."""
+    tm = lm[:, None] & dm[None, :]
     if LOW_RANK:
-        v = tl.load(dt_ptr + b * s_b + p * s_l + k * s_k + r * s_last, mask=rm, other=0.0).to(tl.float32)
-        raw = tl.sum(W * v[None, :], axis=1) + bias
+        v = tl.load(dt_ptr + b * s_b + p[:, None] * s_l + k * s_k + r[None, :] * s_last,
+                    mask=lm[:, None] & rm[None, :], other=0.0).to(tl.float32)
+        raw = tl.sum(v[:, None, :] * W[None, :, :], axis=2) + bias[None, :]
     else:
         v = r  # unused
-        raw = tl.load(dt_ptr + k * s_k + b * s_b + p * s_l + d * s_last, mask=dm, other=0.0).to(tl.float32) + bias
+        raw = tl.load(dt_ptr + k * s_k + b * s_b + p[:, None] * s_l + d[None, :] * s_last, mask=tm,
+                      other=0.0).to(tl.float32) + bias[None, :]
     if SOFTPLUS:  # as torch's softplus (threshold 20), written stably
         dt = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw))))
     else:
         dt = raw
-    return raw, dt, v
+    return raw, tl.where(tm, dt, 0.0), v
 
 
 @triton.jit
 def _group(k, DIM, c, rows, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
     """The B/C group (row) of channels c of direction k: one scalar when they all share one."""
     if SHARED:
-        g = (k * DIM + tl.program_id(2) * BLOCK_D) // rows
+        g = (k * DIM + tl.program_id(0) * BLOCK_D) // rows
     else:
         g = c // rows
     return g
@@ -91,12 +117,13 @@ def _group(k, DIM, c, rows, BLOCK_D: tl.constexpr, SHARED: tl.constexpr):
 def _program(A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c,
              HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SHARED_B: tl.constexpr,
              SHARED_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This program's image b, direction k, channels d (rows c = k*DIM + d of A, D, bias, W),
+    """This program's channels d (rows c = k*DIM + d of A, D, bias, W) of direction k of image b,
     states n, their masks, the per-channel parameters it keeps in registers, and its channels'
-    groups of B and C."""
-    b = tl.program_id(0)
+    groups of B and C. Channel blocks are the grid's first axis, so the programs that read the
+    same B and C run side by side."""
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.program_id(1)
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = tl.program_id(2)
     n = tl.arange(0, BLOCK_N)
     r = tl.arange(0, BLOCK_R)
     dm, nm, rm = d < DIM, n < N, r < R
@@ -125,24 +152,31 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
         BLOCK_D, BLOCK_N, BLOCK_R)
+    t = tl.arange(0, CHUNK)
     state = ((b * K * DIM + c) * n_chunks)[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for l in range(L):
-        if l % CHUNK == 0:
-            tl.store(start_ptr + state + (l // CHUNK) * N, h, mask=mask)
-        p = tl.load(pos_ptr + k * L + l)
-        u = tl.load(u_ptr + b * su_b + p * su_l + d * su_d, mask=dm, other=0.0).to(tl.float32)
-        _, dt, _ = _delta(dt_ptr, W, b, k, p, d, r, dm, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK, SOFTPLUS)
-        b_off, b_m = _bc_offsets(b, gb, p, n, nm, mask, sB_b, sB_g, sB_l, sB_n, SHARED_B)
-        c_off, c_m = _bc_offsets(b, gc, p, n, nm, mask, sC_b, sC_g, sC_l, sC_n, SHARED_C)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * _load_bc(B_ptr, b_off, b_m, SHARED_B)
-        y = tl.sum(h * _load_bc(C_ptr, c_off, c_m, SHARED_C), axis=1) + Dv * u
-        tl.store(y_ptr + k * sy_k + b * sy_b + p * sy_l + d * sy_d, y, mask=dm)
+    for ch in range(n_chunks):
+        tl.store(start_ptr + state + ch * N, h, mask=mask)
+        l = ch * CHUNK + t
+        lm = l < L
+        tm = lm[:, None] & dm[None, :]
+        p = tl.load(pos_ptr + k * L + l, mask=lm, other=0)
+        u = tl.load(u_ptr + b * su_b + p[:, None] * su_l + d[None, :] * su_d, mask=tm, other=0.0).to(tl.float32)
+        _, dt, _ = _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK,
+                          SOFTPLUS)
+        b_off, b_m = _bc_offsets(b, gb, p, lm, n, nm, dm, sB_b, sB_g, sB_l, sB_n, SHARED_B)
+        c_off, c_m = _bc_offsets(b, gc, p, lm, n, nm, dm, sC_b, sC_g, sC_l, sC_n, SHARED_C)
+        x = (dt * u)[:, :, None] * _load_bc(B_ptr, b_off, b_m, SHARED_B)
+        decay, hs = tl.associative_scan((tl.exp(dt[:, :, None] * A[None, :, :]), x), 0, _affine)
+        hs += decay * h[None, :, :]  # the chunk's states, (CHUNK, BLOCK_D, N)
+        y = tl.sum(hs * _load_bc(C_ptr, c_off, c_m, SHARED_C), axis=2) + Dv[None, :] * u
+        tl.store(y_ptr + k * sy_k + b * sy_b + p[:, None] * sy_l + d[None, :] * sy_d, y, mask=tm)
+        h = _row(hs, t, CHUNK - 1)
     tl.store(last_ptr + (b * K * DIM + c)[:, None] * N + n[None, :], h, mask=mask)
 
 
 @triton.jit
-def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_ptr, start_ptr, dout_ptr, scratch_ptr,
+def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_ptr, start_ptr, dout_ptr,
               du_ptr, ddt_ptr, dW_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
               K, DIM, N, L, R, n_chunks, rows_b, rows_c,
               su_b, su_l, su_d, sdt_k, sdt_b, sdt_l, sdt_last,
@@ -154,64 +188,59 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
         BLOCK_D, BLOCK_N, BLOCK_R)
+    t = tl.arange(0, CHUNK)
     row = b * K * DIM + c  # this program's rows of the per-image outputs
     state = (row * n_chunks)[:, None] * N + n[None, :]
-    scratch = (row * CHUNK)[:, None] * N + n[None, :]
-    gh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/d(state after the current step)
+    g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/d(state) at the first step of the later chunk
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dW = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for cc in range(n_chunks):
         ch = n_chunks - 1 - cc
-        l0 = ch * CHUNK
-        steps = tl.minimum(CHUNK, L - l0)
-        h = tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)
-        for j in range(steps):  # the chunk's states, recomputed from its start
-            p = tl.load(pos_ptr + k * L + l0 + j)
-            u = tl.load(u_ptr + b * su_b + p * su_l + d * su_d, mask=dm, other=0.0).to(tl.float32)
-            _, dt, _ = _delta(dt_ptr, W, b, k, p, d, r, dm, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK,
-                              SOFTPLUS)
-            b_off, b_m = _bc_offsets(b, gb, p, n, nm, mask, sB_b, sB_g, sB_l, sB_n, SHARED_B)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * _load_bc(B_ptr, b_off, b_m, SHARED_B)
-            tl.store(scratch_ptr + scratch + j * N, h, mask=mask)
-        for jj in range(steps):  # the adjoint recurrence, last step first
-            j = steps - 1 - jj
-            p = tl.load(pos_ptr + k * L + l0 + j)
-            u = tl.load(u_ptr + b * su_b + p * su_l + d * su_d, mask=dm, other=0.0).to(tl.float32)
-            dy = tl.load(dout_ptr + b * sdo_b + p * sdo_l + d * sdo_d, mask=dm, other=0.0).to(tl.float32)
-            raw, dt, v = _delta(dt_ptr, W, b, k, p, d, r, dm, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK,
-                                SOFTPLUS)
-            b_off, b_m = _bc_offsets(b, gb, p, n, nm, mask, sB_b, sB_g, sB_l, sB_n, SHARED_B)
-            c_off, c_m = _bc_offsets(b, gc, p, n, nm, mask, sC_b, sC_g, sC_l, sC_n, SHARED_C)
-            Bl = _load_bc(B_ptr, b_off, b_m, SHARED_B)
-            Cl = _load_bc(C_ptr, c_off, c_m, SHARED_C)
-            h = tl.load(scratch_ptr + scratch + j * N, mask=mask, other=0.0)
-            if j > 0:
-                h_prev = tl.load(scratch_ptr + scratch + (j - 1) * N, mask=mask, other=0.0)
-            else:
-                h_prev = tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)
-            gh += dy[:, None] * Cl
-            gc_off, _ = _bc_offsets(b, gc, p, n, nm, mask, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
-            _add_bc(dC_ptr, gc_off, c_m, dy[:, None] * h, SHARED_C)
-            a = tl.exp(dt[:, None] * A)
-            ddt = tl.sum(gh * (A * a * h_prev + u[:, None] * Bl), axis=1)
-            tl.store(du_ptr + k * sdu_k + b * sdu_b + p * sdu_l + d * sdu_d,
-                     tl.sum(gh * dt[:, None] * Bl, axis=1) + dy * Dv, mask=dm)
-            gb_off, _ = _bc_offsets(b, gb, p, n, nm, mask, sgB_b, sgB_g, sgB_l, sgB_n, SHARED_B)
-            _add_bc(dB_ptr, gb_off, b_m, gh * (dt * u)[:, None], SHARED_B)
-            dA += gh * dt[:, None] * a * h_prev
-            dD += dy * u
-            gh = gh * a
-            if SOFTPLUS:
-                ddt = ddt / (1.0 + tl.exp(-raw))
-            dbias += ddt
-            if LOW_RANK:
-                tl.atomic_add(ddt_ptr + b * sgdt_b + p * sgdt_l + k * sgdt_k + r * sgdt_last,
-                              tl.sum(ddt[:, None] * W, axis=0), mask=rm)
-                dW += ddt[:, None] * v[None, :]
-            else:
-                tl.store(ddt_ptr + k * sgdt_k + b * sgdt_b + p * sgdt_l + d * sgdt_last, ddt, mask=dm)
+        l = ch * CHUNK + t
+        lm = l < L
+        tm = lm[:, None] & dm[None, :]
+        p = tl.load(pos_ptr + k * L + l, mask=lm, other=0)
+        u = tl.load(u_ptr + b * su_b + p[:, None] * su_l + d[None, :] * su_d, mask=tm, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + b * sdo_b + p[:, None] * sdo_l + d[None, :] * sdo_d, mask=tm, other=0.0).to(tl.float32)
+        raw, dt, v = _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK,
+                            SOFTPLUS)
+        b_off, b_m = _bc_offsets(b, gb, p, lm, n, nm, dm, sB_b, sB_g, sB_l, sB_n, SHARED_B)
+        c_off, c_m = _bc_offsets(b, gc, p, lm, n, nm, dm, sC_b, sC_g, sC_l, sC_n, SHARED_C)
+        Bt = _load_bc(B_ptr, b_off, b_m, SHARED_B)
+        x = (dt * u)[:, :, None] * Bt
+        decay, hs = tl.associative_scan((tl.exp(dt[:, :, None] * A[None, :, :]), x), 0, _affine)
+        hs += decay * tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)[None, :, :]  # states, recomputed
+        gc_off, _ = _bc_offsets(b, gc, p, lm, n, nm, dm, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
+        _add_bc(dC_ptr, gc_off, c_m, dy[:, :, None] * hs, SHARED_C)
+        ah = hs - x  # a_l * h_(l-1)
+        # the adjoint, last step first: G_l = dy_l C_l + a_(l+1) G_(l+1), with a_(l+1) from the next position
+        ln = l + 1
+        _, dt_next, _ = _delta(dt_ptr, W, b, k, tl.load(pos_ptr + k * L + ln, mask=ln < L, other=0), ln < L, d, dm,
+                               r, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK, SOFTPLUS)
+        carry, G = tl.associative_scan((tl.exp(dt_next[:, :, None] * A[None, :, :]),
+                                        dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C)), 0, _affine,
+                                       reverse=True)
+        G += carry * g[None, :, :]
+        g = _row(G, t, 0)
+        ddt = tl.sum(G * (A[None, :, :] * ah + u[:, :, None] * Bt), axis=2)
+        tl.store(du_ptr + k * sdu_k + b * sdu_b + p[:, None] * sdu_l + d[None, :] * sdu_d,
+                 tl.sum(G * Bt, axis=2) * dt + dy * Dv[None, :], mask=tm)
+        gb_off, _ = _bc_offsets(b, gb, p, lm, n, nm, dm, sgB_b, sgB_g, sgB_l, sgB_n, SHARED_B)
+        _add_bc(dB_ptr, gb_off, b_m, G * (dt * u)[:, :, None], SHARED_B)
+        dA += tl.sum(G * dt[:, :, None] * ah, axis=0)
+        dD += tl.sum(dy * u, axis=0)
+        if SOFTPLUS:
+            ddt = ddt / (1.0 + tl.exp(-raw))
+        ddt = tl.where(tm, ddt, 0.0)
+        dbias += tl.sum(ddt, axis=0)
+        if LOW_RANK:
+            tl.atomic_add(ddt_ptr + b * sgdt_b + p[:, None] * sgdt_l + k * sgdt_k + r[None, :] * sgdt_last,
+                          tl.sum(ddt[:, :, None] * W[None, :, :], axis=1), mask=lm[:, None] & rm[None, :])
+            dW += tl.sum(ddt[:, :, None] * v[:, None, :], axis=0)
+        else:
+            tl.store(ddt_ptr + k * sgdt_k + b * sgdt_b + p[:, None] * sgdt_l + d[None, :] * sgdt_last, ddt, mask=tm)
     tl.store(dA_ptr + row[:, None] * N + n[None, :], dA, mask=mask)
     tl.store(dD_ptr + row, dD, mask=dm)
     tl.store(dbias_ptr + row, dbias, mask=dm)
@@ -267,7 +296,7 @@ class _FusedScan(torch.autograd.Function):
         ddelta = new(delta.shape) if W is None else zeros(delta.shape)  # low rank: summed over channels
         dB, dC = zeros(B.shape), zeros(C.shape)  # summed over a group's channels (and broadcast dimensions)
         _scan_bwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A), positions, starts, dout,
-                                      new(batch, KD, CHUNK, N), du, ddelta, dW, dA, dB, dC, dD, dbias,
+                                      du, ddelta, dW, dA, dB, dC, dD, dbias,
                                       *_sizes(meta), *_strides(u), *_strides(delta), *_strides(B), *_strides(C),
                                       *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dB),
                                       *_strides(dC), **_flags(meta, D, bias, W))
@@ -282,7 +311,7 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
 
 
 def _grid(meta: dict, batch: int) -> tuple[int, int, int]:
-    return batch, meta["K"], triton.cdiv(meta["dim"], BLOCK_D)
+    return triton.cdiv(meta["dim"], BLOCK_D), meta["K"], batch
 
 
 def _sizes(meta: dict) -> tuple[int, ...]:
@@ -290,7 +319,8 @@ def _sizes(meta: dict) -> tuple[int, ...]:
 
 
 def _flags(meta: dict, D, bias, W) -> dict:
-    return dict(HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None, SOFTPLUS=meta["softplus"],
+    """The kernels' compile-time arguments and launch options."""
+    return dict(num_warps=NUM_WARPS, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None, SOFTPLUS=meta["softplus"],
                 SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK, BLOCK_D=BLOCK_D,
                 BLOCK_N=triton.next_power_of_2(meta["N"]), BLOCK_R=triton.next_power_of_2(meta["R"]))
 

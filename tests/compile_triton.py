@@ -3,22 +3,33 @@ Triton IR, GPU IR, LLVM, PTX and, with ptxas, a cubin) runs on any machine. It t
 the interpreter never does (one type per variable across branches and loop iterations, return
 types), so a kernel that passes the interpreter tests but would not compile fails here.
 
+It also reads each cubin's resource use (Triton's bundled cuobjdump): registers a thread and
+stack bytes, which are register spills here. A kernel that spills its tiles stores and reloads
+them through local memory on every chunk, so more than ``MAX_STACK`` bytes (a few values, as
+ptxas spills for sm_80's forward) fails the run as a compile error does.
+
 Run without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions):
     python tests/compile_triton.py [--arch 90]
-Prints one line per kernel variant compiled; exits non-zero at the first that does not.
+Prints one line per kernel variant compiled; exits non-zero at the first that does not compile
+or spills.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 # data (not gradient) pointers whose dtype follows the inputs'; the rest are fp32 (or int64 positions)
 INPUTS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "dout_ptr"}
+MAX_STACK = 64  # bytes of spilled registers a kernel may have
 # (name, input dtype, flags): the variants the two entry points launch
 VARIANTS = [
     ("SS2D low-rank delta, D, bias", "fp32", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
@@ -29,12 +40,14 @@ VARIANTS = [
                                            SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=1)),
     ("selective_scan_fn fixed B, grouped C", "fp16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=False,
                                                           SOFTPLUS=True, SHARED_B=False, SHARED_C=False,
-                                                          BLOCK_N=4, BLOCK_R=1)),
+                                                          BLOCK_N=16, BLOCK_R=1)),
 ]
 
 
 def compile_variant(kernel, dtype: str, flags: dict, target: GPUTarget):
-    const = {**flags, "CHUNK": 32, "BLOCK_D": 16}
+    from medmamba.kernels import triton_scan
+
+    const = {**flags, "CHUNK": triton_scan.CHUNK, "BLOCK_D": triton_scan.BLOCK_D}
     names = kernel.arg_names
     signature = {}
     for name in names:
@@ -47,7 +60,17 @@ def compile_variant(kernel, dtype: str, flags: dict, target: GPUTarget):
         else:
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
-    return triton.compile(source, target=target)
+    return triton.compile(source, target=target, options={"num_warps": triton_scan.NUM_WARPS})
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """The kernel's registers a thread (REG) and stack bytes (STACK), as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", dump)}
 
 
 def main() -> int:
@@ -62,8 +85,12 @@ def main() -> int:
     for name, dtype, flags in VARIANTS:
         for kernel in (triton_scan._scan_fwd, triton_scan._scan_bwd):
             compiled = compile_variant(kernel, dtype, flags, target)
-            print(f"sm_{args.arch} {kernel.__name__} {name} {dtype}: {len(compiled.asm['ptx'])} chars of PTX, "
-                  f"{len(compiled.asm['cubin'])} bytes of cubin")
+            use = resource_usage(compiled.asm["cubin"])
+            print(f"sm_{args.arch} {kernel.__name__} {name} {dtype}: {len(compiled.asm['cubin'])} bytes of cubin, "
+                  f"{use['REG']} registers, {use['STACK']} bytes of stack", flush=True)
+            if use["STACK"] > MAX_STACK:
+                print(f"{kernel.__name__} spills registers ({use['STACK']} bytes of stack)", file=sys.stderr)
+                return 1
     return 0
 
 
