@@ -11,11 +11,16 @@ sizes: a smoke test, not a measurement of anything a GPU user cares about.
 Sections:
 1. correctness: every scan backend the device has (Triton, chunked PyTorch, mamba-ssm when
    importable, the compiled CPU kernel on a CPU) against the per-step reference, forward and
-   gradients, fp32: max relative error.
+   gradients, fp32: max relative error, for ``selective_scan_fn`` and for SS2D's
+   ``cross_selective_scan`` (four directions of a non-square map, low-rank delta).
 2. scan: ``cross_selective_scan`` forward + backward at MedMamba-T's stage-1 and stage-3 shapes
-   at 224 px (batch 32 on a GPU): time, peak memory, and the HBM-traffic floor: the bytes the scan
-   must read and write (inputs and output forward; inputs, output gradient and input gradients
-   backward) over the copy bandwidth measured in this run.
+   at 224 px (batch 32 on a GPU): time, peak memory, and two floors. The HBM-traffic floor: the
+   bytes the scan must read and write (inputs and output forward; inputs, output gradient and
+   input gradients backward) over the copy bandwidth measured in this run. The exp floor: the
+   exp(delta*A) any kernel must compute when it does not store the (batch, D, L, N) decays (one
+   per state element forward, one backward) over the exp rate measured in this run by a Triton
+   kernel of independent exp chains. At N = 16 the scan does ~30 flops and those 2 exps per
+   state element for ~20 bytes of traffic per channel step, so the exp floor is the higher one.
 3. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
    autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
 4. resume: MedMamba-T trained by ``Trainer`` on the device (synthetic images, no dataset needed)
@@ -35,6 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # only the exp floor needs Triton
+    triton = None
 
 from medmamba import create_model
 from medmamba.kernels import BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref
@@ -72,8 +83,10 @@ def backends(device: torch.device) -> list[str]:
     return found
 
 
-def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16, L: int = 300) -> list[str]:
-    """Max relative error of each backend's forward and gradients against the reference."""
+def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16, L: int = 300,
+                hw: tuple[int, int] = (9, 13)) -> list[str]:
+    """Max relative error of each backend's forward and gradients against the reference: the
+    selective scan over L steps, and the cross scan over an ``hw`` map."""
     g = torch.Generator().manual_seed(0)
     inputs = dict(u=torch.randn(batch, dim, L, generator=g), delta=0.5 * torch.rand(batch, dim, L, generator=g),
                   A=-(0.5 + 4 * torch.rand(dim, n, generator=g)), B=torch.randn(batch, 2, n, L, generator=g),
@@ -93,7 +106,37 @@ def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16
     for name in backends(device):
         out, grads = run(selective_scan_fn, backend=name)
         worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
-        rows.append(f"| correctness | {name} | forward rel err {rel(out, want):.1e} | "
+        rows.append(f"| correctness selective_scan_fn | {name} | forward rel err {rel(out, want):.1e} | "
+                    f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
+    return rows + cross_correctness(device, rel, batch, *hw, dim, n)
+
+
+def cross_correctness(device: torch.device, rel, batch: int, H: int, W: int, dim: int, n: int,
+                      rank: int = 6) -> list[str]:
+    """``cross_selective_scan`` (SS2D's four directions, low-rank delta, bias, softplus, D) of each
+    backend against the reference."""
+    g = torch.Generator().manual_seed(1)
+    L = H * W
+    inputs = dict(x=torch.randn(batch, H, W, dim, generator=g), delta=torch.randn(batch, L, 4, rank, generator=g),
+                  A=-(0.5 + 4 * torch.rand(4 * dim, n, generator=g)), B=torch.randn(batch, L, 4, n, generator=g),
+                  C=torch.randn(batch, L, 4, n, generator=g), D=torch.randn(4 * dim, generator=g),
+                  delta_bias=0.3 * torch.rand(4 * dim, generator=g), delta_proj=0.3 * torch.randn(4, dim, rank,
+                                                                                                generator=g))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def run(backend: str):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out = cross_selective_scan(leaves["x"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves["D"],
+                                   leaves["delta_bias"], True, leaves["delta_proj"], backend=backend)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device).view_as(out))
+        return out.detach(), {k: v.grad for k, v in leaves.items()}
+
+    want, want_grads = run("ref")
+    rows = []
+    for name in backends(device):
+        out, grads = run(name)
+        worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
+        rows.append(f"| correctness cross_selective_scan | {name} | forward rel err {rel(out, want):.1e} | "
                     f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
     return rows
 
@@ -121,8 +164,29 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * 4 / _median_seconds(lambda: y.copy_(x), device, 10)
 
 
+if triton is not None:
+    @triton.jit
+    def _exp_chains(x_ptr, steps, BLOCK: tl.constexpr):
+        """Each thread runs BLOCK / threads independent chains of ``steps`` exps (no memory traffic)."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets)
+        for _ in range(steps):
+            x = tl.exp(x * -0.5)
+        tl.store(x_ptr + offsets, x)
+
+
+def exp_rate(device: torch.device) -> float | None:
+    """exps a second this GPU sustains (None without a GPU or Triton)."""
+    if device.type != "cuda" or triton is None:
+        return None
+    block, programs, steps = 4096, 8192, 256
+    x = torch.rand(programs * block, device=device)
+    seconds = _median_seconds(lambda: _exp_chains[(programs,)](x, steps, BLOCK=block), device, 5)
+    return x.numel() * steps / seconds
+
+
 def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
-    bandwidth, rows = copy_bandwidth(device), []
+    bandwidth, exps_per_second, rows = copy_bandwidth(device), exp_rate(device), []
     shapes = scan_shapes()
     for stage in (0, 2):
         H, W, d, n = shapes[stage]
@@ -136,6 +200,7 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
         inputs = [x, delta, proj, B, C]
         moved = sum(t.numel() for t in inputs) * 4
         floor = (moved + x.numel() * 4 + 2 * moved + x.numel() * 4) / bandwidth  # fwd: in + out; bwd: in, dout, grads
+        exp_floor = 2 * 4 * x.numel() * n / exps_per_second if exps_per_second else None  # 4 directions
         # the chunked PyTorch scan is a GPU's fallback; on a CPU it takes seconds here and tells nothing
         for name in [b for b in backends(device) if b != "torch" or device.type == "cuda"]:
             def step(name=name):
@@ -146,9 +211,15 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
             seconds = _median_seconds(step, device, steps)
             peak = (f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda"
                     else "no peak memory on CPU")
+            exps = (f"; {seconds / exp_floor:.1f}x the exp floor ({exp_floor * 1e3:.3f} ms at "
+                    f"{exps_per_second / 1e12:.2f} T exp/s)" if exp_floor else "")
             rows.append(f"| scan stage {stage + 1} ({H}x{W}, d {d}, n {n}, batch {batch}) | {name} | "
-                        f"{seconds * 1e3:.2f} ms fwd+bwd, {peak} | "
-                        f"{seconds / floor:.1f}x the HBM floor ({floor * 1e3:.3f} ms at {bandwidth / 1e9:.0f} GB/s) |")
+                        f"{seconds * 1e3:.2f} ms fwd+bwd, {peak} | {seconds / floor:.1f}x the HBM floor "
+                        f"({floor * 1e3:.3f} ms at {bandwidth / 1e9:.0f} GB/s){exps} |")
+            if stage == 0 and name == "triton" and device.type == "cuda":
+                verdict = "met" if seconds <= 2 * floor else "NOT met"
+                rows.append(f"| target: Triton scan stage 1 within 2x of the HBM floor | triton | "
+                            f"{seconds / floor:.1f}x | {verdict} |")
     return rows
 
 

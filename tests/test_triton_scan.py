@@ -130,8 +130,8 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
         sys.path.pop(0)
     device = torch.device("cpu")
     assert gpu_check.backends(device) == ["triton", "cpu", "torch"]  # triton: interpreted in this session
-    rows = gpu_check.correctness(device, batch=1, dim=16, n=4, L=40)
-    assert len(rows) == 3
+    rows = gpu_check.correctness(device, batch=1, dim=16, n=4, L=40, hw=(3, 5))
+    assert len(rows) == 6 and sum("cross_selective_scan" in row for row in rows) == 3
     for row in rows:
         forward, gradients = (float(part.split("err ")[1].split()[0]) for part in row.split("|")[3:5])
         assert forward <= 1e-5 and gradients <= 1e-4, row
