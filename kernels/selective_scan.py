@@ -40,12 +40,24 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_import_errors: dict[str, str] = {}  # why mamba-ssm or Triton is not usable, for the messages
+
+
+def _why(error: Exception, package: str) -> str:
+    """'is not installed', or how an installed package failed to import (a CUDA build that does not
+    match this torch, a missing libcudart, ...)."""
+    if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == package:
+        return "is not installed"
+    return f"is installed but does not import ({type(error).__name__}: {str(error)[:300]})"
+
+
 @functools.lru_cache(maxsize=1)
 def _mamba_scan():
     """mamba-ssm's selective_scan_fn, or None when mamba-ssm (or its CUDA build) is missing."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:
+    except Exception as error:
+        _import_errors["mamba-ssm"] = _why(error, "mamba_ssm")
         return None
     return selective_scan_fn
 
@@ -55,7 +67,8 @@ def _triton_scan():
     """The Triton scan module (``triton_scan``), or None when Triton is not importable."""
     try:
         from . import triton_scan
-    except Exception:
+    except Exception as error:
+        _import_errors["triton"] = _why(error, "triton")
         return None
     return triton_scan
 
@@ -68,10 +81,11 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
         if device.type != "cuda":
             raise ValueError(f"selective_scan: backend 'mamba' needs CUDA tensors, got {device}")
         if _mamba_scan() is None:
-            raise RuntimeError("selective_scan: mamba-ssm is not importable; install medmamba[gpu]")
+            raise RuntimeError(f"selective_scan: mamba-ssm {_import_errors['mamba-ssm']}; install medmamba[gpu] "
+                               "(it compiles against this torch and CUDA) or use backend='triton'")
     if backend == "triton":
         if _triton_scan() is None:
-            raise RuntimeError("selective_scan: triton is not importable")
+            raise RuntimeError(f"selective_scan: triton {_import_errors['triton']}")
         if device.type != "cuda" and not (device.type == "cpu" and _triton_scan().INTERPRETED):
             raise ValueError(f"selective_scan: backend 'triton' needs CUDA tensors (or CPU ones when the "
                              f"process started with TRITON_INTERPRET=1), got {device}")
@@ -86,10 +100,11 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
         if _mamba_scan() is not None:
             return "mamba"
         if _triton_scan() is not None:
-            _warn_once("cuda", "selective_scan: mamba-ssm is not installed; CUDA tensors use the Triton scan")
+            _warn_once("cuda", f"selective_scan: CUDA tensors use the Triton scan: mamba-ssm "
+                       f"{_import_errors['mamba-ssm']}")
             return "triton"
-        _warn_once("cuda", "selective_scan: neither mamba-ssm nor triton is importable; CUDA tensors use the "
-                   "slower chunked PyTorch scan")
+        _warn_once("cuda", f"selective_scan: CUDA tensors use the slower chunked PyTorch scan: mamba-ssm "
+                   f"{_import_errors['mamba-ssm']}, and triton {_import_errors['triton']}")
         return "torch"
     if device.type == "cpu":
         if _cpu_ext.load() is not None:

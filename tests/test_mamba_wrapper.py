@@ -113,3 +113,23 @@ def test_cross_selective_scan_passes_mamba_ssm_its_layout(mamba, dtype):
         results.append([out.detach()] + [t.grad for t in leaves.values()])
     for name, got, want in zip(["out", *inputs], *results):
         assert got.dtype == dtype and rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2), name
+
+
+def test_a_mamba_ssm_build_that_does_not_import_is_named(wrapper_root, monkeypatch):
+    """mamba-ssm installed without a working CUDA build (no ``selective_scan_cuda``: the recurring
+    complaint): CUDA tensors fall back to the Triton scan and the warning says why; forcing
+    backend="mamba" names the import error and the way out."""
+    monkeypatch.syspath_prepend(str(wrapper_root))
+    monkeypatch.delitem(sys.modules, "selective_scan_cuda", raising=False)
+    monkeypatch.setattr(selective_scan, "_warned", set())
+    selective_scan._mamba_scan.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"Triton scan: mamba-ssm is installed but does not import "
+                                                r"\(ModuleNotFoundError: No module named 'selective_scan_cuda'\)"):
+            assert selective_scan.resolve_backend(torch.device("cuda")) == "triton"
+        with pytest.raises(RuntimeError, match=r"selective_scan_cuda.*install medmamba\[gpu\].*backend='triton'"):
+            selective_scan.resolve_backend(torch.device("cuda"), "mamba")
+    finally:
+        selective_scan._mamba_scan.cache_clear()
+        for name in [name for name in sys.modules if name.split(".")[0] == "mamba_ssm"]:
+            del sys.modules[name]
