@@ -20,7 +20,7 @@ Sections:
    exp(delta*A) any kernel must compute when it does not store the (batch, D, L, N) decays (one
    per state element forward, one backward) over the exp rate measured in this run by a Triton
    kernel of independent exp chains. At N = 16 the scan does ~30 flops and those 2 exps per
-   state element for ~20 bytes of traffic per channel step: by an H200's data sheet the exp
+   state element, for about 10 bytes of traffic per channel and step: by an H200's data sheet the exp
    floor is about 3x the HBM floor (measured here, not assumed).
 3. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
    autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
