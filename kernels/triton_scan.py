@@ -320,8 +320,9 @@ def _sizes(meta: dict) -> tuple[int, ...]:
 
 def _flags(meta: dict, D, bias, W) -> dict:
     """The kernels' compile-time arguments and launch options."""
-    return dict(num_warps=NUM_WARPS, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None, SOFTPLUS=meta["softplus"],
-                SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK, BLOCK_D=BLOCK_D,
+    return dict(num_warps=NUM_WARPS, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None,
+                SOFTPLUS=meta["softplus"], SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK,
+                BLOCK_D=BLOCK_D,
                 BLOCK_N=triton.next_power_of_2(meta["N"]), BLOCK_R=triton.next_power_of_2(meta["R"]))
 
 
