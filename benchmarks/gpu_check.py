@@ -31,6 +31,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import statistics
 import subprocess
@@ -221,7 +222,34 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                 verdict = "met" if seconds <= 2 * floor else "NOT met"
                 rows.append(f"| target: Triton scan stage 1 within 2x of the HBM floor | triton | "
                             f"{seconds / floor:.1f}x | {verdict} |")
+                for config in TRITON_CONFIGS:  # the kernel's tile sizes, for the next session to pick from
+                    tiles = f"triton, chunk {config[0]}, {config[1]} channels, {config[2]} warps"
+                    try:
+                        with _triton_config(*config):
+                            other = _median_seconds(step, device, steps)
+                    except Exception as exc:  # a tile size this GPU cannot compile or launch: a row, not a crash
+                        rows.append(f"| scan stage 1, other Triton tiles | {tiles} | failed: "
+                                    f"{type(exc).__name__}: {str(exc)[:120]} | |")
+                        continue
+                    rows.append(f"| scan stage 1, other Triton tiles | {tiles} | {other * 1e3:.2f} ms fwd+bwd | "
+                                f"{other / seconds:.2f}x the default's time |")
     return rows
+
+
+TRITON_CONFIGS = [(16, 8, 4), (8, 16, 4), (32, 16, 8), (16, 16, 4), (16, 32, 8)]  # (CHUNK, BLOCK_D, NUM_WARPS)
+
+
+@contextlib.contextmanager
+def _triton_config(chunk: int, block_d: int, num_warps: int):
+    """The Triton scan with other tile sizes (module constants its launcher reads at each call)."""
+    from medmamba.kernels import triton_scan
+
+    saved = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
+    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = chunk, block_d, num_warps
+    try:
+        yield
+    finally:
+        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = saved
 
 
 def throughput(device: torch.device, size: int, batch: int, steps: int) -> list[str]:
@@ -297,7 +325,8 @@ def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if not (killed / "last.pt").is_file():
-            return [f"| resume after SIGKILL | Trainer | the run ended (exit {proc.returncode}) before a checkpoint | |"]
+            return [f"| resume after SIGKILL | Trainer | the run ended (exit {proc.returncode}) before a "
+                    "checkpoint | |"]
         after = torch.load(killed / "last.pt", weights_only=True, map_location="cpu")["epoch"]
         resumed = _train(killed, str(device), size, images, epochs, resume=True)
     diff = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(straight, resumed))

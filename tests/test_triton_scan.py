@@ -118,8 +118,8 @@ def test_the_triton_backend_runs_here_only_under_the_interpreter():
     assert resolve_backend(torch.device("cpu")) == "cpu"  # never chosen automatically on a CPU
 
 
-def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
-    """benchmarks/gpu_check.py on a machine without a GPU: every backend here checked, no crash."""
+def _gpu_check():
+    """benchmarks/gpu_check.py as a module."""
     import sys
     from pathlib import Path
 
@@ -128,6 +128,12 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
         import gpu_check
     finally:
         sys.path.pop(0)
+    return gpu_check
+
+
+def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
+    """benchmarks/gpu_check.py on a machine without a GPU: every backend here checked, no crash."""
+    gpu_check = _gpu_check()
     device = torch.device("cpu")
     assert gpu_check.backends(device) == ["triton", "cpu", "torch"]  # triton: interpreted in this session
     rows = gpu_check.correctness(device, batch=1, dim=16, n=4, L=40, hw=(3, 5))
@@ -139,6 +145,21 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
     (row,) = gpu_check.resume_check(device, size=16, images=48, epochs=2)  # killed after epoch 1, resumed
     assert "killed after epoch 1, resumed" in row and "over 2 epochs" in row, row
     assert float(row.split("|Δ train loss| ")[1].split()[0]) <= 1e-6, row
+
+
+def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
+    """The other (CHUNK, BLOCK_D, NUM_WARPS) the GPU check times: same results, and the defaults back."""
+    gpu_check = _gpu_check()
+    inputs = _cross_inputs(1, 3, 7, 24, 4, torch.float32, low_rank=True, seed=11)
+    want = _cross(inputs, "ref", True)
+    defaults = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
+    for config in gpu_check.TRITON_CONFIGS:
+        with gpu_check._triton_config(*config):
+            assert (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS) == config
+            got = _cross(inputs, "triton", True)
+        for name, g, w in zip(["out", *_leaves(inputs)], got, want):
+            assert rel_err(g, w) <= (1e-5 if name == "out" else 1e-4), (config, name)
+    assert (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS) == defaults
 
 
 def test_an_ss2d_block_trains_under_bf16_autocast_on_the_triton_scan(monkeypatch):
