@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -352,13 +353,23 @@ def main() -> None:
     where = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a smoke test at small sizes, not a measurement)"
     print(f"torch {torch.__version__}, {where}; scan backends here: {', '.join(backends(device))}")
     print("| check | path | result | |\n|---|---|---|---|")
-    sections = [lambda: correctness(device),
-                lambda: scan_benchmark(device, 32 if gpu else 1, steps),
-                lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps),
-                lambda: resume_check(device, 64 if gpu else 16, 384 if gpu else 48)]
-    for section in sections:
-        for row in section():
+    sections = {"correctness": lambda: correctness(device),
+                "scan": lambda: scan_benchmark(device, 32 if gpu else 1, steps),
+                "throughput": lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps),
+                "resume": lambda: resume_check(device, 64 if gpu else 16, 384 if gpu else 48)}
+    took, failed = [], 0
+    for name, section in sections.items():
+        start = time.perf_counter()
+        try:
+            rows = section()
+        except Exception as exc:  # one GPU session is short: report, then run the other sections
+            traceback.print_exc()
+            rows, failed = [f"| {name} | | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |"], failed + 1
+        for row in rows:
             print(row, flush=True)
+        took.append(f"{name} {time.perf_counter() - start:.0f} s")
+    print(f"\nsections took: {', '.join(took)}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
