@@ -17,7 +17,7 @@ PACKAGES := medmamba kernels kernels/csrc orchestrator federated
 DATA_ROOT ?= $(if $(wildcard ../shared/data/medmnist/pneumoniamnist.npz),../shared/data/medmnist,)
 DEMO_OUT ?= outputs/demo
 
-.PHONY: install demo test test-fast test-all bench clean
+.PHONY: install demo test test-fast test-all bench gpu-deps clean
 
 install: $(LINKS)
 
@@ -55,5 +55,14 @@ test-fast: install
 test-all: install
 	$(PY) -m pytest
 
+# The wheels the GPU check's training section imports beyond the lent GPU machine's torch, triton
+# and timm (Python 3.12 there): carry .gpu_deps with the run; see README, "The GPU check".
+GPU_PYTHON ?= 3.12
+GPU_DEPS ?= scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 threadpoolctl==3.8.0 cloudpickle==3.1.3 narwhals==2.29.0
+gpu-deps: install
+	rm -rf .gpu_deps
+	$(PY) -m pip download --quiet --only-binary=:all: --no-deps --python-version $(GPU_PYTHON) \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_deps $(GPU_DEPS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .gpu_deps

@@ -50,9 +50,11 @@ try:
 except ImportError:  # only the exp floor needs Triton
     triton = None
 
-from medmamba import create_model
-from medmamba.kernels import BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn, selective_scan_ref
-from medmamba.model import SS2D
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
+from medmamba import create_model  # noqa: E402
+from medmamba.kernels import (BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn,  # noqa: E402
+                              selective_scan_ref)
+from medmamba.model import SS2D  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

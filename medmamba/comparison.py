@@ -406,8 +406,9 @@ def analysis_tables(cells: dict, sizes: set[str]) -> list[Table]:
 
 def plot_accuracy_vs_flops(results: list[Result], path: Path) -> Path | None:
     """Figure 4-style: mean overall accuracy against GFLOPs, marker area by parameters."""
-    from .reports import plt
+    from .reports import pyplot
 
+    plt = pyplot()
     points = {}
     for r in results:
         if r.gflops is not None and r.params and "accuracy" in r.metrics:

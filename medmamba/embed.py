@@ -65,8 +65,9 @@ def project(feats: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarra
 
 def plot_embedding(coords: np.ndarray, groups: dict[str, list[str]], path: Path, title: str) -> Path:
     """One scatter per colouring (e.g. ``{"class": [...], "site": [...]}``), side by side."""
-    from .reports import plt, save_figure
+    from .reports import pyplot, save_figure
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 5), squeeze=False)
     for ax, (by, values) in zip(axes[0], groups.items()):
         values = np.asarray(values)

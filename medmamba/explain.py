@@ -120,8 +120,9 @@ def plot_grid(images: Tensor, maps: dict[str, np.ndarray], labels: list[str], pr
     """Rows of image | one overlay per method, titled with label, prediction and probability."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    from .reports import plt, save_figure
+    from .reports import pyplot, save_figure
 
+    plt = pyplot()
     cols = 1 + len(maps)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.4 * cols, 2.5 * len(images)), squeeze=False)
     for i, x in enumerate(images):

@@ -6,19 +6,26 @@ import csv
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
+from sklearn.metrics import roc_curve
 
 MISSING = "–"  # a table cell without a value (NaN, no runs)
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, imported when a figure is drawn (training
+    itself needs no matplotlib: the GPU check carries only what the training loop imports)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Path) -> Path:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
     ax.imshow(cm, cmap="Blues")
     ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true",
            title="confusion matrix")
@@ -32,7 +39,7 @@ def plot_confusion_matrix(cm: list[list[int]], class_names: list[str], path: Pat
 def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path,
                     positive_class: int = 1) -> Path:
     """One-vs-rest ROC curve per class (the positive class only for binary tasks)."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = pyplot().subplots(figsize=(5, 5))
     classes = [positive_class] if probs.shape[1] == 2 else range(probs.shape[1])
     for k in classes:
         if 0 < (labels == k).sum() < len(labels):
@@ -46,7 +53,7 @@ def plot_roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str
 
 def plot_training_curves(history: list[dict], path: Path) -> Path:
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, metric_ax) = pyplot().subplots(1, 2, figsize=(10, 4))
     for key in ("train_loss", "val_loss"):
         loss_ax.plot(epochs, [row.get(key, np.nan) for row in history], label=key)
     for key in ("val_accuracy", "val_auc", "val_f1"):
@@ -61,14 +68,14 @@ def plot_training_curves(history: list[dict], path: Path) -> Path:
 def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_federated_curves(rounds: list[dict], sites: list[str], centralized: dict | None, path: Path) -> Path:
     """Test AUC and accuracy per round: the global model on the global test set, each site's
     model on its own test split, and the pooled (centralised) training as a reference line."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     x = [row["round"] for row in rounds]
     for ax, key in zip(axes, ("auc", "accuracy")):
         ax.plot(x, [row["global"][key] for row in rounds], "k-o", linewidth=2, label="global (global test)")

@@ -158,8 +158,9 @@ def drops(rows: list[dict], metrics: tuple[str, ...] = ("accuracy", "auc")) -> l
 
 def plot_curves(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("accuracy", "auc")) -> Path:
     """Fig. 7-style curves: each metric against severity, one line per perturbation."""
-    from .reports import plt, save_figure
+    from .reports import pyplot, save_figure
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for name in dict.fromkeys(r["perturbation"] for r in rows):

@@ -147,6 +147,24 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
     assert float(row.split("|Δ train loss| ")[1].split()[0]) <= 1e-6, row
 
 
+def test_the_gpu_check_imports_only_what_the_gpu_machine_has_or_is_carried():
+    """The lent GPU machine has torch, triton and timm; `make gpu-deps` carries scikit-learn and its
+    dependencies. Nothing else may be imported by the check or by the training loop it runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check, medmamba.train; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = set(done.stdout.split())
+    assert {"torch", "sklearn", "medmamba"} <= imported
+    assert not imported & {"matplotlib", "ray", "mlflow", "flwr", "medmnist", "optuna"}, \
+        imported & {"matplotlib", "ray", "mlflow", "flwr", "medmnist", "optuna"}
+
+
 def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
     """The other (CHUNK, BLOCK_D, NUM_WARPS) the GPU check times: same results, and the defaults back."""
     gpu_check = _gpu_check()
