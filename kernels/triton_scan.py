@@ -148,7 +148,7 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
               sB_b, sB_g, sB_l, sB_n, sC_b, sC_g, sC_l, sC_n, sy_k, sy_b, sy_l, sy_d,
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr,
               SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SAVE_STARTS: tl.constexpr):
     b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
         BLOCK_D, BLOCK_N, BLOCK_R)
@@ -156,7 +156,8 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     state = ((b * K * DIM + c) * n_chunks)[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for ch in range(n_chunks):
-        tl.store(start_ptr + state + ch * N, h, mask=mask)
+        if SAVE_STARTS:  # for the backward (not when no input needs a gradient)
+            tl.store(start_ptr + state + ch * N, h, mask=mask)
         l = ch * CHUNK + t
         lm = l < L
         tm = lm[:, None] & dm[None, :]
@@ -274,11 +275,13 @@ class _FusedScan(torch.autograd.Function):
                     rows_b=K * dim // B.shape[1], rows_c=K * dim // C.shape[1], shared_b=_shared(B, K, dim),
                     shared_c=_shared(C, K, dim), softplus=softplus)
         y = torch.empty(K, batch, L, dim, device=u.device, dtype=torch.float32)
-        starts = torch.empty(batch, K * dim, meta["n_chunks"], N, device=u.device, dtype=torch.float32)
+        save = any(ctx.needs_input_grad[:8])  # else inference: no chunk starts written or kept
+        starts = torch.empty(batch, K * dim, meta["n_chunks"] if save else 0, N, device=u.device,
+                             dtype=torch.float32)
         last = torch.empty(batch, K * dim, N, device=u.device, dtype=torch.float32)
         _scan_fwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A), positions, y, starts,
                                       last, *_sizes(meta), *_strides(u), *_strides(delta), *_strides(B),
-                                      *_strides(C), *_strides(y), **_flags(meta, D, bias, W))
+                                      *_strides(C), *_strides(y), **_flags(meta, D, bias, W), SAVE_STARTS=save)
         ctx.save_for_backward(u, delta, A, B, C, D, bias, W, positions, starts)
         ctx.meta = meta
         ctx.mark_non_differentiable(last)

@@ -34,8 +34,9 @@ MAX_STACK = 64  # bytes of spilled registers a kernel may have
 VARIANTS = [
     ("SS2D low-rank delta, D, bias", "fp32", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
                                                   SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=8)),
-    ("SS2D low-rank delta, D, bias", "bf16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
-                                                  SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=8)),
+    ("SS2D low-rank delta, D, bias, forward saving no starts", "bf16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True,
+                                                             SOFTPLUS=True, SHARED_B=True, SHARED_C=True,
+                                                             BLOCK_N=16, BLOCK_R=8, SAVE_STARTS=False)),
     ("SS2D full delta, bare", "fp32", dict(HAS_D=False, HAS_BIAS=False, LOW_RANK=False, SOFTPLUS=False,
                                            SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=1)),
     ("selective_scan_fn fixed B, grouped C", "fp16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=False,
@@ -47,8 +48,9 @@ VARIANTS = [
 def compile_variant(kernel, dtype: str, flags: dict, target: GPUTarget):
     from medmamba.kernels import triton_scan
 
-    const = {**flags, "CHUNK": triton_scan.CHUNK, "BLOCK_D": triton_scan.BLOCK_D}
     names = kernel.arg_names
+    const = {"SAVE_STARTS": True, **flags, "CHUNK": triton_scan.CHUNK, "BLOCK_D": triton_scan.BLOCK_D}
+    const = {key: value for key, value in const.items() if key in names}  # SAVE_STARTS: the forward's
     signature = {}
     for name in names:
         if name in const:

@@ -93,6 +93,28 @@ def test_cross_selective_scan_matches_the_reference(shape, low_rank, skip):
         assert rel_err(got, want) <= (1e-5 if name == "out" else 1e-4), name
 
 
+def test_inference_saves_no_chunk_states_and_gives_the_same_output(monkeypatch):
+    """Without inputs that need a gradient the forward writes no chunk starts for a backward."""
+    kernel, flags = triton_scan._scan_fwd, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append((kwargs["SAVE_STARTS"], tuple(args[10].shape)))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_scan_fwd", Spy())
+    inputs = _cross_inputs(2, 5, 7, 24, 4, torch.float32, low_rank=True, seed=4)
+    with torch.no_grad():
+        out = cross_selective_scan(**inputs, delta_softplus=True, backend="triton")
+    trained = cross_selective_scan(**_leaves(inputs), delta_softplus=True, backend="triton")
+    want = cross_selective_scan(**inputs, delta_softplus=True, backend="ref")
+    assert rel_err(out, want) <= 1e-5 and torch.equal(out, trained.detach())
+    # (batch, 4 directions x 24 channels, 35 steps in chunks of 16, 4 states); none without gradients
+    assert flags == [(False, (2, 96, 0, 4)), (True, (2, 96, 3, 4))]
+
+
 def test_cross_selective_scan_in_bf16_computes_in_fp32():
     inputs = {k: None if v is None else v.to(torch.bfloat16)
               for k, v in _cross_inputs(2, 4, 5, 16, 4, torch.float32, low_rank=True, seed=2).items()}
