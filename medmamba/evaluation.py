@@ -167,7 +167,7 @@ def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None =
         data = build_datasets(data_cfg, classes if data_cfg.name == "folder" else None, class_map, whole)
     classes = data.class_names if data else classes
     model_cfg = replace(cfg.model if cfg else ModelConfig(name=model_name), num_classes=None)
-    target = resolve_device(device)
+    target = resolve_device(device, "device")
     # the size it was trained at (fixed-size models such as ViTs are built for one)
     size = cfg.data.size if cfg else overrides.get("size")
     model = build_model(model_cfg, len(classes), size, checkpoint=state,

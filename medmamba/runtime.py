@@ -29,15 +29,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", option: str = "train.device") -> torch.device:
+    """The device ``name`` means here (``auto``: CUDA when there is one); errors name ``option``,
+    the config key or command-line option it came from."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device is {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{option} is {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+        raise ConfigError(f"{option} is {name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{option} is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -128,6 +128,12 @@ def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="train.device is 'cuda' but CUDA is not available"):
         Trainer(_cfg(medmnist_root, "train.device=cuda"), breast, tmp_path, progress=False)
+    from medmamba.evaluation import load_checkpoint
+
+    model = create_model("medmamba_t", num_classes=2, img_size=28)
+    checkpoint = {"model": model.state_dict(), "config": _cfg(medmnist_root).to_dict(), "classes": ["a", "b"]}
+    with pytest.raises(ValueError, match=r"^device is 'cuda:1' but CUDA is not available$"):  # evaluate --device
+        load_checkpoint(checkpoint, device="cuda:1")
 
 
 def test_a_batch_size_of_one_is_refused_before_a_model_is_built(medmnist_root, breast, tmp_path):
