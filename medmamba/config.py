@@ -114,7 +114,7 @@ class RayConfig:
 
 @dataclass
 class TuneConfig:
-    metric: str = "val_auc"  # a per-epoch key: val_accuracy, val_auc, val_f1, val_loss, train_loss
+    metric: Literal["val_auc", "val_accuracy", "val_f1", "val_loss", "train_loss"] = "val_auc"  # a per-epoch key
     mode: Literal["min", "max"] = "max"
     num_samples: Annotated[int, Range(ge=1)] = 16
     max_concurrent: Annotated[int, Range(ge=1)] = 2

@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from medmamba.config import Config, absolute_paths, check_new_output, config_from_dict, save_config, with_values
 from medmamba.data import build_datasets
-from medmamba.errors import ConfigError
+from medmamba.errors import ConfigError, MedMambaError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.reports import print_table, write_csv
@@ -239,6 +239,17 @@ def leaderboard(results: tune.ResultGrid, cfg: Config) -> list[dict]:
     return sorted(rows, key=lambda r: (math.isnan(r[metric]), sign * (0 if math.isnan(r[metric]) else r[metric])))
 
 
+def _no_result(results: tune.ResultGrid, metric: str) -> MedMambaError:
+    """The error of a sweep in which no trial reported ``metric``: the trials' own first error
+    (every one failing the same way, e.g. data that cannot be downloaded) rather than the symptom."""
+    errors = [result.error for result in results if result.error]
+    if not errors:
+        return MedMambaError(f"no trial reported {metric}: none finished an epoch")
+    lines = str(errors[0]).strip().splitlines()
+    return MedMambaError(f"no trial reported {metric}: {len(errors)} of {len(results)} trials failed, the first "
+                         f"with {lines[-1] if lines else type(errors[0]).__name__} (the trial errors are above)")
+
+
 def _write_leaderboard(rows: list[dict], out: Path, title: str) -> Path:
     print_table(rows, title)
     return write_csv(rows, out / "leaderboard.csv")
@@ -317,7 +328,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
         results = _fit(cfg, space, state, parent, resume)
         rows = leaderboard(results, cfg)
         if math.isnan(rows[0][t.metric]):
-            raise ConfigError(f"no trial reported {t.metric}; see the trial errors above")
+            raise _no_result(results, t.metric)
         best_row = rows[0]
         best = next(r for r in results if _trial_id(r) == best_row["trial"])
         best_params = {k: best.config[k] for k in space}

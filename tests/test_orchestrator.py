@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from conftest import child_runs, tracked
 from medmamba.cli import main
 from medmamba.config import load_config
-from medmamba.errors import ConfigError
+from medmamba.errors import ConfigError, MedMambaError
 from medmamba.metrics import MACRO_KEYS, METRIC_KEYS
 from medmamba.data import build_datasets
 from medmamba.orchestrator.sweep import MlflowTrials, apply_params, run_sweep, search_space
@@ -200,6 +200,14 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(mlflow_uri, ra
         assert steps == sorted(set(steps)), f"trial {trial_id} logged an epoch twice"
     board = (out / "leaderboard.csv").read_text().splitlines()
     assert len(board) == 1 + 4
+
+
+def test_a_sweep_whose_every_trial_fails_names_the_trials_error(ray_cluster, tmp_path):
+    """Data missing where the trials run: the error is theirs, not 'no trial reported val_auc'."""
+    cfg = _sweep_cfg(tmp_path / "no-data", "data.download=false", "tune.num_samples=2", "train.epochs=1")
+    with pytest.raises(MedMambaError, match=r"no trial reported val_auc: 2 of 2 trials failed, the first with "
+                                            r".*DataError: .*breastmnist\.npz"):
+        run_sweep(tracked(cfg, None), tmp_path / "sweep")
 
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, medmnist_root, tmp_path):
