@@ -109,11 +109,22 @@ def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     rows = []
     for name in backends(device):
-        out, grads = run(selective_scan_fn, backend=name)
-        worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
-        rows.append(f"| correctness selective_scan_fn | {name} | forward rel err {rel(out, want):.1e} | "
-                    f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
+        rows.append(_errors_row("correctness selective_scan_fn", name, lambda: run(selective_scan_fn, backend=name),
+                                want, want_grads, rel))
     return rows + cross_correctness(device, rel, batch, *hw, dim, n)
+
+
+def _errors_row(check: str, name: str, run, want: torch.Tensor, want_grads: dict, rel) -> str:
+    """One backend's row: its worst errors against the reference, or how it failed (the other
+    backends' rows still come: one GPU session is short)."""
+    try:
+        out, grads = run()
+    except Exception as exc:
+        traceback.print_exc()
+        return f"| {check} | {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |"
+    worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
+    return (f"| {check} | {name} | forward rel err {rel(out, want):.1e} | "
+            f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
 
 
 def cross_correctness(device: torch.device, rel, batch: int, H: int, W: int, dim: int, n: int,
@@ -137,13 +148,8 @@ def cross_correctness(device: torch.device, rel, batch: int, H: int, W: int, dim
         return out.detach(), {k: v.grad for k, v in leaves.items()}
 
     want, want_grads = run("ref")
-    rows = []
-    for name in backends(device):
-        out, grads = run(name)
-        worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
-        rows.append(f"| correctness cross_selective_scan | {name} | forward rel err {rel(out, want):.1e} | "
-                    f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
-    return rows
+    return [_errors_row("correctness cross_selective_scan", name, lambda: run(name), want, want_grads, rel)
+            for name in backends(device)]
 
 
 def scan_shapes() -> list[tuple[int, int, int, int]]:
@@ -214,7 +220,12 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                 out.sum().backward()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = _median_seconds(step, device, steps)
+            try:
+                seconds = _median_seconds(step, device, steps)
+            except Exception as exc:  # this backend's row says how it failed; the others still run
+                traceback.print_exc()
+                rows.append(f"| scan stage {stage + 1} | {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |")
+                continue
             totals[name] = totals.get(name, 0.0) + seconds
             peak = (f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda"
                     else "no peak memory on CPU")
@@ -238,9 +249,10 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                         continue
                     rows.append(f"| scan stage 1, other Triton tiles | {tiles} | {other * 1e3:.2f} ms fwd+bwd | "
                                 f"{other / seconds:.2f}x the default's time |")
-    fastest = min(totals, key=totals.get)
-    rows.append(f"| scan: fastest here over both stages | {fastest} | auto picks {resolve_backend(device)} | "
-                + ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in totals.items()) + " |")
+    if totals:
+        times = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in totals.items())
+        rows.append(f"| scan: fastest here over both stages | {min(totals, key=totals.get)} | auto picks "
+                    f"{resolve_backend(device)} | {times} |")
     return rows
 
 

@@ -153,7 +153,7 @@ def _gpu_check():
     return gpu_check
 
 
-def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
+def test_the_gpu_check_degrades_to_a_cpu_smoke_test(monkeypatch):
     """benchmarks/gpu_check.py on a machine without a GPU: every backend here checked, no crash."""
     gpu_check = _gpu_check()
     device = torch.device("cpu")
@@ -167,6 +167,16 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test():
     (row,) = gpu_check.resume_check(device, size=16, images=48, epochs=2)  # killed after epoch 1, resumed
     assert "killed after epoch 1, resumed" in row and "over 2 epochs" in row, row
     assert float(row.split("|Δ train loss| ")[1].split()[0]) <= 1e-6, row
+
+    def torch_backend_breaks(*args, backend="auto", **kwargs):
+        if backend == "torch":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return selective_scan_fn(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "selective_scan_fn", torch_backend_breaks)  # a backend failing on the GPU
+    rows = gpu_check.correctness(device, batch=1, dim=8, n=4, L=20, hw=(2, 3))
+    assert rows[2] == ("| correctness selective_scan_fn | torch | FAILED: RuntimeError: no kernel image is "
+                       "available for execution on the device | |") and "FAILED" not in "".join(rows[:2] + rows[3:])
 
 
 def test_the_gpu_check_imports_only_what_the_gpu_machine_has_or_is_carried():
