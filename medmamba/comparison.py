@@ -245,7 +245,8 @@ class Table:
         rows = "".join("<tr>" + "".join(cell(i, j, t) for j, t in enumerate(row)) + "</tr>" for i, row in enumerate(self.rows))
         words = [j == 0 or all(is_text(row[j]) for row in self.rows) for j in range(len(self.header))]  # left-aligned
         head = "".join(f"<th{' class=text' if w else ''}>{html.escape(h)}</th>" for h, w in zip(self.header, words))
-        return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        return (f"<h3>{html.escape(self.title)}</h3><div class=scroll><table><thead><tr>{head}</tr></thead>"
+                f"<tbody>{rows}</tbody></table></div>")
 
 
 def _mark_best(rows: list[list[str]], values: list[list[float | None]], first: int = 1) -> set[tuple[int, int]]:
@@ -457,7 +458,9 @@ def write_report(results: list[Result], counts: dict[str, int], out: Path, title
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
              # numbers such as "0.812 ± 0.027 (3)" on one line, words (a source) wrap
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}"
-             "td:first-child,.text{text-align:left}td.text{white-space:normal}")
+             "td:first-child,.text{text-align:left}td.text{white-space:normal}"
+             # a table wider than the window scrolls by itself; the page and the plot fit the window
+             ".scroll{overflow-x:auto}img{max-width:100%}")
     (out / "report.html").write_text(
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"

@@ -231,6 +231,13 @@ def test_the_report_compares_with_published_rows_and_renders_in_a_browser(mlflow
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table>") == 3 and "<img" in dom  # Table 6, the dataset's table, the deltas; the plot
+    measured = tmp_path / "measured.html"  # the page, plus a script that records how wide it lays out
+    measured.write_text(page.replace("</body>", "<script>document.body.dataset.width = "
+                                                "document.documentElement.scrollWidth</script></body>"))
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=600,800",
+                          "--dump-dom", measured.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    width = int(dom.split('data-width="')[1].split('"')[0])
+    assert width <= 600, f"the page is {width} px wide in a 600 px window"  # (its tables alone: 819 px)
 
 
 def test_sweeps_and_federated_runs_get_their_own_summaries(mlflow_uri, tmp_path):
