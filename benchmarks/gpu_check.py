@@ -114,14 +114,20 @@ def correctness(device: torch.device, batch: int = 2, dim: int = 64, n: int = 16
     return rows + cross_correctness(device, rel, batch, *hw, dim, n)
 
 
+def failed_row(check: str, path: str, exc: Exception) -> str:
+    """The row of a check that raised (its traceback to stderr): one GPU session is short, so the
+    other checks still run."""
+    traceback.print_exc()
+    return f"| {check} | {path} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |"
+
+
 def _errors_row(check: str, name: str, run, want: torch.Tensor, want_grads: dict, rel) -> str:
     """One backend's row: its worst errors against the reference, or how it failed (the other
     backends' rows still come: one GPU session is short)."""
     try:
         out, grads = run()
     except Exception as exc:
-        traceback.print_exc()
-        return f"| {check} | {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |"
+        return failed_row(check, name, exc)
     worst = max(grads, key=lambda k: rel(grads[k], want_grads[k]))
     return (f"| {check} | {name} | forward rel err {rel(out, want):.1e} | "
             f"gradients rel err {rel(grads[worst], want_grads[worst]):.1e} (worst: {worst}) |")
@@ -222,9 +228,8 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 seconds = _median_seconds(step, device, steps)
-            except Exception as exc:  # this backend's row says how it failed; the others still run
-                traceback.print_exc()
-                rows.append(f"| scan stage {stage + 1} | {name} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |")
+            except Exception as exc:
+                rows.append(failed_row(f"scan stage {stage + 1}", name, exc))
                 continue
             totals[name] = totals.get(name, 0.0) + seconds
             peak = (f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda"
@@ -243,9 +248,8 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                     try:
                         with _triton_config(*config):
                             other = _median_seconds(step, device, steps)
-                    except Exception as exc:  # a tile size this GPU cannot compile or launch: a row, not a crash
-                        rows.append(f"| scan stage 1, other Triton tiles | {tiles} | failed: "
-                                    f"{type(exc).__name__}: {str(exc)[:120]} | |")
+                    except Exception as exc:  # a tile size this GPU cannot compile or launch
+                        rows.append(failed_row("scan stage 1, other Triton tiles", tiles, exc))
                         continue
                     rows.append(f"| scan stage 1, other Triton tiles | {tiles} | {other * 1e3:.2f} ms fwd+bwd | "
                                 f"{other / seconds:.2f}x the default's time |")
@@ -381,9 +385,8 @@ def main() -> None:
         start = time.perf_counter()
         try:
             rows = section()
-        except Exception as exc:  # one GPU session is short: report, then run the other sections
-            traceback.print_exc()
-            rows, failed = [f"| {name} | | FAILED: {type(exc).__name__}: {str(exc)[:200]} | |"], failed + 1
+        except Exception as exc:
+            rows, failed = [failed_row(name, "", exc)], failed + 1
         for row in rows:
             print(row, flush=True)
         took.append(f"{name} {time.perf_counter() - start:.0f} s")

@@ -1,4 +1,4 @@
-"""Connecting to Ray and checking that a request fits the cluster before anything starts."""
+"""Connecting to Ray, checking that a request fits the cluster before anything starts, and a failed trial's error."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,10 @@ def restore_into(checkpoint: Checkpoint | None, out: Path) -> bool:
     with checkpoint.as_directory() as saved:
         shutil.copytree(saved, out, dirs_exist_ok=True)
     return True
+
+
+def error_line(error: BaseException) -> str:
+    """The last line of a failed trial's error (a RayTaskError's text ends with the worker's own
+    exception, e.g. ``medmamba.errors.DataError: ...``)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

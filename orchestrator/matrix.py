@@ -34,7 +34,7 @@ from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer, tracking_callbacks
 
-from .cluster import check_resources, init_ray
+from .cluster import check_resources, error_line, init_ray
 
 STATE_FILE = "matrix.json"  # the parent MLflow run of an output directory
 DONE_FILE = "cell.json"  # in a cell's folder once its run (test pass and MLflow record) is complete
@@ -170,7 +170,7 @@ def _fit(cfg: Config, grid: list[dict], out: Path, parent_run_id: str | None) ->
         tune_config=tune.TuneConfig(reuse_actors=True),  # no process start and imports per cell (about 6 s)
         run_config=tune.RunConfig(name="matrix", storage_path=cfg.ray.storage_path or str(out / "ray"),
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures))).fit()
-    return {cell_name(r.config["cell"]): str(r.error).strip().splitlines()[-1] for r in results if r.error}
+    return {cell_name(r.config["cell"]): error_line(r.error) for r in results if r.error}
 
 
 def _cell_row(out: Path, params: dict, errors: dict[str, str]) -> dict:

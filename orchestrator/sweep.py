@@ -39,7 +39,7 @@ from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer
 
-from .cluster import check_resources, init_ray, restore_into
+from .cluster import check_resources, error_line, init_ray, restore_into
 from .train import EpochReport, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -245,9 +245,8 @@ def _no_result(results: tune.ResultGrid, metric: str) -> MedMambaError:
     errors = [result.error for result in results if result.error]
     if not errors:
         return MedMambaError(f"no trial reported {metric}: none finished an epoch")
-    lines = str(errors[0]).strip().splitlines()
     return MedMambaError(f"no trial reported {metric}: {len(errors)} of {len(results)} trials failed, the first "
-                         f"with {lines[-1] if lines else type(errors[0]).__name__} (the trial errors are above)")
+                         f"with {error_line(errors[0])} (the trial errors are above)")
 
 
 def _write_leaderboard(rows: list[dict], out: Path, title: str) -> Path:
