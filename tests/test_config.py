@@ -38,6 +38,8 @@ def test_defaults_file_and_overrides(tmp_path):
     ("federated.round_timeout=0", "config key federated.round_timeout: must be >= 1, got 0.0"),
     ("train=1", "'train' is a config section, not a key: set one of its keys, e.g. train.epochs="),
     ("matrix={}", "'matrix' is a config section, not a key: set one of its keys, e.g. matrix.train.seed=[0, 1]"),
+    ("tune.metric=val_precision", "config key tune.metric: expected val_auc, val_accuracy, val_f1, val_loss or "
+                                  "train_loss, got 'val_precision'"),  # (not reported per epoch: every trial ran)
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -136,6 +136,17 @@ def test_unavailable_device_is_named(medmnist_root, breast, tmp_path):
         load_checkpoint(checkpoint, device="cuda:1")
 
 
+def test_a_gpu_index_the_machine_does_not_have_is_named(monkeypatch):
+    """cuda:3 on a one-GPU machine (CUDA's presence and count as a one-GPU machine reports them)."""
+    from medmamba.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^train.device is 'cuda:3' but this machine has 1 CUDA device\(s\)$"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
 def test_a_batch_size_of_one_is_refused_before_a_model_is_built(medmnist_root, breast, tmp_path):
     with pytest.raises(ValueError, match="train.batch_size is 1: training needs at least 2 images per batch"):
         Trainer(_cfg(medmnist_root, "train.batch_size=1"), breast, tmp_path, progress=False)
