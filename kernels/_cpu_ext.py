@@ -68,6 +68,8 @@ def _build_name() -> str:
 
 def load() -> ModuleType | None:
     """The compiled extension, building it on first call; None if it cannot be built."""
+    if "module" in _state:  # built (or failed) already: no lock, which torch.compile could not trace
+        return _state["module"]  # type: ignore[return-value]
     with _lock:
         if "module" not in _state:
             try:

@@ -17,7 +17,9 @@ faster at MedMamba's shapes has not been measured yet: benchmarks/gpu_check.py d
 from __future__ import annotations
 
 import functools
+import math
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from torch import Tensor
 from . import _cpu_ext
 from .cross_scan import cross_merge, cross_scan, scan_positions
 from .reference import selective_scan_ref
-from .validation import check_cross_scan_inputs, check_scan_inputs, compute_dtype
+from .validation import check_cross_scan_inputs, check_kept, check_scan_inputs, compute_dtype
 
 BACKENDS = ("auto", "mamba", "triton", "cpu", "torch", "ref")
 CPU_CHUNK = 64  # steps between saved states in the compiled kernel's forward
@@ -73,6 +75,7 @@ def _triton_scan():
     return triton_scan
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not in the graph
 def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     """The backend that ``selective_scan_fn`` uses for tensors on ``device``."""
     if backend not in BACKENDS:
@@ -147,7 +150,9 @@ def selective_scan_fn(
     if name == "cpu":
         out, last = _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     elif name == "triton":
-        out, last = _triton_scan().selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        from . import triton_scan  # imported already: resolve_backend chose it
+
+        out, last = triton_scan.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus)
         if z is not None:
             out = out * F.silu(z.float())
         out = out.to(u.dtype)
@@ -190,13 +195,15 @@ def cross_selective_scan(
         # direction's rows together, which the kernel streams through (measured faster than in place)
         dt_w = None if delta_proj is None else flat(delta_proj).view(4 * dim, -1)
         delta = flat(delta) if delta_proj is None else by_direction(delta)
-        out, _ = _CpuScan.apply(flat(x).view(batch, H * W, dim), delta, flat(A), by_direction(B), by_direction(C),
-                                flat(D), None, flat(delta_bias), dt_w, delta_softplus, scan_positions(H, W, x.device),
-                                True, False)
+        args = (flat(x).view(batch, H * W, dim), delta, flat(A), by_direction(B), by_direction(C), flat(D), None,
+                flat(delta_bias), dt_w)
+        out, _, _ = cpu_scan(*args, 4, H, W, True, delta_softplus, _needs_grad(*args), False)
         return out.view(batch, H, W, dim).to(x.dtype)
     if name == "triton":
-        return _triton_scan().cross_selective_scan(x, delta, A, B, C, D, delta_bias, delta_softplus, delta_proj,
-                                                   scan_positions(H, W, x.device)).to(x.dtype)
+        from . import triton_scan  # imported already: resolve_backend chose it
+
+        return triton_scan.cross_selective_scan(x, delta, A, B, C, D, delta_bias, delta_softplus,
+                                                delta_proj).to(x.dtype)
     if delta_proj is not None:
         delta = torch.einsum("blkr,kdr->kbld", delta, delta_proj)
     pos = scan_positions(H, W, x.device)
@@ -210,34 +217,78 @@ def cross_selective_scan(
 
 
 # ------------------------------------------------------------------------- compiled CPU kernel
-class _CpuScan(torch.autograd.Function):
-    """The compiled kernel in its own layout (kernels/csrc/selective_scan_cpu.cpp): the whole
-    scan (bias, softplus, D skip and z gate included) along K scan orders of a channels-last u."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, dt_w, delta_softplus, positions, channels_last, want_last):
-        save = any(ctx.needs_input_grad)
-        out, last, ckpt = _cpu_ext.load().fwd(u, delta, A, B, C, D, z, delta_bias, dt_w, positions, channels_last,
-                                              delta_softplus, CPU_CHUNK, save, want_last)
-        ctx.mark_non_differentiable(last)
-        if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, dt_w, positions, ckpt)
-            ctx.flags = (channels_last, delta_softplus)
-        return out, last
-
-    @staticmethod
-    def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, z, bias, dt_w, positions, ckpt = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias, ddt_w = _cpu_ext.load().bwd(
-            u, delta, A, B, C, D, z, bias, dt_w, positions, *ctx.flags, CPU_CHUNK, ckpt, dout.contiguous())
-        return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
-                None if bias is None else dbias, None if dt_w is None else ddt_w, None, None, None, None)
+# The compiled kernel in its own layout (kernels/csrc/selective_scan_cpu.cpp): the whole scan (bias,
+# softplus, D skip and z gate included) along the first K scan_positions(height, width) orders of a
+# channels-last u (batch, L, dim), or of a channels-first one (batch, dim, L) in order. Torch custom
+# ops with their backward registered, so torch.compile keeps a model that calls them in one graph.
+@torch.library.custom_op("medmamba::cpu_scan", mutates_args=())
+def cpu_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+             delta_bias: Optional[Tensor], dt_w: Optional[Tensor], K: int, height: int, width: int,
+             channels_last: bool, delta_softplus: bool, save: bool, want_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out like u, last state (batch, K*dim, N) if ``want_last``, the chunk checkpoints the backward
+    reads if ``save``), in u's dtype; the unrequested ones are empty."""
+    return tuple(_cpu_ext.load().fwd(u, delta, A, B, C, D, z, delta_bias, dt_w, scan_positions(height, width)[:K],
+                                     channels_last, delta_softplus, CPU_CHUNK, save, want_last))
 
 
-@functools.lru_cache(maxsize=64)
-def _in_order(L: int) -> Tensor:
-    """The positions of a plain sequence: one scan order, step l reads position l."""
-    return torch.arange(L).view(1, L)
+@cpu_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dt_w, K, height, width, channels_last, delta_softplus, save, want_last):
+    batch, L, dim = u.shape if channels_last else (u.shape[0], u.shape[2], u.shape[1])
+    rows, N = K * dim, A.shape[1]
+    return (torch.empty_like(u), u.new_empty(batch if want_last else 0, rows, N),
+            u.new_empty(batch if save else 0, K, _cpu_tiles(dim, rows, B, C), -(-L // CPU_CHUNK), N, _CPU_LANES))
+
+
+_CPU_LANES = 16  # channels per tile of the compiled kernel (W in selective_scan_cpu.cpp)
+
+
+def _cpu_tiles(dim: int, rows: int, B: Tensor, C: Tensor) -> int:
+    """How many channel tiles the compiled kernel cuts a direction into (its make_tiles): tiles of at
+    most 16 channels that never straddle a group of a variable (4-d) B or C."""
+    segment = math.gcd(dim, *(rows // M.shape[1] for M in (B, C) if M.dim() == 4))
+    return dim // segment * -(-segment // _CPU_LANES)
+
+
+@torch.library.custom_op("medmamba::cpu_scan_bwd", mutates_args=())
+def cpu_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], dt_w: Optional[Tensor], K: int, height: int,
+                 width: int, channels_last: bool, delta_softplus: bool, ckpt: Tensor,
+                 dout: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``cpu_scan``'s gradients (du, ddelta, dA, dB, dC, dD, dz, dbias, ddt_w); dz and ddt_w are
+    empty when z and dt_w are absent."""
+    check_kept(ckpt, "cpu_scan")
+    return tuple(_cpu_ext.load().bwd(u, delta, A, B, C, D, z, delta_bias, dt_w, scan_positions(height, width)[:K],
+                                     channels_last, delta_softplus, CPU_CHUNK, ckpt, dout.contiguous()))
+
+
+@cpu_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dt_w, K, height, width, channels_last, delta_softplus, ckpt, dout):
+    rows, N = K * (u.shape[2] if channels_last else u.shape[1]), A.shape[1]
+    fixed = lambda M: M.new_empty(M.shape if M.dim() == 4 else (rows, N))  # noqa: E731
+    return (torch.empty_like(u), torch.empty_like(delta), A.new_empty(rows, N), fixed(B), fixed(C),
+            u.new_empty(rows), u.new_empty((K, *u.shape) if z is not None else (0,)), u.new_empty(rows),
+            u.new_empty(rows, 0 if dt_w is None else dt_w.shape[1]))
+
+
+def _cpu_setup(ctx, inputs, output) -> None:
+    *tensors, K, height, width, channels_last, softplus, _, _ = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.flags = (K, height, width, channels_last, softplus)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _cpu_backward(ctx, dout, _dlast, _dckpt):
+    *tensors, ckpt = ctx.saved_tensors
+    grads = cpu_scan_bwd(*tensors, *ctx.flags, ckpt, dout)
+    return (*(None if t is None else g for g, t in zip(grads, tensors)), None, None, None, None, None, None, None)
+
+
+cpu_scan.register_autograd(_cpu_backward, setup_context=_cpu_setup)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a scan's gradients (else its forward keeps no checkpoints)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -257,9 +308,9 @@ def _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last) ->
     """selective_scan_fn on the compiled kernel: one scan order of (batch, D, L) tensors."""
     ct = compute_dtype(u)
     flat = functools.partial(_dense, dtype=ct)
-    out, last = _CpuScan.apply(flat(u), flat(delta)[None], flat(A), _kernel_layout(B, ct), _kernel_layout(C, ct),
-                               flat(D), None if z is None else flat(z)[None], flat(delta_bias), None, delta_softplus,
-                               _in_order(u.shape[-1]), False, want_last)
+    args = (flat(u), flat(delta)[None], flat(A), _kernel_layout(B, ct), _kernel_layout(C, ct), flat(D),
+            None if z is None else flat(z)[None], flat(delta_bias), None)
+    out, last, _ = cpu_scan(*args, 1, 1, u.shape[-1], False, delta_softplus, _needs_grad(*args), want_last)
     return out.to(u.dtype), last
 
 

@@ -6,9 +6,11 @@ the tests check them without a GPU.
 
 One kernel pair serves both entry points, as the compiled CPU kernel does: K scan orders
 (directions) of one map u (batch, L, dim), direction k reading step l at position
-``positions[k, l]`` in place. ``selective_scan`` is K = 1 in order; ``cross_selective_scan`` is
-SS2D's four directions of a channels-last map, with its low-rank delta projection, bias,
-softplus and D skip fused, so neither the four sequences nor the full delta exist.
+``scan_positions(H, W)[k, l]`` in place. ``selective_scan`` is K = 1 in order; ``cross_selective_scan``
+is SS2D's four directions of a channels-last map, with its low-rank delta projection, bias,
+softplus and D skip fused, so neither the four sequences nor the full delta exist. The pair is
+the torch custom op ``medmamba::triton_scan`` with its backward registered, so ``torch.compile``
+traces a model that calls it as one graph.
 
 One program scans ``BLOCK_D`` channels of one direction of one image, ``CHUNK`` steps at a time:
 it loads the chunk's inputs as (CHUNK, BLOCK_D) and (CHUNK, N) tiles, forms the (CHUNK, BLOCK_D, N)
@@ -26,11 +28,15 @@ atomic adds, one chunk at a time.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .cross_scan import scan_positions
+from .validation import check_kept
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels made now run on CPU tensors, interpreted
 CHUNK = 16  # steps scanned together; the state is saved at the start of each chunk
@@ -259,53 +265,100 @@ def _shared(M: Tensor, K: int, dim: int) -> bool:
     return groups == K or (K == 1 and groups > 1 and dim // groups % BLOCK_D == 0)
 
 
-class _FusedScan(torch.autograd.Function):
-    """The scan along K orders of u (batch, L, dim), the kernels' layout: delta (K, batch, L, dim),
-    or (K, batch, L, R) with W (K*dim, R); A (K*dim, N); B, C (batch, G, L, N), size-1 dimensions
-    broadcast; D, bias (K*dim,); positions (K, L). Any strides. Returns (y summed over the
-    directions (batch, L, dim), last states (batch, K*dim, N)), fp32."""
+def _meta(u: Tensor, A: Tensor, B: Tensor, C: Tensor, W: Tensor | None, K: int, softplus: bool) -> dict:
+    """The kernels' sizes and layout flags for these inputs."""
+    _, L, dim = u.shape
+    return dict(K=K, dim=dim, N=A.shape[1], L=L, R=1 if W is None else W.shape[1], n_chunks=triton.cdiv(L, CHUNK),
+                rows_b=K * dim // B.shape[1], rows_c=K * dim // C.shape[1], shared_b=_shared(B, K, dim),
+                shared_c=_shared(C, K, dim), softplus=softplus)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, bias, W, positions, softplus):
-        K, L = positions.shape
-        batch, _, dim = u.shape
-        N = A.shape[1]
-        A, D, bias, W = (None if t is None else t.contiguous() for t in (A, D, bias, W))
-        meta = dict(K=K, dim=dim, N=N, L=L, R=1 if W is None else W.shape[1], n_chunks=triton.cdiv(L, CHUNK),
-                    rows_b=K * dim // B.shape[1], rows_c=K * dim // C.shape[1], shared_b=_shared(B, K, dim),
-                    shared_c=_shared(C, K, dim), softplus=softplus)
-        y = torch.empty(K, batch, L, dim, device=u.device, dtype=torch.float32)
-        save = any(ctx.needs_input_grad[:8])  # else inference: no chunk starts written or kept
-        starts = torch.empty(batch, K * dim, meta["n_chunks"] if save else 0, N, device=u.device,
-                             dtype=torch.float32)
-        last = torch.empty(batch, K * dim, N, device=u.device, dtype=torch.float32)
-        _scan_fwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A), positions, y, starts,
-                                      last, *_sizes(meta), *_strides(u), *_strides(delta), *_strides(B),
-                                      *_strides(C), *_strides(y), **_flags(meta, D, bias, W), SAVE_STARTS=save)
-        ctx.save_for_backward(u, delta, A, B, C, D, bias, W, positions, starts)
-        ctx.meta = meta
-        ctx.mark_non_differentiable(last)
-        return y.sum(0) if K > 1 else y[0], last
 
-    @staticmethod
-    def backward(ctx, dout, _dlast):
-        u, delta, A, B, C, D, bias, W, positions, starts = ctx.saved_tensors
-        meta = ctx.meta
-        batch, KD, N, R = u.shape[0], meta["K"] * meta["dim"], meta["N"], meta["R"]
-        new = lambda *shape: torch.empty(*shape, device=u.device, dtype=torch.float32)  # noqa: E731
-        zeros = lambda shape: torch.zeros(shape, device=u.device, dtype=torch.float32)  # noqa: E731
-        du, dA, dD, dbias, dW = new(meta["K"], *u.shape), new(batch, KD, N), new(batch, KD), new(batch, KD), \
-            new(batch, KD, R)
-        ddelta = new(delta.shape) if W is None else zeros(delta.shape)  # low rank: summed over channels
-        dB, dC = zeros(B.shape), zeros(C.shape)  # summed over a group's channels (and broadcast dimensions)
-        _scan_bwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A), positions, starts, dout,
-                                      du, ddelta, dW, dA, dB, dC, dD, dbias,
-                                      *_sizes(meta), *_strides(u), *_strides(delta), *_strides(B), *_strides(C),
-                                      *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dB),
-                                      *_strides(dC), **_flags(meta, D, bias, W))
-        cast = lambda grad, t: None if t is None else grad.to(t.dtype)  # noqa: E731
-        return (cast(du.sum(0), u), cast(ddelta, delta), cast(dA.sum(0), A), cast(dB, B), cast(dC, C),
-                cast(dD.sum(0), D), cast(dbias.sum(0), bias), cast(dW.sum(0), W), None, None)
+@torch.library.custom_op("medmamba::triton_scan", mutates_args=())
+def fused_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], bias: Optional[Tensor],
+               W: Optional[Tensor], K: int, height: int, width: int, softplus: bool,
+               save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The scan along the first K ``scan_positions(height, width)`` orders of u (batch, L, dim), the
+    kernels' layout: delta (K, batch, L, dim), or (K, batch, L, R) with W (K*dim, R); A (K*dim, N);
+    B, C (batch, G, L, N), size-1 dimensions broadcast; D, bias (K*dim,). Any strides. K = 1 with
+    height 1 is a plain sequence in order. Returns (y summed over the directions (batch, L, dim),
+    last states (batch, K*dim, N), the chunk starts the backward reads; empty unless ``save``),
+    fp32. A torch custom op (with its backward registered), so ``torch.compile`` keeps a model that
+    calls it in one graph."""
+    batch, L, dim = u.shape
+    meta = _meta(u, A, B, C, W, K, softplus)
+    A, D, bias, W = (None if t is None else t.contiguous() for t in (A, D, bias, W))
+    y = torch.empty(K, batch, L, dim, device=u.device, dtype=torch.float32)
+    starts = torch.empty(batch, K * dim, meta["n_chunks"] if save else 0, meta["N"], device=u.device,
+                         dtype=torch.float32)
+    last = torch.empty(batch, K * dim, meta["N"], device=u.device, dtype=torch.float32)
+    _scan_fwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A),
+                                  scan_positions(height, width, u.device)[:K], y, starts, last, *_sizes(meta),
+                                  *_strides(u), *_strides(delta), *_strides(B), *_strides(C), *_strides(y),
+                                  **_flags(meta, D, bias, W), SAVE_STARTS=save)
+    return y.sum(0) if K > 1 else y[0], last, starts
+
+
+@fused_scan.register_fake
+def _(u, delta, A, B, C, D, bias, W, K, height, width, softplus, save):
+    batch, L, dim = u.shape
+    rows, N = K * dim, A.shape[1]
+    return (u.new_empty(batch, L, dim, dtype=torch.float32), u.new_empty(batch, rows, N, dtype=torch.float32),
+            u.new_empty(batch, rows, triton.cdiv(L, CHUNK) if save else 0, N, dtype=torch.float32))
+
+
+@torch.library.custom_op("medmamba::triton_scan_bwd", mutates_args=())
+def fused_scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                   bias: Optional[Tensor], W: Optional[Tensor], K: int, height: int, width: int, softplus: bool,
+                   starts: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                          Tensor]:
+    """``fused_scan``'s gradients, fp32: (du, ddelta, dA, dB, dC, dD, dbias, dW) in the shapes of
+    the inputs (dD, dbias and dW also when those are absent: (K*dim,), (K*dim,), (K*dim, 1))."""
+    meta = _meta(u, A, B, C, W, K, softplus)
+    check_kept(starts, "triton_scan")
+    A, D, bias, W = (None if t is None else t.contiguous() for t in (A, D, bias, W))
+    batch, KD, N, R = u.shape[0], K * meta["dim"], meta["N"], meta["R"]
+    new = lambda *shape: torch.empty(*shape, device=u.device, dtype=torch.float32)  # noqa: E731
+    zeros = lambda shape: torch.zeros(shape, device=u.device, dtype=torch.float32)  # noqa: E731
+    du, dA, dD, dbias, dW = new(K, *u.shape), new(batch, KD, N), new(batch, KD), new(batch, KD), new(batch, KD, R)
+    ddelta = new(delta.shape) if W is None else zeros(delta.shape)  # low rank: summed over channels
+    dB, dC = zeros(B.shape), zeros(C.shape)  # summed over a group's channels (and broadcast dimensions)
+    _scan_bwd[_grid(meta, batch)](u, delta, _or(W, A), A, B, C, _or(D, A), _or(bias, A),
+                                  scan_positions(height, width, u.device)[:K], starts, dout,
+                                  du, ddelta, dW, dA, dB, dC, dD, dbias,
+                                  *_sizes(meta), *_strides(u), *_strides(delta), *_strides(B), *_strides(C),
+                                  *_strides(dout), *_strides(du), *_strides(ddelta), *_strides(dB),
+                                  *_strides(dC), **_flags(meta, D, bias, W))
+    return du.sum(0), ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0), dW.sum(0)
+
+
+@fused_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, bias, W, K, height, width, softplus, starts, dout):
+    rows, f32 = K * u.shape[2], dict(dtype=torch.float32)
+    return (u.new_empty(u.shape, **f32), u.new_empty(delta.shape, **f32), u.new_empty(rows, A.shape[1], **f32),
+            u.new_empty(B.shape, **f32), u.new_empty(C.shape, **f32), u.new_empty(rows, **f32),
+            u.new_empty(rows, **f32), u.new_empty(rows, 1 if W is None else W.shape[1], **f32))
+
+
+def _setup(ctx, inputs, output) -> None:
+    *tensors, K, height, width, softplus, _ = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.geometry = (K, height, width, softplus)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, dout, _dlast, _dstarts):
+    *tensors, starts = ctx.saved_tensors
+    grads = fused_scan_bwd(*tensors, *ctx.geometry, starts, dout)
+    cast = lambda grad, t: None if t is None else grad.to(t.dtype)  # noqa: E731
+    return (*(cast(g, t) for g, t in zip(grads, tensors)), None, None, None, None, None)
+
+
+fused_scan.register_autograd(_backward, setup_context=_setup)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for the scan's gradients (else the forward keeps no chunk starts)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _or(t: Tensor | None, other: Tensor) -> Tensor:
@@ -341,21 +394,19 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     """``selective_scan_fn`` without the z gate: u, delta (batch, D, L); A (D, N); B, C (D, N),
     (batch, N, L) or (batch, G, N, L); D, delta_bias (D,). Returns (y (batch, D, L), last state
     (batch, D, N)), both fp32."""
-    positions = torch.arange(u.shape[-1], device=u.device)[None]
-    y, last = _FusedScan.apply(u.transpose(1, 2), delta.transpose(1, 2)[None], A, _as_groups(B), _as_groups(C), D,
-                               delta_bias, None, positions, delta_softplus)
+    args = (u.transpose(1, 2), delta.transpose(1, 2)[None], A, _as_groups(B), _as_groups(C), D, delta_bias, None)
+    y, last, _ = fused_scan(*args, 1, 1, u.shape[-1], delta_softplus, _needs_grad(*args))
     return y.transpose(1, 2), last
 
 
 def cross_selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                         delta_bias: Tensor | None, delta_softplus: bool, delta_proj: Tensor | None,
-                         positions: Tensor) -> Tensor:
+                         delta_bias: Tensor | None, delta_softplus: bool, delta_proj: Tensor | None) -> Tensor:
     """``kernels.cross_selective_scan`` with every direction read in place: x (batch, H, W, dim);
     delta (4, batch, H*W, dim), or (batch, H*W, 4, R) with delta_proj (4, dim, R); B, C
-    (batch, H*W, 4, N); positions (4, H*W) from ``scan_positions``. Returns (batch, H, W, dim) fp32."""
+    (batch, H*W, 4, N). Returns (batch, H, W, dim) fp32."""
     batch, H, W, dim = x.shape
     if delta_proj is not None:
         delta, delta_proj = delta.permute(2, 0, 1, 3), delta_proj.reshape(4 * dim, delta_proj.shape[-1])
-    y, _ = _FusedScan.apply(x.reshape(batch, H * W, dim), delta, A, B.transpose(1, 2), C.transpose(1, 2), D,
-                            delta_bias, delta_proj, positions, delta_softplus)
+    args = (x.reshape(batch, H * W, dim), delta, A, B.transpose(1, 2), C.transpose(1, 2), D, delta_bias, delta_proj)
+    y, _, _ = fused_scan(*args, 4, H, W, delta_softplus, _needs_grad(*args))
     return y.view(batch, H, W, dim)

@@ -104,3 +104,10 @@ def check_cross_scan_inputs(
         if t.dtype not in _FLOATS or t.device != x.device:
             raise ValueError(f"cross_selective_scan: {name} is {t.dtype} on {t.device}, expected a floating "
                              f"tensor on {x.device} like x")
+
+
+def check_kept(states: Tensor, op: str) -> None:
+    """Refuse a scan op's backward whose forward ran for inference (save=False): it kept no states."""
+    if states.numel() == 0:
+        raise RuntimeError(f"{op}: the forward kept no chunk states (it ran with save=False, as for inference), "
+                           "so it has no backward")

@@ -77,6 +77,10 @@ class TrainConfig:
     # GradScaler); off. true/false (older configs) mean auto/off.
     amp: Literal["auto", "bf16", "fp16", "off"] | bool = "auto"
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # torch.compile the training step (one graph: the scans are custom ops); costs a compile of a
+    # minute or more at the start; on a CPU it trained slower than eager (measured), on a GPU see
+    # benchmarks/gpu_check.py
+    compile: bool = False
 
 
 @dataclass
@@ -387,9 +391,9 @@ def validate(cfg: Config) -> None:
 
 
 # What a --resume may change: the length of the run, where and how it runs, and tracking.
-RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "train.amp", "data.root", "data.download",
-             "data.num_workers", "federated.rounds", "federated.round_timeout", "federated.client_cpus",
-             "federated.client_gpus", "mlflow.", "ray.", "tune.", "matrix.")
+RESUMABLE = ("train.epochs", "train.early_stopping_patience", "train.device", "train.amp", "train.compile",
+             "data.root", "data.download", "data.num_workers", "federated.rounds", "federated.round_timeout",
+             "federated.client_cpus", "federated.client_gpus", "mlflow.", "ray.", "tune.", "matrix.")
 
 
 def check_new_output(out: Path, what: str, markers: tuple[str, ...], resume: bool) -> None:

@@ -314,6 +314,8 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.sampler = DistributedSampler(data.train, num_replicas=size, rank=rank, shuffle=True, seed=t.seed)
+        if t.compile:  # the model itself stays eager: evaluation, checkpoints and state-dict keys as without
+            self.train_model = torch.compile(self.train_model)
         self.train_loader = make_loader(data.train, self.batch_size, True, t.seed, cfg.data.num_workers,
                                         sampler=self.sampler)
         self.val_loader = make_loader(shard(data.val), self.batch_size, False, num_workers=cfg.data.num_workers)
