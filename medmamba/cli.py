@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import check_new_output, load_config, validate
+from .config import check_new_output, load_config, set_key, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .registry import create_model, list_models
@@ -73,9 +73,9 @@ def _train(args: argparse.Namespace) -> int:
 def _train_distributed(cfg, args: argparse.Namespace) -> int:
     from medmamba.orchestrator.train import train_distributed
 
-    cfg.ray.num_workers = args.workers
+    set_key(cfg, "ray.num_workers", args.workers)  # (checked as the config key would be)
     if args.gpus_per_worker is not None:
-        cfg.ray.gpus_per_worker = args.gpus_per_worker
+        set_key(cfg, "ray.gpus_per_worker", args.gpus_per_worker)
     validate(cfg)
     metrics = train_distributed(cfg, args.output_dir, resume=args.resume)
     print_metrics(metrics, f"test metrics of the best checkpoint ({args.output_dir}/best.pt), "

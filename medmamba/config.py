@@ -20,13 +20,20 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a numeric config value: ``ge <= value`` and ``value < lt`` where given."""
+    """Bounds of a numeric config value, where given: ``gt < value`` or ``ge <= value``, and
+    ``value < lt`` or ``value <= le``."""
+    gt: float | None = None
     ge: float | None = None
     lt: float | None = None
+    le: float | None = None
 
     def check(self, key: str, value: float) -> None:
-        if (self.ge is not None and value < self.ge) or (self.lt is not None and value >= self.lt):
-            bounds = f"in [{self.ge}, {self.lt})" if self.lt is not None else f">= {self.ge}"
+        low, high = self.ge if self.gt is None else self.gt, self.le if self.lt is None else self.lt
+        if ((self.gt is not None and value <= self.gt) or (self.ge is not None and value < self.ge)
+                or (self.lt is not None and value >= self.lt) or (self.le is not None and value > self.le)):
+            opening, closing = "[" if self.gt is None else "(", "]" if self.lt is None else ")"
+            bounds = (f"in {opening}{low}, {high}{closing}" if high is not None
+                      else f"{'>=' if self.gt is None else '>'} {low}")
             raise ConfigError(f"config key {key}: must be {bounds}, got {value}")
 
 
@@ -67,8 +74,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 128
+    epochs: Annotated[int, Range(ge=1)] = 100
+    batch_size: Annotated[int, Range(ge=1)] = 128
     seed: int = 0
     deterministic: bool = False
     monitor: MetricName = "auc"  # validation metric for the best checkpoint and early stopping
@@ -86,7 +93,7 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
+    lr: Annotated[float, Range(gt=0)] = 1e-3
     weight_decay: Annotated[float, Range(ge=0)] = 0.05
     momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9  # sgd only
 
@@ -109,9 +116,9 @@ class MlflowConfig:
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS (set by `ray job submit`), else a local cluster
     storage_path: str | None = None  # Ray checkpoints and results; None: OUTPUT_DIR/ray (shared storage on multi-node)
-    num_workers: int = 1  # Ray Train data-parallel workers (`medmamba train --workers`)
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0
+    num_workers: Annotated[int, Range(ge=1)] = 1  # Ray Train data-parallel workers (`medmamba train --workers`)
+    cpus_per_worker: Annotated[int, Range(ge=1)] = 1
+    gpus_per_worker: Annotated[float, Range(ge=0)] = 0
     max_failures: Annotated[int, Range(ge=-1)] = 2  # -1: no limit; restarts of the worker group (Train) or of a trial (Tune) after a failure
     autoscaling: bool = False  # true: the cluster adds nodes on demand; skip the check against its current size
 
@@ -140,8 +147,8 @@ class FederatedConfig:
     # natural (data.root/<site>/<class>/*), iid, dirichlet (label skew), quantity, or deployed: real
     # SuperNodes, each reading the folder its node config names (data-root); the server holds no data
     partition: Literal["natural", "iid", "dirichlet", "quantity", "deployed"] = "iid"
-    num_sites: int = 3  # simulated partitions; natural: the number of site folders
-    alpha: float = 0.5  # dirichlet concentration: smaller is more skewed
+    num_sites: Annotated[int, Range(ge=1)] = 3  # simulated partitions; natural: the number of site folders
+    alpha: Annotated[float, Range(gt=0)] = 0.5  # dirichlet concentration: smaller is more skewed
     # fedbn: BatchNorm layers stay local; fedadam/fedyogi/fedadagrad: adaptive server optimisers (Reddi
     # et al. 2021); fedavgm: server momentum
     strategy: Literal["fedavg", "fedprox", "fedbn", "fedadam", "fedyogi", "fedadagrad", "fedavgm"] = "fedavg"
@@ -153,10 +160,10 @@ class FederatedConfig:
     tau: Annotated[float, Range(ge=0)] = 1e-3  # adaptive strategies: the degree of adaptivity
     # leave-one-site-out (simulation): this site never trains; the global model is tested on all its images
     holdout_site: str | None = None
-    rounds: int = 3
-    local_epochs: int = 1
-    fraction_fit: float = 1.0  # share of the sites sampled to train each round
-    min_clients: int = 2  # sites that must train (and be available) each round
+    rounds: Annotated[int, Range(ge=1)] = 3
+    local_epochs: Annotated[int, Range(ge=1)] = 1
+    fraction_fit: Annotated[float, Range(gt=0, le=1)] = 1.0  # share of the sites sampled to train each round
+    min_clients: Annotated[int, Range(ge=1)] = 2  # sites that must train (and be available) each round
     client_cpus: Annotated[float, Range(ge=0)] = 1  # resources of one simulated site
     client_gpus: Annotated[float, Range(ge=0)] = 0
     # differential privacy, on when dp_clipping_norm is set: each site clips its update; "central": the
@@ -164,7 +171,7 @@ class FederatedConfig:
     # against whoever sees the global model but trusts the server; "local": each site adds noise before
     # anything leaves it (an (dp_epsilon, dp_delta) Gaussian mechanism per round), trusting no one
     dp_mode: Literal["central", "local"] = "central"
-    dp_clipping_norm: Annotated[float, Range(ge=0)] | None = None
+    dp_clipping_norm: Annotated[float, Range(gt=0)] | None = None
     dp_noise_multiplier: Annotated[float, Range(ge=0)] = 0.0  # central
     dp_epsilon: Annotated[float, Range(ge=0)] = 1.0  # local: per round
     dp_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5  # the delta at which the budget is reported
@@ -342,27 +349,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     """Checks across keys and of allowed values."""
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"config key optim.lr: must be > 0, got {cfg.optim.lr}")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("config keys train.epochs and train.batch_size must be >= 1")
     if len(cfg.data.split_ratios) != 3 or abs(sum(cfg.data.split_ratios) - 1) > 1e-6 or min(cfg.data.split_ratios) < 0:
         raise ConfigError(f"config key data.split_ratios: three non-negative ratios summing to 1, got {cfg.data.split_ratios}")
     if cfg.data.fold is not None and not 0 <= cfg.data.fold < cfg.data.num_folds:
         raise ConfigError(f"config key data.fold: must be in [0, {cfg.data.num_folds}), got {cfg.data.fold}")
-    if cfg.ray.num_workers < 1 or cfg.ray.cpus_per_worker < 1 or cfg.ray.gpus_per_worker < 0:
-        raise ConfigError("config keys ray.num_workers and ray.cpus_per_worker must be >= 1, "
-                          "ray.gpus_per_worker >= 0")
     t = cfg.tune
     if t.workers_per_trial > 1 and (t.gpus_per_trial % t.workers_per_trial or t.cpus_per_trial < t.workers_per_trial):
         raise ConfigError(f"config keys tune.workers_per_trial={t.workers_per_trial}: each worker needs at least one "
                           f"CPU and a whole number of GPUs; tune.cpus_per_trial is {t.cpus_per_trial:g} and "
                           f"tune.gpus_per_trial {t.gpus_per_trial:g}")
     fed = cfg.federated
-    if not fed.alpha > 0:
-        raise ConfigError(f"config key federated.alpha: must be > 0, got {fed.alpha}")
-    if fed.num_sites < 1 or fed.rounds < 1 or fed.local_epochs < 1 or fed.min_clients < 1:
-        raise ConfigError("config keys federated.num_sites, rounds, local_epochs and min_clients must be >= 1")
     if fed.min_clients > fed.num_sites and fed.partition not in ("natural", "deployed"):  # (checked at run time)
         raise ConfigError(f"config key federated.min_clients is {fed.min_clients} but there are only "
                           f"{fed.num_sites} sites (federated.num_sites)")
@@ -370,8 +366,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key federated.dp_clipping_norm cannot be used with federated.strategy=fedbn: "
                           "Flower's clipping pairs each sent array with a received one, and FedBN keeps the "
                           "BatchNorm layers at the sites")
-    if fed.dp_clipping_norm is not None and not fed.dp_clipping_norm > 0:
-        raise ConfigError(f"config key federated.dp_clipping_norm: must be > 0, got {fed.dp_clipping_norm}")
     if fed.dp_clipping_norm is not None and fed.dp_mode == "local" and not fed.dp_epsilon > 0:
         raise ConfigError(f"config key federated.dp_epsilon: must be > 0 for local differential privacy, "
                           f"got {fed.dp_epsilon}")
@@ -384,8 +378,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key federated.holdout_site: a deployed federation holds a hospital out by not "
                           "starting its SuperNode and testing on its data afterwards; leave-one-site-out runs in "
                           "simulation")
-    if not 0 < fed.fraction_fit <= 1:
-        raise ConfigError(f"config key federated.fraction_fit: must be in (0, 1], got {fed.fraction_fit}")
     if sorted(cfg.sched.milestones) != cfg.sched.milestones:
         raise ConfigError(f"config key sched.milestones: must increase, got {cfg.sched.milestones}")
 

@@ -279,6 +279,8 @@ def test_bad_inputs_are_one_line_errors(medmnist_root, tmp_path, capsys):
     assert "data.root " + str(afile) + " is a file; expected a folder" in error(
         _train_args(afile, tmp_path / "a", "--no-mlflow"))
     assert "cannot be written" in error(_train_args(medmnist_root, afile / "out", "--no-mlflow"))
+    assert "config key ray.num_workers: must be >= 1, got 0" in error(
+        _train_args(medmnist_root, tmp_path / "w", "--workers", "0", "--no-mlflow"))
     truncated = tmp_path / "npz"
     truncated.mkdir()
     data = (medmnist_root / "breastmnist.npz").read_bytes()

@@ -71,7 +71,8 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=0", "config key optim.lr: must be > 0"),
-    ("train.epochs=0", "train.epochs and train.batch_size must be >= 1"),
+    ("train.epochs=0", "config key train.epochs: must be >= 1, got 0"),
+    ("train.batch_size=0", "config key train.batch_size: must be >= 1, got 0"),
     ("data.augment=randaugment", "config key data.augment: expected none or autoaugment"),
     ("data.fold=5", r"config key data.fold: must be in \[0, 5\), got 5"),
 ])
@@ -95,10 +96,11 @@ def test_base_files_extend_each_other_and_loops_are_refused(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("tune.mode=maximum", "tune.mode: expected min or max"),
-    ("ray.num_workers=0", "ray.num_workers and ray.cpus_per_worker must be >= 1"),
-    ("ray.gpus_per_worker=-1", "ray.gpus_per_worker >= 0"),
+    ("ray.num_workers=0", "config key ray.num_workers: must be >= 1, got 0"),
+    ("ray.gpus_per_worker=-1", "config key ray.gpus_per_worker: must be >= 0, got -1"),
     ("federated.fraction_fit=0", "federated.fraction_fit: must be in \\(0, 1\\]"),
-    ("federated.rounds=0", "rounds, local_epochs and min_clients must be >= 1"),
+    ("federated.rounds=0", "config key federated.rounds: must be >= 1, got 0"),
+    ("federated.fraction_fit=1.5", r"config key federated.fraction_fit: must be in \(0, 1\], got 1.5"),
     ("tune.space=[1, 2]", "tune.space: expected a mapping"),
 ])
 def test_bad_ray_tune_and_federated_keys_are_refused(override, message):
