@@ -25,7 +25,7 @@ from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
 from medmamba.runtime import resolve_device, seed_everything
-from medmamba.train import Trainer, make_optimizer, train_one_epoch
+from medmamba.train import Trainer, for_training, make_optimizer, train_one_epoch, train_precision
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,11 @@ def round_lr(cfg: Config, server_round: int) -> float:
 
 def local_train(model: nn.Module, site: Datasets, cfg: Config, server_round: int, device: torch.device,
                 proximal_mu: float = 0.0) -> float:
-    """``federated.local_epochs`` epochs of the shared training loop on the site's train split."""
+    """``federated.local_epochs`` epochs of the shared training loop on the site's train split, in
+    ``train.amp``'s precision and compiled under ``train.compile``, as the Trainer trains."""
     seed_everything(cfg.train.seed + server_round)
+    amp, scaler = train_precision(cfg.train, device)
+    steps = for_training(model, cfg.train)
     optimizer = make_optimizer(model.parameters(), replace(cfg.optim, lr=round_lr(cfg, server_round)))
     loader = make_loader(site.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed + server_round,
                          num_workers=cfg.data.num_workers)
@@ -243,7 +246,8 @@ def local_train(model: nn.Module, site: Datasets, cfg: Config, server_round: int
         proximal = (proximal_mu, [p.detach().clone() for p in model.parameters()])
     loss = 0.0
     for epoch in range(cfg.federated.local_epochs):
-        loss = train_one_epoch(model, loader, optimizer, device, epoch=epoch + 1, progress=False, proximal=proximal)
+        loss = train_one_epoch(steps, loader, optimizer, device, scaler, epoch=epoch + 1, progress=False,
+                               proximal=proximal, amp=amp)
     return loss
 
 

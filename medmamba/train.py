@@ -33,7 +33,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from .config import Config, OptimConfig, SchedConfig, check_resumable, save_config
+from .config import Config, OptimConfig, SchedConfig, TrainConfig, check_resumable, save_config
 from .data import Datasets, make_loader
 from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import complexity
@@ -120,6 +120,18 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         dist.all_reduce(sums)
         return (sums[0] / sums[1].clamp(min=1)).item()
     return total.item() / max(count, 1)
+
+
+def train_precision(t: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """``train.amp``'s autocast dtype on ``device`` (None: fp32) and, for fp16, its GradScaler."""
+    amp = autocast_dtype(t.amp, device)
+    return amp, torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+
+def for_training(model: nn.Module, t: TrainConfig) -> nn.Module:
+    """The module the training steps call: ``torch.compile(model)`` under ``train.compile``. The
+    model itself stays eager, so evaluation, checkpoints and state-dict keys are as without."""
+    return torch.compile(model) if t.compile else model
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -306,16 +318,14 @@ class Trainer:
                                  data_name=data.name).to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.sched)
-        self.amp = autocast_dtype(cfg.train.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.amp, self.scaler = train_precision(cfg.train, self.device)
         self.sampler = None
         self.train_model: nn.Module = self.model
         if size > 1:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.sampler = DistributedSampler(data.train, num_replicas=size, rank=rank, shuffle=True, seed=t.seed)
-        if t.compile:  # the model itself stays eager: evaluation, checkpoints and state-dict keys as without
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = for_training(self.train_model, t)
         self.train_loader = make_loader(data.train, self.batch_size, True, t.seed, cfg.data.num_workers,
                                         sampler=self.sampler)
         self.val_loader = make_loader(shard(data.val), self.batch_size, False, num_workers=cfg.data.num_workers)

@@ -23,7 +23,7 @@ from medmamba.errors import ConfigError
 from medmamba.federated import client_app
 from medmamba.federated.client_app import SiteError, only_parameters_and_metrics
 from medmamba.federated.simulation import run_federated
-from medmamba.federated.task import build_site, is_batchnorm_key, pooled_datasets, site_names
+from medmamba.federated.task import build_site, is_batchnorm_key, local_train, pooled_datasets, site_names
 from medmamba.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +148,17 @@ def test_a_site_sends_only_parameters_and_numeric_metrics(medmnist_root, as_a_fl
 
     with pytest.raises(SiteError, match="only arrays and metrics may leave a site"):
         only_parameters_and_metrics(_train_message(cfg, model), context, leaky)
+
+
+def test_a_site_trains_in_the_precision_train_amp_names(medmnist_root):
+    """train.amp reaches the sites (they trained in fp32 whatever it said): bf16 autocast here."""
+    cfg = _cfg(medmnist_root, "data.name=breastmnist", "train.amp=bf16")
+    model = build_model(cfg.model, 2)
+    dtypes = set()
+    model.head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    loss = local_train(model, build_site(cfg, 0), cfg, 1, torch.device("cpu"))
+    assert dtypes == {torch.bfloat16} and np.isfinite(loss)
+    assert model.head.weight.dtype == torch.float32
 
 
 def test_batchnorm_keys_are_the_conv_branch_norms(medmnist_root):
