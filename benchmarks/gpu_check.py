@@ -3,6 +3,7 @@ floor, and MedMamba's training and inference throughput against timm's ResNet-50
 
     python benchmarks/gpu_check.py            # on a GPU machine: paste its table into the note
     python benchmarks/gpu_check.py --quick    # fewer steps
+    python benchmarks/gpu_check.py --only scan,compiled
 
 Needs only torch, triton (for the Triton scan), timm and this package's model and kernels (no
 Ray, MLflow, Flower or medmnist). Without a GPU it runs the same sections on the CPU at small
@@ -379,6 +380,8 @@ def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", metavar="SECTIONS", help="comma-separated sections to run (correctness, scan, "
+                        "throughput, resume, compiled), e.g. to rerun what a first run had no time for")
     parser.add_argument("--train-into", nargs=5, metavar=("DIR", "DEVICE", "SIZE", "IMAGES", "EPOCHS"),
                         help=argparse.SUPPRESS)  # section 4's run to kill
     args = parser.parse_args()
@@ -400,8 +403,13 @@ def main() -> None:
                 # inductor takes minutes here) as a smoke test
                 "compiled": lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps,
                                                ("medmamba_t", "convnext_tiny"), "inductor" if gpu else "aot_eager")}
+    chosen = args.only.split(",") if args.only else list(sections)
+    unknown = sorted(set(chosen) - set(sections))
+    if unknown:
+        parser.error(f"--only: unknown section {', '.join(unknown)}; the sections are {', '.join(sections)}")
     took, failed = [], 0
-    for name, section in sections.items():
+    for name in chosen:
+        section = sections[name]
         start = time.perf_counter()
         try:
             rows = section()

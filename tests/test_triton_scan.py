@@ -6,6 +6,8 @@ imports Triton. Shapes stay small: the interpreter runs each program step by ste
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -198,6 +200,22 @@ def test_the_gpu_check_imports_only_what_the_gpu_machine_has_or_is_carried():
     assert {"torch", "sklearn", "medmamba"} <= imported
     assert not imported & {"matplotlib", "ray", "mlflow", "flwr", "medmnist", "optuna"}, \
         imported & {"matplotlib", "ray", "mlflow", "flwr", "medmnist", "optuna"}
+
+
+def test_the_gpu_check_runs_the_sections_named_and_refuses_unknown_ones():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": ""})
+    done = run("--only", "scan,typo")
+    assert done.returncode == 2 and "--only: unknown section typo; the sections are correctness, scan" in done.stderr
+    done = run("--only", "scan")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sections took: scan " in done.stdout and "| scan stage 1" in done.stdout
+    assert "correctness" not in done.stdout and "throughput" not in done.stdout
 
 
 def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
