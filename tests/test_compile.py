@@ -57,9 +57,11 @@ def _differentiable(args: tuple) -> tuple:
                  for a in args)
 
 
-CASES = {  # entry point, its inputs: a grouped B/C sequence, SS2D's four directions with a low-rank delta
+CASES = {  # entry point, its inputs: grouped and fixed B/C, SS2D's four directions with a low-rank delta
     "selective_scan_fn": lambda backend: functools.partial(
         selective_scan_fn, **make_inputs(2, 8, 4, 21, "g2", z=True, seed=3), delta_softplus=True, backend=backend),
+    "selective_scan_fn-fixed-BC": lambda backend: functools.partial(  # 2 channel tiles, 2 chunks of 64 steps
+        selective_scan_fn, **make_inputs(1, 20, 3, 70, "fixed", z=False, seed=5), backend=backend),
     "cross_selective_scan": lambda backend: functools.partial(
         cross_selective_scan, **_cross_inputs(2, 3, 5, 8, 4, torch.float32, low_rank=True, seed=4),
         delta_softplus=True, backend=backend),
