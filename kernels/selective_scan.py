@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _cpu_ext
 from .cross_scan import cross_merge, cross_scan, scan_positions
 from .reference import selective_scan_ref
-from .validation import check_cross_scan_inputs, check_kept, check_scan_inputs, compute_dtype
+from .validation import check_cross_scan_inputs, check_kept, check_scan_inputs, compute_dtype, needs_grad
 
 BACKENDS = ("auto", "mamba", "triton", "cpu", "torch", "ref")
 CPU_CHUNK = 64  # steps between saved states in the compiled kernel's forward
@@ -197,7 +197,7 @@ def cross_selective_scan(
         delta = flat(delta) if delta_proj is None else by_direction(delta)
         args = (flat(x).view(batch, H * W, dim), delta, flat(A), by_direction(B), by_direction(C), flat(D), None,
                 flat(delta_bias), dt_w)
-        out, _, _ = cpu_scan(*args, 4, H, W, True, delta_softplus, _needs_grad(*args), False)
+        out, _, _ = cpu_scan(*args, 4, H, W, True, delta_softplus, needs_grad(*args), False)
         return out.view(batch, H, W, dim).to(x.dtype)
     if name == "triton":
         from . import triton_scan  # imported already: resolve_backend chose it
@@ -286,11 +286,6 @@ def _cpu_backward(ctx, dout, _dlast, _dckpt):
 cpu_scan.register_autograd(_cpu_backward, setup_context=_cpu_setup)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd will ask for a scan's gradients (else its forward keeps no checkpoints)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """t (if given) in ``dtype`` and contiguous, as the compiled kernel reads it."""
     return None if t is None else t.to(dtype).contiguous()
@@ -310,7 +305,7 @@ def _cpu_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last) ->
     flat = functools.partial(_dense, dtype=ct)
     args = (flat(u), flat(delta)[None], flat(A), _kernel_layout(B, ct), _kernel_layout(C, ct), flat(D),
             None if z is None else flat(z)[None], flat(delta_bias), None)
-    out, last, _ = cpu_scan(*args, 1, 1, u.shape[-1], False, delta_softplus, _needs_grad(*args), want_last)
+    out, last, _ = cpu_scan(*args, 1, 1, u.shape[-1], False, delta_softplus, needs_grad(*args), want_last)
     return out.to(u.dtype), last
 
 

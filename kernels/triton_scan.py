@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .cross_scan import scan_positions
-from .validation import check_kept
+from .validation import check_kept, needs_grad
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels made now run on CPU tensors, interpreted
 CHUNK = 16  # steps scanned together; the state is saved at the start of each chunk
@@ -356,11 +356,6 @@ def _backward(ctx, dout, _dlast, _dstarts):
 fused_scan.register_autograd(_backward, setup_context=_setup)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    """Whether autograd will ask for the scan's gradients (else the forward keeps no chunk starts)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _or(t: Tensor | None, other: Tensor) -> Tensor:
     """A pointer for an absent tensor (the kernel never reads it)."""
     return other if t is None else t
@@ -395,7 +390,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     (batch, N, L) or (batch, G, N, L); D, delta_bias (D,). Returns (y (batch, D, L), last state
     (batch, D, N)), both fp32."""
     args = (u.transpose(1, 2), delta.transpose(1, 2)[None], A, _as_groups(B), _as_groups(C), D, delta_bias, None)
-    y, last, _ = fused_scan(*args, 1, 1, u.shape[-1], delta_softplus, _needs_grad(*args))
+    y, last, _ = fused_scan(*args, 1, 1, u.shape[-1], delta_softplus, needs_grad(*args))
     return y.transpose(1, 2), last
 
 
@@ -408,5 +403,5 @@ def cross_selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     if delta_proj is not None:
         delta, delta_proj = delta.permute(2, 0, 1, 3), delta_proj.reshape(4 * dim, delta_proj.shape[-1])
     args = (x.reshape(batch, H * W, dim), delta, A, B.transpose(1, 2), C.transpose(1, 2), D, delta_bias, delta_proj)
-    y, _, _ = fused_scan(*args, 4, H, W, delta_softplus, _needs_grad(*args))
+    y, _, _ = fused_scan(*args, 4, H, W, delta_softplus, needs_grad(*args))
     return y.view(batch, H, W, dim)

@@ -111,3 +111,8 @@ def check_kept(states: Tensor, op: str) -> None:
     if states.numel() == 0:
         raise RuntimeError(f"{op}: the forward kept no chunk states (it ran with save=False, as for inference), "
                            "so it has no backward")
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a scan op's gradients (else its forward keeps no chunk states)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
