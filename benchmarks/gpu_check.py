@@ -23,12 +23,14 @@ Sections:
    kernel of independent exp chains. At N = 16 the scan does ~30 flops and those 2 exps per
    state element, for about 10 bytes of traffic per channel and step: by an H200's data sheet the exp
    floor is about 3x the HBM floor (measured here, not assumed).
-3. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
+3. layout: section 4's MedMamba-T with its Conv branch in NCHW and in channels-last, and which
+   of them the model runs on this device (``model.conv_layout``).
+4. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
    autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
-4. resume: MedMamba-T trained by ``Trainer`` on the device (synthetic images, no dataset needed)
+5. resume: MedMamba-T trained by ``Trainer`` on the device (synthetic images, no dataset needed)
    in a subprocess SIGKILLed after its first checkpoint, resumed, and compared epoch by epoch
    with a run that was never stopped (equal on a CPU; on a GPU up to the scan's atomic adds).
-5. compiled: section 3's training for MedMamba-T and ConvNeXt-T under ``torch.compile``
+6. compiled: section 4's training for MedMamba-T and ConvNeXt-T under ``torch.compile``
    (``train.compile``; the scan kernels are custom ops inside one graph), with each model's
    compile time.
 """
@@ -280,51 +282,82 @@ def _triton_config(chunk: int, block_d: int, num_warps: int):
         triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = saved
 
 
-def throughput(device: torch.device, size: int, batch: int, steps: int,
-               names: tuple[str, ...] = ("medmamba_t", "medmamba_s", "resnet50", "convnext_tiny"),
-               compiler: str | None = None) -> list[str]:
-    """Section 3 (eager), and section 5 with ``compiler``, a torch.compile backend: training steps
-    of the compiled models (the first step's compile time apart), no inference."""
+def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
+           compiler: str | None = None) -> tuple[float, str]:
+    """Training images/s of model ``name`` (forward, backward, fused AdamW; bf16 autocast on a GPU),
+    and the row's other column: inference images/s, or with ``compiler`` (a torch.compile backend)
+    the first step's seconds, which compile (no inference)."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    setting = f"{size} px, batch {batch}, {'bf16' if dtype else 'fp32'}" + (f", compiled ({compiler})" if compiler
-                                                                              else "")
+    model = create_model(name, num_classes=2, img_size=size).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    run = model if compiler is None else torch.compile(model, backend=compiler)
+
+    def train_step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(run(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+
+    model.train()
+    start = time.perf_counter()
+    train_step()
+    _sync(device)
+    first = time.perf_counter() - start
+    train = batch / _median_seconds(train_step, device, steps)
+    if compiler is not None:
+        return train, f"first step (compiling) {first:.0f} s"
+    model.eval()
+    return train, f"infer {batch / _median_seconds(infer_step, device, steps):.0f} img/s"
+
+
+def _setting(device: torch.device, size: int, batch: int) -> str:
+    return f"{size} px, batch {batch}, {'bf16' if device.type == 'cuda' else 'fp32'}"
+
+
+def throughput(device: torch.device, size: int, batch: int, steps: int,
+               names: tuple[str, ...] = ("medmamba_t", "medmamba_s", "resnet50", "convnext_tiny"),
+               compiler: str | None = None) -> list[str]:
+    """Section 4: each model's training and inference images/s; section 6 with ``compiler``: the
+    compiled models' training images/s and compile times."""
+    setting = _setting(device, size, batch) + (f", compiled ({compiler})" if compiler else "")
     rows, rates = [], {}
     for name in names:
-        model = create_model(name, num_classes=2, img_size=size).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-        run = model if compiler is None else torch.compile(model, backend=compiler)
-
-        def train_step(run=run, optimizer=optimizer):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(run(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        def infer_step(model=model):
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(x)
-
-        model.train()
-        start = time.perf_counter()
-        train_step()  # (compiles, when compiled)
-        _sync(device)
-        first = time.perf_counter() - start
-        rates[name] = batch / _median_seconds(train_step, device, steps)
-        if compiler is None:
-            model.eval()
-            other = f"infer {batch / _median_seconds(infer_step, device, steps):.0f} img/s"
-        else:
-            other = f"first step (compiling) {first:.0f} s"
+        rates[name], other = _rates(name, device, size, batch, steps, compiler)
         rows.append(f"| throughput {setting} | {name} | train {rates[name]:.0f} img/s | {other} |")
-        del model, optimizer, run
     if {"medmamba_t", "convnext_tiny"} <= rates.keys():
         ratio = rates["medmamba_t"] / rates["convnext_tiny"]
         verdict = ("met" if ratio >= 1 else "NOT met") if device.type == "cuda" else "CPU smoke test: no target"
         rows.append(f"| target: MedMamba-T trains at least as fast as ConvNeXt-T{', both compiled' if compiler else ''}"
                     f" | | {ratio:.2f}x | {verdict} |")
+    return rows
+
+
+def conv_layouts(device: torch.device, size: int, batch: int, steps: int) -> list[str]:
+    """Section 3: MedMamba-T trained with its Conv branch in NCHW and in channels-last, and the
+    layout ``model.conv_layout`` picks on this device."""
+    import medmamba.model
+
+    picks, rows, rates = medmamba.model.conv_layout, [], {}
+    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+    try:
+        for label, layout in layouts.items():
+            medmamba.model.conv_layout = lambda _device, layout=layout: layout
+            rates[label], other = _rates("medmamba_t", device, size, batch, steps)
+            rows.append(f"| layout {_setting(device, size, batch)} | medmamba_t, Conv branch {label} | "
+                        f"train {rates[label]:.0f} img/s | {other} |")
+    finally:
+        medmamba.model.conv_layout = picks
+    picked = next(label for label, layout in layouts.items() if layout == picks(device))
+    verdict = "the faster" if rates[picked] == max(rates.values()) else "NOT the faster"
+    rows.append(f"| layout: the Conv branch runs {picked} on {device.type} | | "
+                f"{rates[picked] / min(rates.values()):.2f}x the slower | {verdict} |")
     return rows
 
 
@@ -351,7 +384,7 @@ def _train(out: Path, device: str, size: int, images: int, epochs: int, resume: 
 
 
 def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) -> list[str]:
-    """Section 4: a run killed after its first checkpoint and resumed, against an unbroken one."""
+    """Section 5: a run killed after its first checkpoint and resumed, against an unbroken one."""
     try:
         import medmamba.train  # noqa: F401  (the training loop's own needs: scikit-learn, ...)
     except ImportError as exc:
@@ -381,7 +414,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", metavar="SECTIONS", help="comma-separated sections to run (correctness, scan, "
-                        "throughput, resume, compiled), e.g. to rerun what a first run had no time for")
+                        "layout, throughput, resume, compiled), e.g. to rerun what a first run had no time for")
     parser.add_argument("--train-into", nargs=5, metavar=("DIR", "DEVICE", "SIZE", "IMAGES", "EPOCHS"),
                         help=argparse.SUPPRESS)  # section 4's run to kill
     args = parser.parse_args()
@@ -397,6 +430,7 @@ def main() -> None:
     print("| check | path | result | |\n|---|---|---|---|")
     sections = {"correctness": lambda: correctness(device),
                 "scan": lambda: scan_benchmark(device, 32 if gpu else 1, steps),
+                "layout": lambda: conv_layouts(device, 224 if gpu else 64, 64 if gpu else 2, steps),
                 "throughput": lambda: throughput(device, 224 if gpu else 64, 64 if gpu else 2, steps),
                 "resume": lambda: resume_check(device, 64 if gpu else 16, 384 if gpu else 48),
                 # inductor on a GPU; on a CPU the aot_eager backend (the same graphs, no code generation:

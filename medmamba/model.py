@@ -154,6 +154,13 @@ def conv_branch(dim: int) -> nn.Sequential:
     ]))
 
 
+def conv_layout(device: torch.device) -> torch.memory_format:
+    """The memory format the Conv branch runs in on ``device``: NCHW on a CPU (faster there than
+    channels-last, measured), channels-last on a GPU (the layout of tensor-core convolutions; the
+    alternative is timed by benchmarks/gpu_check.py)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 class SSConvSSM(nn.Module):
     """The SS-Conv-SSM block: split -> Conv branch | SSM branch -> concat -> shuffle -> residual.
 
@@ -171,7 +178,8 @@ class SSConvSSM(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def _conv(self, x: Tensor) -> Tensor:
-        return self.conv_branch(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)  # NCHW: faster here
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=conv_layout(x.device))
+        return self.conv_branch(x).permute(0, 2, 3, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.block == "ssm_only":
