@@ -231,14 +231,6 @@ def cpu_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                                      channels_last, delta_softplus, CPU_CHUNK, save, want_last))
 
 
-@cpu_scan.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, dt_w, K, height, width, channels_last, delta_softplus, save, want_last):
-    batch, L, dim = u.shape if channels_last else (u.shape[0], u.shape[2], u.shape[1])
-    rows, N = K * dim, A.shape[1]
-    return (torch.empty_like(u), u.new_empty(batch if want_last else 0, rows, N),
-            u.new_empty(batch if save else 0, K, _cpu_tiles(dim, rows, B, C), -(-L // CPU_CHUNK), N, _CPU_LANES))
-
-
 _CPU_LANES = 16  # channels per tile of the compiled kernel (W in selective_scan_cpu.cpp)
 
 
@@ -247,6 +239,14 @@ def _cpu_tiles(dim: int, rows: int, B: Tensor, C: Tensor) -> int:
     most 16 channels that never straddle a group of a variable (4-d) B or C."""
     segment = math.gcd(dim, *(rows // M.shape[1] for M in (B, C) if M.dim() == 4))
     return dim // segment * -(-segment // _CPU_LANES)
+
+
+@cpu_scan.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, dt_w, K, height, width, channels_last, delta_softplus, save, want_last):
+    batch, L, dim = u.shape if channels_last else (u.shape[0], u.shape[2], u.shape[1])
+    rows, N = K * dim, A.shape[1]
+    return (torch.empty_like(u), u.new_empty(batch if want_last else 0, rows, N),
+            u.new_empty(batch if save else 0, K, _cpu_tiles(dim, rows, B, C), -(-L // CPU_CHUNK), N, _CPU_LANES))
 
 
 @torch.library.custom_op("medmamba::cpu_scan_bwd", mutates_args=())
