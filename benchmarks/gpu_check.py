@@ -292,7 +292,7 @@ def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
     y = torch.randint(0, 2, (batch,), device=device)
     model = create_model(name, num_classes=2, img_size=size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    run = model if compiler is None else torch.compile(model, backend=compiler)
+    run = model if compiler is None else torch.compile(model, backend=compiler, dynamic=False)  # as train.compile
 
     def train_step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -130,8 +130,11 @@ def train_precision(t: TrainConfig, device: torch.device) -> tuple[torch.dtype |
 
 def for_training(model: nn.Module, t: TrainConfig) -> nn.Module:
     """The module the training steps call: ``torch.compile(model)`` under ``train.compile``. The
-    model itself stays eager, so evaluation, checkpoints and state-dict keys are as without."""
-    return torch.compile(model) if t.compile else model
+    model itself stays eager, so evaluation, checkpoints and state-dict keys are as without.
+    Shapes are static (a smaller last batch compiles once more): with dynamic ones, a process that
+    had compiled MedMamba at another image size made the sizes symbolic, and inductor failed on
+    them (PatchMerging's padding)."""
+    return torch.compile(model, dynamic=False) if t.compile else model
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

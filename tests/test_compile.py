@@ -122,13 +122,16 @@ def test_medmamba_compiles_to_one_graph_with_the_eager_gradients(monkeypatch):
 @pytest.mark.integration
 def test_train_compile_trains_with_inductor_as_eager_does(medmnist_root, tmp_path):
     """train.compile=true: one epoch with the inductor-compiled step (the CPU kernel's ops inside
-    generated code) has the eager epoch's loss; checkpoints keep the plain model's keys."""
+    generated code) has the eager epoch's loss; checkpoints keep the plain model's keys. MedMamba
+    compiled first at another size in this process (as a reused Tune actor would): with dynamic
+    shapes that made the image size symbolic and inductor failed on it."""
     from torch.utils.data import Subset
 
     from medmamba.data import build_datasets
     from medmamba.train import Trainer
     from test_train import _cfg
 
+    torch.compile(create_model("medmamba_t", num_classes=2), backend="aot_eager")(torch.randn(2, 3, 32, 32))
     data = build_datasets(_cfg(medmnist_root).data)
     data = dataclasses.replace(data, train=Subset(data.train, range(128)))
     losses = []
