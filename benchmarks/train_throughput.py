@@ -13,6 +13,7 @@ rival ResNet's whole training step: a floor that no change outside the scan can 
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --sizes 224 --steps 5
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --sizes 28 --batch 128 --models resnet50
+    python benchmarks/train_throughput.py --sizes 64 --models medmamba_t,resnet18 --compile
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from medmamba import create_model
-from medmamba.config import OptimConfig
+from medmamba.config import OptimConfig, TrainConfig
 from medmamba.errors import ConfigError
 from medmamba.kernels import cross_selective_scan
 from medmamba.model import SS2D
-from medmamba.train import make_optimizer
+from medmamba.train import for_training, make_optimizer
 
 MODELS = ["medmamba_t", "resnet18", "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
           "vit_small_patch16_224"]
@@ -117,14 +118,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size at 28 and 64 px (half that at 224)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm or MedMamba names")
+    parser.add_argument("--compile", action="store_true",
+                        help="every model under torch.compile, as train.compile trains (the warm-up rounds compile)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; median of {args.steps} steps")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32"
+          f"{', torch.compile (inductor)' if args.compile else ''}; median of {args.steps} steps")
     print(f"{'size':>4} {'batch':>5} {'model':28} {'train img/s':>12} {'infer img/s':>12} "
           f"{'MedMamba-T train rate / this':>30}")
     verdicts = []
     for size in map(int, args.sizes.split(",")):
         batch = args.batch if size < 224 else max(1, args.batch // 2)
         models, skipped = models_at(size, args.models.split(","))
+        if args.compile:
+            models = {name: for_training(model, TrainConfig(compile=True)) for name, model in models.items()}
         train, infer = (images_per_second(models, size, batch, args.steps, mode) for mode in (True, False))
         rows = {name: (train[name], infer[name]) for name in models}
         ours = rows["medmamba_t"][0] if "medmamba_t" in rows else None

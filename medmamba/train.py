@@ -134,7 +134,10 @@ def for_training(model: nn.Module, t: TrainConfig) -> nn.Module:
     Shapes are static (a smaller last batch compiles once more): with dynamic ones, a process that
     had compiled MedMamba at another image size made the sizes symbolic, and inductor failed on
     them (PatchMerging's padding)."""
-    return torch.compile(model, dynamic=False) if t.compile else model
+    if not t.compile:
+        return model
+    log.info("train.compile: the first training steps compile the model (a minute or more)")
+    return torch.compile(model, dynamic=False)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
