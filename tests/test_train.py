@@ -371,3 +371,24 @@ def test_release_freed_memory_gives_a_finished_threads_freed_heap_back():
     release_freed_memory()
     assert held - resident() > 150 * 2**20
     assert all(block[0] == 1 for block in kept)  # what is still referenced is untouched
+
+
+def test_release_freed_memory_drops_earlier_runs_compiled_graphs():
+    """A reused actor's next run compiles its own graphs: the earlier runs' do not count against
+    dynamo's recompile limit (after 8, train.compile trained eagerly, with one warning in the log)."""
+    from torch._dynamo.utils import counters
+
+    from medmamba.runtime import release_freed_memory
+
+    def step(x):
+        return (x * 2).sum()
+
+    compiled = torch.compile(step, backend="eager")
+    for _ in range(2):
+        compiled(torch.ones(3))
+    before = counters["stats"]["unique_graphs"]
+    compiled(torch.ones(3))
+    assert counters["stats"]["unique_graphs"] == before  # cached
+    release_freed_memory()
+    compiled(torch.ones(3))
+    assert counters["stats"]["unique_graphs"] == before + 1  # compiled afresh
