@@ -25,7 +25,8 @@ from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
 from medmamba.runtime import resolve_device, seed_everything
-from medmamba.train import Trainer, for_training, make_optimizer, train_one_epoch, train_precision
+from medmamba.train import (Trainer, compile_failures, for_training, make_optimizer, train_one_epoch,
+                            train_precision)
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +247,9 @@ def local_train(model: nn.Module, site: Datasets, cfg: Config, server_round: int
         proximal = (proximal_mu, [p.detach().clone() for p in model.parameters()])
     loss = 0.0
     for epoch in range(cfg.federated.local_epochs):
-        loss = train_one_epoch(steps, loader, optimizer, device, scaler, epoch=epoch + 1, progress=False,
-                               proximal=proximal, amp=amp)
+        with compile_failures():
+            loss = train_one_epoch(steps, loader, optimizer, device, scaler, epoch=epoch + 1, progress=False,
+                                   proximal=proximal, amp=amp)
     return loss
 
 

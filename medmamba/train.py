@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,19 @@ def for_training(model: nn.Module, t: TrainConfig) -> nn.Module:
         return model
     log.info("train.compile: the first training steps compile the model (a minute or more)")
     return torch.compile(model, dynamic=False)
+
+
+@contextmanager
+def compile_failures():
+    """A failed ``train.compile`` (no C++ compiler for inductor on a CPU, no Triton on a GPU, ...)
+    as a one-line ConfigError naming the way out, not torch's page of traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        inner = getattr(exc, "inner_exception", exc)
+        reason = (str(inner).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"train.compile: torch.compile could not compile the model ({type(inner).__name__}: "
+                          f"{reason}); set train.compile=false to train without it") from exc
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
@@ -401,8 +415,9 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)
-            train_loss = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.device,
-                                         self.scaler, self.epoch, self.progress, amp=self.amp)
+            with compile_failures():
+                train_loss = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.device,
+                                             self.scaler, self.epoch, self.progress, amp=self.amp)
             self.scheduler.step()
             if self.sampler is not None:  # BatchNorm statistics drift apart per rank: use rank 0's everywhere
                 for buffer in self.model.buffers():

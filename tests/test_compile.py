@@ -144,3 +144,26 @@ def test_train_compile_trains_with_inductor_as_eager_does(medmnist_root, tmp_pat
     assert abs(losses[1] - losses[0]) <= 1e-3 * losses[0], losses
     state = torch.load(tmp_path / "true" / "last.pt", weights_only=False)["model"]
     assert state.keys() == create_model("medmamba_t", num_classes=2).state_dict().keys()
+
+
+def test_a_model_that_cannot_compile_is_a_one_line_config_error(medmnist_root, tmp_path, monkeypatch):
+    """train.compile where torch.compile fails (here a backend that raises, as inductor does without
+    a C++ compiler): the run stops with the reason and the way out, not torch's traceback page."""
+    import medmamba.train
+    from medmamba.data import build_datasets
+    from medmamba.errors import ConfigError
+    from medmamba.train import Trainer
+    from test_train import _cfg
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("CppCompileError: no C++ compiler found\n(many more lines)")
+
+    monkeypatch.setattr(medmamba.train, "for_training",
+                        lambda model, t: torch.compile(model, backend=no_compiler) if t.compile else model)
+    cfg = _cfg(medmnist_root, "train.epochs=1", "train.compile=true")
+    data = build_datasets(cfg.data)
+    with pytest.raises(ConfigError) as failed:
+        Trainer(cfg, data, tmp_path / "run", progress=False).fit(test=False)
+    assert str(failed.value) == ("train.compile: torch.compile could not compile the model (RuntimeError: "
+                                 "CppCompileError: no C++ compiler found); set train.compile=false to train "
+                                 "without it")
