@@ -266,7 +266,7 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
     return rows
 
 
-TRITON_CONFIGS = [(16, 8, 4), (8, 16, 4), (32, 16, 8), (16, 16, 4), (16, 32, 8)]  # (CHUNK, BLOCK_D, NUM_WARPS)
+TRITON_CONFIGS = [(16, 8, 4), (8, 16, 4), (32, 16, 4), (16, 16, 8), (16, 32, 4)]  # (CHUNK, BLOCK_D, NUM_WARPS)
 
 
 @contextlib.contextmanager
