@@ -20,10 +20,10 @@ the affine operator (h -> a*h + b), continuing from the state the previous chunk
 the scan runs in registers, and a chunk's loads are issued together rather than one step after
 another. The forward writes each direction's y and the state at the start of every chunk; the
 backward walks the chunks last to first, recomputes each chunk's states from its saved start
-and runs the adjoint recurrence (G_l = dy_l C_l + a_(l+1) G_(l+1)) as a reverse scan in the same
-way. No (batch, D, L, N) tensor exists. Gradients shared between programs (B and C by every
-channel of a group, the low-rank delta by every channel of a direction) are summed with fp32
-atomic adds, one chunk at a time.
+and runs the adjoint recurrence (G_l = dy_l C_l + a_(l+1) G_(l+1)) as a scan of the chunk's
+steps flipped, in the same way. No (batch, D, L, N) tensor exists. Gradients shared between
+programs (B and C by every channel of a group, the low-rank delta by every channel of a
+direction) are summed with relaxed fp32 atomic adds, one chunk at a time.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ from .validation import check_kept, needs_grad
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels made now run on CPU tensors, interpreted
 CHUNK = 16  # steps scanned together; the state is saved at the start of each chunk
 BLOCK_D = 16  # channels per program
-NUM_WARPS = 4  # measured on an H200 (benchmarks/gpu_check.py): 0.69x the time of 8 warps at stage 1, 0.74x at stage 3, MedMamba-T 1.23x the training rate
+# warps per program, measured on an H200 (benchmarks/gpu_check.py): 0.69x the time of 8 warps at
+# stage 1, 0.74x at stage 3, MedMamba-T 1.23x the training rate
+NUM_WARPS = 4
+
 
 
 @triton.jit
@@ -80,11 +83,31 @@ def _load_bc(ptr, off, m, SHARED: tl.constexpr):
 
 @triton.jit
 def _add_bc(ptr, off, m, value, SHARED: tl.constexpr):
-    """Add a (CHUNK, BLOCK_D, N) gradient into dB or dC, summed over the channels when they share a group."""
+    """Add a (CHUNK, BLOCK_D, N) gradient into dB or dC, summed over the channels when they share a group.
+    Relaxed, as every atomic add here: only the finished kernel's sums are read, and Triton's default
+    (acq_rel) fences each add with a wait for all the thread's memory traffic and an L1 flush."""
     if SHARED:
-        tl.atomic_add(ptr + off, tl.sum(value, axis=1), mask=m)
+        tl.atomic_add(ptr + off, tl.sum(value, axis=1), mask=m, sem="relaxed")
     else:
-        tl.atomic_add(ptr + off, value, mask=m)
+        tl.atomic_add(ptr + off, value, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _softplus(raw):
+    """softplus of a (CHUNK, BLOCK_D) tile as torch's (threshold 20), written stably. Computed on
+    the tile flattened, so that each element is computed once: left 2-D, the tile takes the layout
+    of the (CHUNK, BLOCK_D, N) tiles it feeds, which repeats every element on the threads of its
+    channel's N states (tests/compile_triton.py counts the instructions)."""
+    x = tl.reshape(raw, (raw.shape[0] * raw.shape[1],))
+    return tl.reshape(tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))), raw.shape)
+
+
+@triton.jit
+def _sigmoid(raw):
+    """sigmoid of a (CHUNK, BLOCK_D) tile, softplus's slope, flattened as in ``_softplus``."""
+    x = tl.reshape(raw, (raw.shape[0] * raw.shape[1],))
+    e = tl.exp(-tl.abs(x))
+    return tl.reshape(tl.where(x >= 0.0, 1.0, e) / (1.0 + e), raw.shape)
 
 
 @triton.jit
@@ -102,8 +125,8 @@ def _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, s_k, s_b, s_l, s_last,
         v = r  # unused
         raw = tl.load(dt_ptr + k * s_k + b * s_b + p[:, None] * s_l + d[None, :] * s_last, mask=tm,
                       other=0.0).to(tl.float32) + bias[None, :]
-    if SOFTPLUS:  # as torch's softplus (threshold 20), written stably
-        dt = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw))))
+    if SOFTPLUS:
+        dt = _softplus(raw)
     else:
         dt = raw
     return raw, tl.where(tm, dt, 0.0), v
@@ -226,9 +249,12 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         ln = l + 1
         _, dt_next, _ = _delta(dt_ptr, W, b, k, tl.load(pos_ptr + k * L + ln, mask=ln < L, other=0), ln < L, d, dm,
                                r, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK, SOFTPLUS)
-        carry, G = tl.associative_scan((tl.exp(dt_next[:, :, None] * A[None, :, :]),
-                                        dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C)), 0, _affine,
-                                       reverse=True)
+        # a forward scan of the flipped steps: each thread holds all of a chunk's steps, so a flip
+        # renames registers, where Triton's reverse scan shuffles across threads (640 more instructions)
+        carry, G = tl.associative_scan((tl.flip(tl.exp(dt_next[:, :, None] * A[None, :, :]), 0),
+                                        tl.flip(dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C), 0)),
+                                       0, _affine)
+        carry, G = tl.flip(carry, 0), tl.flip(G, 0)
         G += carry * g[None, :, :]
         g = _row(G, t, 0)
         ddt = tl.sum(G * (A[None, :, :] * ah + u[:, :, None] * Bt), axis=2)
@@ -239,12 +265,13 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         dA += tl.sum(G * dt[:, :, None] * ah, axis=0)
         dD += tl.sum(dy * u, axis=0)
         if SOFTPLUS:
-            ddt = ddt / (1.0 + tl.exp(-raw))
+            ddt = ddt * _sigmoid(raw)
         ddt = tl.where(tm, ddt, 0.0)
         dbias += tl.sum(ddt, axis=0)
         if LOW_RANK:
             tl.atomic_add(ddt_ptr + b * sgdt_b + p[:, None] * sgdt_l + k * sgdt_k + r[None, :] * sgdt_last,
-                          tl.sum(ddt[:, :, None] * W[None, :, :], axis=1), mask=lm[:, None] & rm[None, :])
+                          tl.sum(ddt[:, :, None] * W[None, :, :], axis=1), mask=lm[:, None] & rm[None, :],
+                          sem="relaxed")
             dW += tl.sum(ddt[:, :, None] * v[:, None, :], axis=0)
         else:
             tl.store(ddt_ptr + k * sgdt_k + b * sgdt_b + p[:, None] * sgdt_l + d[None, :] * sgdt_last, ddt, mask=tm)

@@ -3,79 +3,81 @@ Triton IR, GPU IR, LLVM, PTX and, with ptxas, a cubin) runs on any machine. It t
 the interpreter never does (one type per variable across branches and loop iterations, return
 types), so a kernel that passes the interpreter tests but would not compile fails here.
 
-It also reads each cubin's resource use (Triton's bundled cuobjdump): registers a thread and
-stack bytes, which are register spills here. More than ``MAX_STACK`` bytes fails the run as a
-compile error does. The limit is what the chosen tiles spill, and a little more: on an H200
-(benchmarks/gpu_check.py) 4 warps with 264-272 bytes spilled in SS2D's backward were faster than
-8 warps with none (0.69x the scan's time at stage 1, MedMamba-T 1.23x the training rate), so a
-small spill is allowed (selective_scan_fn's fixed-B backward spills 728). A change that spills
-whole tiles (2 KB at 32-step chunks) still fails.
+Each kernel is compiled as the entry points launch it at MedMamba's shapes: their launches are
+recorded on CPU tensors and handed to Triton's own binder, which specialises the unit strides and
+marks the arguments divisible by 16, as a launch on a GPU does.
+
+It reads each cubin's resource use (Triton's bundled cuobjdump): registers a thread and stack
+bytes, which are register spills here. More than ``MAX_STACK`` bytes fails the run as a compile
+error does. The limit is what the chosen tiles spill (at most 168 bytes), and a little more: on
+an H200 (benchmarks/gpu_check.py) 4 warps with a small spill in SS2D's backward were faster than
+8 warps with none (0.69x the scan's time at stage 1, MedMamba-T 1.23x the training rate). A
+change that spills whole tiles (2 KB at 32-step chunks) fails.
+
+And it counts the SASS instructions of each kernel's chunk loop, the work every program repeats
+L/CHUNK times, with the costly kinds among them: MUFU (exp, log), SHFL (exchanges between
+threads), BAR (barriers), RED (atomic adds), LDG (global loads), STL/LDL (spills). The run fails
+when a loop exceeds ``MAX_LOOP`` instructions (SS2D's backward took 6017 when its softplus was
+repeated on every state's thread and its adjoint used Triton's reverse scan; 2854 now) or when a
+kernel has a memory fence (Triton's default acq_rel atomic add fences each add).
 
 Run without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions):
     python tests/compile_triton.py [--arch 90]
-Prints one line per kernel variant compiled; exits non-zero at the first that does not compile
-or spills.
+Prints one line per kernel variant compiled; exits non-zero at the first that does not compile,
+spills, loops too long or fences.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
-import triton
-from triton import knobs
+import torch
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-# data (not gradient) pointers whose dtype follows the inputs'; the rest are fp32 (or int64 positions)
-INPUTS = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "dout_ptr"}
-MAX_STACK = 768  # bytes of spilled registers a kernel may have
-# (name, input dtype, flags): the variants the two entry points launch
-VARIANTS = [
-    ("SS2D low-rank delta, D, bias", "fp32", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True, SOFTPLUS=True,
-                                                  SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=8)),
-    ("SS2D low-rank delta, D, bias, forward saving no starts", "bf16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=True,
-                                                             SOFTPLUS=True, SHARED_B=True, SHARED_C=True,
-                                                             BLOCK_N=16, BLOCK_R=8, SAVE_STARTS=False)),
-    ("SS2D full delta, bare", "fp32", dict(HAS_D=False, HAS_BIAS=False, LOW_RANK=False, SOFTPLUS=False,
-                                           SHARED_B=True, SHARED_C=True, BLOCK_N=16, BLOCK_R=1)),
-    ("selective_scan_fn fixed B, grouped C", "fp16", dict(HAS_D=True, HAS_BIAS=True, LOW_RANK=False,
-                                                          SOFTPLUS=True, SHARED_B=False, SHARED_C=False,
-                                                          BLOCK_N=16, BLOCK_R=1)),
-]
+MAX_STACK = 256  # bytes of spilled registers a kernel may have
+MAX_LOOP = 4096  # SASS instructions a kernel's chunk loop may have
+LOOP_OPCODES = ("MUFU", "SHFL", "BAR", "RED", "LDG", "STL", "LDL")  # counted per chunk
 
 
-def compile_variant(kernel, dtype: str, flags: dict, target: GPUTarget):
+def _ss2d(dtype: torch.dtype, *, low_rank: bool = True, grad: bool = True) -> None:
+    """SS2D's scan at MedMamba-T's stage-1 shapes (56x56 map, d 96, N 16, rank 6), batch 2;
+    bare (full delta; no D, bias or softplus) unless ``low_rank``."""
     from medmamba.kernels import triton_scan
 
-    names = kernel.arg_names
-    const = {"SAVE_STARTS": True, **flags, "CHUNK": triton_scan.CHUNK, "BLOCK_D": triton_scan.BLOCK_D}
-    const = {key: value for key, value in const.items() if key in names}  # SAVE_STARTS: the forward's
-    signature = {}
-    for name in names:
-        if name in const:
-            signature[name] = "constexpr"
-        elif name == "pos_ptr":
-            signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{dtype}" if name in INPUTS else "*fp32"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
-    return triton.compile(source, target=target, options={"num_warps": triton_scan.NUM_WARPS})
+    batch, H, W, dim, N, R = 2, 56, 56, 96, 16, 6
+    leaf = lambda *shape, dtype=dtype: torch.randn(*shape, dtype=dtype, requires_grad=grad)  # noqa: E731
+    x, A, D, bias = leaf(batch, H, W, dim), leaf(4 * dim, N, dtype=torch.float32), leaf(4 * dim), leaf(4 * dim)
+    if low_rank:  # the layout of SS2D's x_proj output: (batch, L, 4, R + 2N)
+        delta, B, C = leaf(batch, H * W, 4, R + 2 * N).split([R, N, N], dim=-1)
+        y = triton_scan.cross_selective_scan(x, delta, A, B, C, D, bias, True, leaf(4, dim, R))
+    else:
+        B, C = leaf(batch, H * W, 4, 2 * N).split([N, N], dim=-1)
+        y = triton_scan.cross_selective_scan(x, leaf(4, batch, H * W, dim), A, B, C, None, None, False, None)
+    if grad:
+        y.float().sum().backward()
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """The kernel's registers a thread (REG) and stack bytes (STACK), as cuobjdump reports them."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
-                              capture_output=True, text=True).stdout
-    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK):(\d+)", dump)}
+def _selective_scan_fn(dtype: torch.dtype) -> None:
+    """selective_scan_fn with a fixed (D, N) B and a grouped C, every option on."""
+    from medmamba.kernels import triton_scan
+
+    batch, dim, N, L = 2, 64, 16, 500
+    leaf = lambda *shape, dtype=dtype: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    y, _ = triton_scan.selective_scan(leaf(batch, dim, L), leaf(batch, dim, L), leaf(dim, N, dtype=torch.float32),
+                                      leaf(dim, N), leaf(batch, 2, N, L), leaf(dim), leaf(dim), True)
+    y.float().sum().backward()
+
+
+# (name, a call of an entry point): the kernels each launches are compiled as those launches would be
+CALLS = [
+    ("SS2D low-rank delta, D, bias, fp32", lambda: _ss2d(torch.float32)),
+    ("SS2D low-rank delta, D, bias, bf16 (autocast)", lambda: _ss2d(torch.bfloat16)),
+    ("SS2D low-rank delta, D, bias, bf16, inference (no starts saved)",
+     lambda: _ss2d(torch.bfloat16, grad=False)),
+    ("SS2D full delta, bare, fp32", lambda: _ss2d(torch.float32, low_rank=False)),
+    ("selective_scan_fn fixed B, grouped C, fp16", lambda: _selective_scan_fn(torch.float16)),
+]
 
 
 def main() -> int:
@@ -84,17 +86,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 (A100), 90 (H100/H200)")
     args = parser.parse_args()
-    from medmamba.kernels import triton_scan
+    from medmamba.kernels.triton_sass import chunk_loop, compile_launch, launches, resource_usage
 
     target = GPUTarget("cuda", args.arch, 32)
-    for name, dtype, flags in VARIANTS:
-        for kernel in (triton_scan._scan_fwd, triton_scan._scan_bwd):
-            compiled = compile_variant(kernel, dtype, flags, target)
+    for name, call in CALLS:
+        for launch in launches(call):
+            kernel, compiled = launch.kernel, compile_launch(launch, target)
             use = resource_usage(compiled.asm["cubin"])
-            print(f"sm_{args.arch} {kernel.__name__} {name} {dtype}: {len(compiled.asm['cubin'])} bytes of cubin, "
-                  f"{use['REG']} registers, {use['STACK']} bytes of stack", flush=True)
-            if use["STACK"] > MAX_STACK:
-                print(f"{kernel.__name__} spills registers ({use['STACK']} bytes of stack)", file=sys.stderr)
+            loop, fences = chunk_loop(compiled.asm["cubin"])
+            print(f"sm_{args.arch} {kernel.__name__} {name}: {len(compiled.asm['cubin'])} bytes of cubin, "
+                  f"{use['REG']} registers, {use['STACK']} bytes of stack; a chunk: {loop.total()} instructions, "
+                  + ", ".join(f"{loop[op]} {op}" for op in LOOP_OPCODES), flush=True)
+            faults = [f"spills registers ({use['STACK']} bytes of stack)"] * (use["STACK"] > MAX_STACK)
+            faults += [f"takes {loop.total()} instructions a chunk"] * (loop.total() > MAX_LOOP)
+            faults += [f"has {fences} memory fences (an atomic add not relaxed?)"] * (fences > 0)
+            if faults:
+                print(f"{kernel.__name__} {name}: " + "; ".join(faults), file=sys.stderr)
                 return 1
     return 0
 

@@ -2,8 +2,9 @@
 machine: tests/compile_triton.py runs Triton's whole compiler, down to a cubin, in a process
 without TRITON_INTERPRET. The interpreter tests check the numerics; this checks what only the
 compiler checks (a kernel that ran interpreted once failed here: a helper returned a scalar
-on one constexpr branch and a vector on the other), and that no kernel spills more registers
-than the measured-fastest tiles do (the backward with 32-step chunks spilled 2 KB)."""
+on one constexpr branch and a vector on the other), that no kernel spills more registers than
+the measured-fastest tiles do (the backward with 32-step chunks spilled 2 KB), and that no chunk
+loop grows past its instruction budget or fences its atomic adds."""
 from __future__ import annotations
 
 import os
@@ -24,5 +25,42 @@ def test_the_triton_kernels_compile_for_the_gpu(arch, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 8 and all(line.startswith(f"sm_{arch} _scan_") and "registers" in line
-                                   for line in lines), done.stdout
+    assert len(lines) == 9 and all(line.startswith(f"sm_{arch} _scan_") and "registers" in line
+                                   and "instructions" in line for line in lines), done.stdout
+
+
+FENCE_PROBE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from medmamba.kernels.triton_sass import chunk_loop
+
+@triton.jit
+def add(x_ptr, n, RELAXED: tl.constexpr):
+    for i in range(n):
+        if RELAXED:
+            tl.atomic_add(x_ptr + tl.arange(0, 16), 1.0, sem="relaxed")
+        else:
+            tl.atomic_add(x_ptr + tl.arange(0, 16), 1.0)
+
+for relaxed in (False, True):
+    source = ASTSource(fn=add, signature={"x_ptr": "*fp32", "n": "i32", "RELAXED": "constexpr"},
+                       constexprs={(2,): relaxed})
+    opcodes, fences = chunk_loop(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"])
+    print(relaxed, fences, opcodes["RED"] + opcodes["ATOMG"])
+"""
+
+
+def test_the_loop_count_sees_the_fences_of_an_acq_rel_atomic_add(tmp_path):
+    """compile_triton.py's fence guard can fail: Triton's default atomic add is fenced, a relaxed one not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    probe = tmp_path / "fence_probe.py"  # triton.jit reads its kernel's source from a file
+    probe.write_text(FENCE_PROBE)
+    done = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (_, acq_rel_fences, acq_rel_adds), (_, relaxed_fences, relaxed_adds) = (
+        line.split() for line in done.stdout.splitlines())
+    assert int(acq_rel_fences) >= 1 and int(acq_rel_adds) >= 1
+    assert int(relaxed_fences) == 0 and int(relaxed_adds) >= 1
+
