@@ -22,7 +22,10 @@ Sections:
    per state element forward, one backward) over the exp rate measured in this run by a Triton
    kernel of independent exp chains. At N = 16 the scan does ~30 flops and those 2 exps per
    state element, for about 10 bytes of traffic per channel and step: by an H200's data sheet the exp
-   floor is about 3x the HBM floor (measured here, not assumed).
+   floor is about 3x the HBM floor (measured here, not assumed). And for the Triton kernels their
+   issue floor: the warp instructions of their chunk loops, read from the SASS they compiled to
+   here (``kernels/triton_sass.py``), at the 4 a cycle an SM issues at most: the time this design
+   needs however well the GPU hides memory latency.
 3. layout: section 4's MedMamba-T with its Conv branch in NCHW and in channels-last, and which
    of them the model runs on this device (``model.conv_layout``).
 4. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
@@ -37,9 +40,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,23 +62,7 @@ from medmamba import create_model  # noqa: E402
 from medmamba.kernels import (BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn,  # noqa: E402
                               selective_scan_ref)
 from medmamba.model import SS2D  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, device: torch.device, steps: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds, sync  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def backends(device: torch.device) -> list[str]:
@@ -184,7 +169,7 @@ def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     x = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / _median_seconds(lambda: y.copy_(x), device, 10)
+    return 2 * x.numel() * 4 / median_seconds(lambda: y.copy_(x), 10, device)
 
 
 if triton is not None:
@@ -204,8 +189,27 @@ def exp_rate(device: torch.device) -> float | None:
         return None
     block, programs, steps = 4096, 8192, 256
     x = torch.rand(programs * block, device=device)
-    seconds = _median_seconds(lambda: _exp_chains[(programs,)](x, steps, BLOCK=block), device, 5)
+    seconds = median_seconds(lambda: _exp_chains[(programs,)](x, steps, BLOCK=block), 5, device)
     return x.numel() * steps / seconds
+
+
+def issue_floor(step, target, sms: int, hertz: float) -> tuple[float, str]:
+    """Seconds the Triton kernels that ``step`` launches take to issue their chunk loops' SASS, as
+    compiled for ``target``, at one warp instruction a cycle on each of the 4 schedulers of each of
+    ``sms`` SMs clocked at ``hertz``, the most a GPU issues; and how that was reckoned."""
+    from medmamba.kernels.triton_sass import chunk_loop, compile_launch, launches, warp_instructions
+
+    total = sum(warp_instructions(launch, chunk_loop(compile_launch(launch, target).asm["cubin"])[0].total())
+                for launch in launches(step))
+    return total / (sms * 4 * hertz), f"{total / 1e6:.1f} M warp instructions, 4 a cycle on {sms} SMs at " \
+                                      f"{hertz / 1e9:.2f} GHz"
+
+
+def _this_gpu(device: torch.device) -> tuple:
+    """(Triton's compile target, SMs, SM clock in Hz) of ``device``."""
+    driver = triton.runtime.driver.active
+    props = driver.utils.get_device_properties(device.index or 0)
+    return driver.get_current_target(), props["multiprocessor_count"], props["sm_clock_rate"] * 1e3
 
 
 def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
@@ -233,7 +237,7 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             try:
-                seconds = _median_seconds(step, device, steps)
+                seconds = median_seconds(step, steps, device)
             except Exception as exc:
                 rows.append(failed_row(f"scan stage {stage + 1}", name, exc))
                 continue
@@ -245,15 +249,24 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
             rows.append(f"| scan stage {stage + 1} ({H}x{W}, d {d}, n {n}, batch {batch}) | {name} | "
                         f"{seconds * 1e3:.2f} ms fwd+bwd, {peak} | {seconds / floor:.1f}x the HBM floor "
                         f"({floor * 1e3:.3f} ms at {bandwidth / 1e9:.0f} GB/s){exps} |")
+            if name == "triton" and device.type == "cuda":
+                try:
+                    issue, how = issue_floor(step, *_this_gpu(device))
+                    rows.append(f"| scan stage {stage + 1}, issue floor | triton | {seconds / issue:.1f}x the issue "
+                                f"floor ({issue * 1e3:.3f} ms) | {how} |")
+                except Exception as exc:  # reads Triton's compiler internals, which change between versions
+                    rows.append(failed_row(f"scan stage {stage + 1}, issue floor", name, exc))
             if stage == 0 and name == "triton" and device.type == "cuda":
                 verdict = "met" if seconds <= 2 * floor else "NOT met"
                 rows.append(f"| target: Triton scan stage 1 within 2x of the HBM floor | triton | "
                             f"{seconds / floor:.1f}x | {verdict} |")
+                from medmamba.kernels import triton_scan
+
                 for config in TRITON_CONFIGS:  # the kernel's tile sizes, for the next session to pick from
                     tiles = f"triton, chunk {config[0]}, {config[1]} channels, {config[2]} warps"
                     try:
-                        with _triton_config(*config):
-                            other = _median_seconds(step, device, steps)
+                        with triton_scan.tiles(*config):
+                            other = median_seconds(step, steps, device)
                     except Exception as exc:  # a tile size this GPU cannot compile or launch
                         rows.append(failed_row("scan stage 1, other Triton tiles", tiles, exc))
                         continue
@@ -267,19 +280,6 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
 
 
 TRITON_CONFIGS = [(16, 8, 4), (8, 16, 4), (32, 16, 4), (16, 16, 8), (16, 32, 4)]  # (CHUNK, BLOCK_D, NUM_WARPS)
-
-
-@contextlib.contextmanager
-def _triton_config(chunk: int, block_d: int, num_warps: int):
-    """The Triton scan with other tile sizes (module constants its launcher reads at each call)."""
-    from medmamba.kernels import triton_scan
-
-    saved = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
-    triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = chunk, block_d, num_warps
-    try:
-        yield
-    finally:
-        triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS = saved
 
 
 def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
@@ -308,13 +308,13 @@ def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
     model.train()
     start = time.perf_counter()
     train_step()
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - start
-    train = batch / _median_seconds(train_step, device, steps)
+    train = batch / median_seconds(train_step, steps, device)
     if compiler is not None:
         return train, f"first step (compiling) {first:.0f} s"
     model.eval()
-    return train, f"infer {batch / _median_seconds(infer_step, device, steps):.0f} img/s"
+    return train, f"infer {batch / median_seconds(infer_step, steps, device):.0f} img/s"
 
 
 def _setting(device: torch.device, size: int, batch: int) -> str:

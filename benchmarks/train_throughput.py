@@ -30,6 +30,7 @@ from medmamba.errors import ConfigError
 from medmamba.kernels import cross_selective_scan
 from medmamba.model import SS2D
 from medmamba.train import for_training, make_optimizer
+from timing import median_seconds  # benchmarks/, the script's folder
 
 MODELS = ["medmamba_t", "resnet18", "resnet50", "convnext_tiny", "swin_tiny_patch4_window7_224",
           "vit_small_patch16_224"]
@@ -80,16 +81,6 @@ def images_per_second(models: dict[str, torch.nn.Module], size: int, batch: int,
     return {name: batch / statistics.median(t) for name, t in times.items()}
 
 
-def _median_seconds(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def scan_seconds(size: int, batch: int, steps: int) -> float:
     """Seconds per MedMamba-T training step spent in the selective scan alone: forward and backward
     of ``cross_selective_scan`` at every SS2D's shape, on random inputs with the model's A."""
@@ -106,7 +97,7 @@ def scan_seconds(size: int, batch: int, steps: int) -> float:
                   torch.randn(batch, L, 4, n), torch.randn(batch, L, 4, n)]
         x, delta, B, C = (t.requires_grad_() for t in leaves)
         A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(4 * d, 1)
-        total += _median_seconds(
+        total += median_seconds(
             lambda: cross_selective_scan(x, delta, A, B, C, torch.ones(4 * d), delta_softplus=True).sum().backward(),
             steps)
     return total

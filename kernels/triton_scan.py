@@ -27,8 +27,9 @@ direction) are summed with relaxed fp32 atomic adds, one chunk at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -45,6 +46,18 @@ BLOCK_D = 16  # channels per program
 # stage 1, 0.74x at stage 3, MedMamba-T 1.23x the training rate
 NUM_WARPS = 4
 
+
+@contextlib.contextmanager
+def tiles(chunk: int, block_d: int, num_warps: int) -> Iterator[None]:
+    """Launch the kernels with other tile sizes (CHUNK, BLOCK_D, NUM_WARPS) inside the block, for
+    timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not thread-safe."""
+    global CHUNK, BLOCK_D, NUM_WARPS
+    saved = CHUNK, BLOCK_D, NUM_WARPS
+    CHUNK, BLOCK_D, NUM_WARPS = chunk, block_d, num_warps
+    try:
+        yield
+    finally:
+        CHUNK, BLOCK_D, NUM_WARPS = saved
 
 
 @triton.jit

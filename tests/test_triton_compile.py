@@ -64,3 +64,40 @@ def test_the_loop_count_sees_the_fences_of_an_acq_rel_atomic_add(tmp_path):
     assert int(acq_rel_fences) >= 1 and int(acq_rel_adds) >= 1
     assert int(relaxed_fences) == 0 and int(relaxed_adds) >= 1
 
+
+ISSUE_PROBE = """
+import sys, torch
+from triton.backends.compiler import GPUTarget
+sys.path.insert(0, "benchmarks")
+import gpu_check
+from medmamba.kernels.triton_sass import launches
+from medmamba.kernels.triton_scan import cross_selective_scan  # the public one refuses CPU tensors uninterpreted
+
+batch, H, W, dim, N, R = 2, 56, 56, 96, 16, 6
+x = torch.randn(batch, H, W, dim, requires_grad=True)
+delta, B, C = torch.randn(batch, H * W, 4, R + 2 * N, requires_grad=True).split([R, N, N], dim=-1)
+A, proj = -torch.rand(4 * dim, N), torch.randn(4, dim, R, requires_grad=True)
+step = lambda: cross_selective_scan(x, delta, A, B, C, None, None, True, proj).sum().backward()
+fwd, bwd = launches(step)
+print(fwd.grid, bwd.grid, fwd.arg("n_chunks"), fwd.kwargs["num_warps"])
+seconds, how = gpu_check.issue_floor(step, GPUTarget("cuda", 90, 32), 132, 1.98e9)
+print(seconds, how)
+"""
+
+
+def test_the_gpu_checks_issue_floor_counts_every_warps_chunk_loops(tmp_path):
+    """The issue floor gpu_check.py puts beside the Triton scan's time: both kernels' chunk loops,
+    for every program, warp and chunk of the launch, at MedMamba-T's stage-1 shapes (batch 2)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", ISSUE_PROBE], cwd=SCRIPT.parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    launched, floor = done.stdout.splitlines()
+    assert launched == "(6, 4, 2) (6, 4, 2) 196 4"  # 96 channels / 16, 4 directions, batch 2; 3136 steps / 16
+    seconds, how = floor.split(" ", 1)
+    # 48 programs x 4 warps x 196 chunks x (forward + backward loop), each loop 500-4096 instructions
+    warp_instructions = float(how.split(" M ")[0]) * 1e6
+    assert 48 * 4 * 196 * 1000 <= warp_instructions <= 48 * 4 * 196 * 8192, how
+    assert float(seconds) == pytest.approx(warp_instructions / (132 * 4 * 1.98e9), rel=0.01)
+    assert how.endswith("4 a cycle on 132 SMs at 1.98 GHz"), how

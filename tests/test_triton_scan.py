@@ -232,7 +232,7 @@ def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
     want = _cross(inputs, "ref", True)
     defaults = triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS
     for config in gpu_check.TRITON_CONFIGS:
-        with gpu_check._triton_config(*config):
+        with triton_scan.tiles(*config):
             assert (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS) == config
             got = _cross(inputs, "triton", True)
         for name, g, w in zip(["out", *_leaves(inputs)], got, want):
