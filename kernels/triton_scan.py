@@ -67,6 +67,13 @@ def _affine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _previous(p1, c1, n1, p2, c2, n2):
+    """Combine two runs of steps summarised as (the step before the last, the last, the run's
+    length): a scan with it gives every step its previous one (the first its own ``p``)."""
+    return tl.where(n2 == 1.0, c1, p2), c2, n1 + n2
+
+
+@triton.jit
 def _row(x, t, at: tl.constexpr):
     """Row ``at`` of a (CHUNK, ...) tile: the state after a chunk's last step, or before its first."""
     return tl.sum(tl.where(t[:, None, None] == at, x, 0.0), axis=0)
@@ -239,6 +246,7 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     dW = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    a_later = tl.full((BLOCK_D, BLOCK_N), 1.0, tl.float32)  # the first decay of the later chunk (none: 1)
     for cc in range(n_chunks):
         ch = n_chunks - 1 - cc
         l = ch * CHUNK + t
@@ -253,19 +261,22 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         c_off, c_m = _bc_offsets(b, gc, p, lm, n, nm, dm, sC_b, sC_g, sC_l, sC_n, SHARED_C)
         Bt = _load_bc(B_ptr, b_off, b_m, SHARED_B)
         x = (dt * u)[:, :, None] * Bt
-        decay, hs = tl.associative_scan((tl.exp(dt[:, :, None] * A[None, :, :]), x), 0, _affine)
+        a = tl.exp(dt[:, :, None] * A[None, :, :])
+        decay, hs = tl.associative_scan((a, x), 0, _affine)
         hs += decay * tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)[None, :, :]  # states, recomputed
         gc_off, _ = _bc_offsets(b, gc, p, lm, n, nm, dm, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
         _add_bc(dC_ptr, gc_off, c_m, dy[:, :, None] * hs, SHARED_C)
         ah = hs - x  # a_l * h_(l-1)
-        # the adjoint, last step first: G_l = dy_l C_l + a_(l+1) G_(l+1), with a_(l+1) from the next position
-        ln = l + 1
-        _, dt_next, _ = _delta(dt_ptr, W, b, k, tl.load(pos_ptr + k * L + ln, mask=ln < L, other=0), ln < L, d, dm,
-                               r, rm, bias, sdt_k, sdt_b, sdt_l, sdt_last, LOW_RANK, SOFTPLUS)
-        # a forward scan of the flipped steps: each thread holds all of a chunk's steps, so a flip
-        # renames registers, where Triton's reverse scan shuffles across threads (640 more instructions)
-        carry, G = tl.associative_scan((tl.flip(tl.exp(dt_next[:, :, None] * A[None, :, :]), 0),
-                                        tl.flip(dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C), 0)),
+        # the adjoint, last step first: G_l = dy_l C_l + a_(l+1) G_(l+1), as a forward scan of the
+        # steps flipped: each thread holds all of a chunk's steps, so a flip renames registers, where
+        # Triton's reverse scan shuffles across threads (640 instructions a chunk). Flipped, a_(l+1)
+        # is the decay a step back, with the later chunk's first in front: a scan with _previous,
+        # in registers too, where recomputing it took a second delta and exp (395 instructions)
+        first = (t == 0)[:, None, None]
+        a_next, _, _ = tl.associative_scan((tl.where(first, a_later[None, :, :], 0.0), tl.flip(a, 0),
+                                            tl.full(a.shape, 1.0, tl.float32)), 0, _previous)
+        a_later = _row(a, t, 0)
+        carry, G = tl.associative_scan((a_next, tl.flip(dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C), 0)),
                                        0, _affine)
         carry, G = tl.flip(carry, 0), tl.flip(G, 0)
         G += carry * g[None, :, :]
