@@ -481,6 +481,7 @@ def _sole_run_in(path: Path) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("medmamba").setLevel(logging.INFO)  # ours: a resume, early stopping, compiling; not the libraries'
     try:
         _check_output_dir(getattr(args, "output_dir", None))
         with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():

@@ -436,8 +436,9 @@ class Trainer:
                                "run_id": self.run_id, "experiment": self.experiment}, self.out / "best.pt"))
             self.checkpoints.submit(self.epoch, files + [(self._resume_state(), last)])
             self._emit("on_epoch_end", dict(row))
-            log.info("epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor,
-                     val[monitor], "  (best)" if improved else "")
+            (log.debug if self.progress else log.info)(  # with progress, the line below says it
+                "epoch %d  lr %.2e  train_loss %.4f  val_%s %.4f%s", self.epoch, lr, train_loss, monitor, val[monitor],
+                "  (best)" if improved else "")
             if self.progress:
                 print(f"epoch {self.epoch:3d}  lr {lr:.2e}  train_loss {train_loss:.4f}  "
                       f"val_acc {val['accuracy']:.4f}  val_auc {val['auc']:.4f}" + ("  *" if improved else ""))

@@ -138,8 +138,9 @@ def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, c
 
 
 @pytest.mark.integration
-def test_a_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root, tmp_path):
-    """SIGKILL mid-training, then --resume: finished epochs are kept, the same MLflow run finishes."""
+def test_a_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root, tmp_path, caplog):
+    """SIGKILL mid-training, then --resume: finished epochs are kept, the same MLflow run finishes,
+    and the CLI says where it resumed from."""
     import torch
 
     out, uri = tmp_path / "run", mlflow_uri
@@ -156,6 +157,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root
     done = torch.load(out / "last.pt", weights_only=False)["epoch"]
     assert done < 2
     assert main(args + ["--resume"]) == 0
+    assert f"resumed from {out / 'last.pt'} after epoch 1" in caplog.text
     state = torch.load(out / "last.pt", weights_only=False)
     assert [row["epoch"] for row in state["history"]] == [1, 2]
     client = MlflowClient(uri)
