@@ -279,7 +279,7 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
     return rows
 
 
-TRITON_CONFIGS = [(16, 8, 4), (8, 16, 4), (32, 16, 4), (16, 16, 8), (16, 32, 4)]  # (CHUNK, BLOCK_D, NUM_WARPS)
+TRITON_CONFIGS = [(32, 16, 4), (16, 16, 8), (16, 16, 2), (16, 32, 4), (32, 32, 8)]  # (CHUNK, BLOCK_D, NUM_WARPS)
 
 
 def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,

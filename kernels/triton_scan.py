@@ -50,8 +50,11 @@ NUM_WARPS = 4
 @contextlib.contextmanager
 def tiles(chunk: int, block_d: int, num_warps: int) -> Iterator[None]:
     """Launch the kernels with other tile sizes (CHUNK, BLOCK_D, NUM_WARPS) inside the block, for
-    timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not thread-safe."""
+    timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not thread-safe.
+    ``chunk`` and ``block_d`` are at least 16, the least dimension of the low-rank delta's dot."""
     global CHUNK, BLOCK_D, NUM_WARPS
+    if min(chunk, block_d) < 16:
+        raise ValueError(f"triton_scan.tiles: chunk and block_d must be at least 16, got {chunk} and {block_d}")
     saved = CHUNK, BLOCK_D, NUM_WARPS
     CHUNK, BLOCK_D, NUM_WARPS = chunk, block_d, num_warps
     try:
@@ -123,11 +126,12 @@ def _add_bc(ptr, off, m, value, SHARED: tl.constexpr):
 @triton.jit
 def _softplus(raw):
     """softplus of a (CHUNK, BLOCK_D) tile as torch's (threshold 20), written stably. Computed on
-    the tile flattened, so that each element is computed once: left 2-D, the tile takes the layout
-    of the (CHUNK, BLOCK_D, N) tiles it feeds, which repeats every element on the threads of its
-    channel's N states (tests/compile_triton.py counts the instructions)."""
-    x = tl.reshape(raw, (raw.shape[0] * raw.shape[1],))
-    return tl.reshape(tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))), raw.shape)
+    the tile flattened: left 2-D, Triton 3.8 gives it the layout of the (CHUNK, BLOCK_D, N) tiles
+    it feeds, which repeats every element on the threads of its channel's N states (3.6 does so
+    anyway, unless the tile comes from a dot, as the low-rank delta does; tests/compile_triton.py
+    counts the instructions)."""
+    x = raw
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
 
 
 @triton.jit
@@ -148,7 +152,10 @@ def _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, s_k, s_b, s_l, s_last,
     if LOW_RANK:
         v = tl.load(dt_ptr + b * s_b + p[:, None] * s_l + k * s_k + r[None, :] * s_last,
                     mask=lm[:, None] & rm[None, :], other=0.0).to(tl.float32)
-        raw = tl.sum(v[:, None, :] * W[None, :, :], axis=2) + bias[None, :]
+        # a dot (fp32 FMAs), not a sum over a (CHUNK, BLOCK_D, BLOCK_R) product: Triton lays its
+        # result out once an element, so the softplus after it is computed once an element on
+        # Triton 3.6 as on 3.8 (the forward's chunk loop 1924 -> 762 instructions on 3.6)
+        raw = tl.dot(v, tl.trans(W), input_precision="ieee") + bias[None, :]
     else:
         v = r  # unused
         raw = tl.load(dt_ptr + k * s_k + b * s_b + p[:, None] * s_l + d[None, :] * s_last, mask=tm,
@@ -433,7 +440,8 @@ def _flags(meta: dict, D, bias, W) -> dict:
     return dict(num_warps=NUM_WARPS, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None,
                 SOFTPLUS=meta["softplus"], SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK,
                 BLOCK_D=BLOCK_D,
-                BLOCK_N=triton.next_power_of_2(meta["N"]), BLOCK_R=triton.next_power_of_2(meta["R"]))
+                BLOCK_N=triton.next_power_of_2(meta["N"]),
+                BLOCK_R=max(16, triton.next_power_of_2(meta["R"])) if W is not None else 1)  # 16: tl.dot's least
 
 
 def _as_groups(M: Tensor) -> Tensor:

@@ -238,6 +238,10 @@ def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
         for name, g, w in zip(["out", *_leaves(inputs)], got, want):
             assert rel_err(g, w) <= (1e-5 if name == "out" else 1e-4), (config, name)
     assert (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS) == defaults
+    with pytest.raises(ValueError, match="chunk and block_d must be at least 16, got 16 and 8"):
+        with triton_scan.tiles(16, 8, 4):
+            pass
+    assert (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS) == defaults
 
 
 def test_an_ss2d_block_trains_under_bf16_autocast_on_the_triton_scan(monkeypatch):
