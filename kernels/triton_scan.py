@@ -124,22 +124,16 @@ def _add_bc(ptr, off, m, value, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _softplus(raw):
-    """softplus of a (CHUNK, BLOCK_D) tile as torch's (threshold 20), written stably. Computed on
-    the tile flattened: left 2-D, Triton 3.8 gives it the layout of the (CHUNK, BLOCK_D, N) tiles
-    it feeds, which repeats every element on the threads of its channel's N states (3.6 does so
-    anyway, unless the tile comes from a dot, as the low-rank delta does; tests/compile_triton.py
-    counts the instructions)."""
-    x = raw
+def _softplus(x):
+    """softplus of a (CHUNK, BLOCK_D) tile as torch's (threshold 20), written stably."""
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
 
 
 @triton.jit
-def _sigmoid(raw):
-    """sigmoid of a (CHUNK, BLOCK_D) tile, softplus's slope, flattened as in ``_softplus``."""
-    x = tl.reshape(raw, (raw.shape[0] * raw.shape[1],))
+def _sigmoid(x):
+    """sigmoid of a (CHUNK, BLOCK_D) tile: softplus's slope."""
     e = tl.exp(-tl.abs(x))
-    return tl.reshape(tl.where(x >= 0.0, 1.0, e) / (1.0 + e), raw.shape)
+    return tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
 
 
 @triton.jit
@@ -153,8 +147,10 @@ def _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, s_k, s_b, s_l, s_last,
         v = tl.load(dt_ptr + b * s_b + p[:, None] * s_l + k * s_k + r[None, :] * s_last,
                     mask=lm[:, None] & rm[None, :], other=0.0).to(tl.float32)
         # a dot (fp32 FMAs), not a sum over a (CHUNK, BLOCK_D, BLOCK_R) product: Triton lays its
-        # result out once an element, so the softplus after it is computed once an element on
-        # Triton 3.6 as on 3.8 (the forward's chunk loop 1924 -> 762 instructions on 3.6)
+        # result out once an element, where the sum's layout, that of the (CHUNK, BLOCK_D, N)
+        # tiles delta feeds, repeats each element on the threads of its channel's N states, and
+        # the softplus and sigmoid after it with it (tests/compile_triton.py counts the
+        # instructions: the forward's chunk loop 2264 -> 762 on Triton 3.6, 2016 -> 759 on 3.8)
         raw = tl.dot(v, tl.trans(W), input_precision="ieee") + bias[None, :]
     else:
         v = r  # unused
