@@ -61,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from medmamba import create_model  # noqa: E402
 from medmamba.kernels import (BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn,  # noqa: E402
                               selective_scan_ref)
-from medmamba.model import SS2D  # noqa: E402
+from medmamba.model import SS2D, conv_layout, forced_conv_layout  # noqa: E402
 from timing import median_seconds, sync  # noqa: E402  (benchmarks/, the script's folder)
 
 
@@ -342,19 +342,14 @@ def throughput(device: torch.device, size: int, batch: int, steps: int,
 def conv_layouts(device: torch.device, size: int, batch: int, steps: int) -> list[str]:
     """Section 3: MedMamba-T trained with its Conv branch in NCHW and in channels-last, and the
     layout ``model.conv_layout`` picks on this device."""
-    import medmamba.model
-
-    picks, rows, rates = medmamba.model.conv_layout, [], {}
+    rows, rates = [], {}
     layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
-    try:
-        for label, layout in layouts.items():
-            medmamba.model.conv_layout = lambda _device, layout=layout: layout
+    for label, layout in layouts.items():
+        with forced_conv_layout(layout):
             rates[label], other = _rates("medmamba_t", device, size, batch, steps)
-            rows.append(f"| layout {_setting(device, size, batch)} | medmamba_t, Conv branch {label} | "
-                        f"train {rates[label]:.0f} img/s | {other} |")
-    finally:
-        medmamba.model.conv_layout = picks
-    picked = next(label for label, layout in layouts.items() if layout == picks(device))
+        rows.append(f"| layout {_setting(device, size, batch)} | medmamba_t, Conv branch {label} | "
+                    f"train {rates[label]:.0f} img/s | {other} |")
+    picked = next(label for label, layout in layouts.items() if layout == conv_layout(device))
     verdict = "the faster" if rates[picked] == max(rates.values()) else "NOT the faster"
     rows.append(f"| layout: the Conv branch runs {picked} on {device.type} | | "
                 f"{rates[picked] / min(rates.values()):.2f}x the slower | {verdict} |")

@@ -4,6 +4,7 @@ as a launch would compile them, and each cubin's registers, spills and chunk-loo
 benchmarks/gpu_check.py turns the instruction counts into an issue floor for the timings."""
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ class Launch(NamedTuple):
     kwargs: dict
 
     def programs(self) -> int:
-        return self.grid[0] * (self.grid[1] if len(self.grid) > 1 else 1) * (self.grid[2] if len(self.grid) > 2 else 1)
+        return math.prod(self.grid)
 
     def arg(self, name: str):
         return self.args[self.kernel.arg_names.index(name)]

@@ -18,9 +18,11 @@ Variants follow the paper's Table 1 (see ``VARIANTS``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import OrderedDict
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,11 +156,27 @@ def conv_branch(dim: int) -> nn.Sequential:
     ]))
 
 
+_forced_layouts: list[torch.memory_format] = []  # forced_conv_layout's, innermost last
+
+
 def conv_layout(device: torch.device) -> torch.memory_format:
     """The memory format the Conv branch runs in on ``device``: NCHW on a CPU (faster there than
     channels-last, measured), channels-last on a GPU (the layout of tensor-core convolutions; the
-    alternative is timed by benchmarks/gpu_check.py)."""
+    alternative is timed by benchmarks/gpu_check.py), unless ``forced_conv_layout`` says otherwise."""
+    if _forced_layouts:
+        return _forced_layouts[-1]
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def forced_conv_layout(layout: torch.memory_format) -> Iterator[None]:
+    """Run the Conv branch in ``layout`` on every device inside the block, for timing or testing
+    the layout ``conv_layout`` does not pick. Not thread-safe."""
+    _forced_layouts.append(layout)
+    try:
+        yield
+    finally:
+        _forced_layouts.pop()
 
 
 class SSConvSSM(nn.Module):

@@ -151,11 +151,10 @@ def test_concat_shuffle_is_the_published_cat_then_channel_shuffle():
     assert concat_shuffle([a, b])[..., 1].equal(b[..., 0])
 
 
-def test_the_conv_branch_computes_the_same_in_either_layout(monkeypatch):
+def test_the_conv_branch_computes_the_same_in_either_layout():
     """On a GPU the Conv branch runs channels-last (NCHW on a CPU): same outputs and gradients,
     and the block's output is channels-last contiguous either way."""
-    import medmamba.model
-    from medmamba.model import SSConvSSM, conv_layout
+    from medmamba.model import SSConvSSM, conv_layout, forced_conv_layout
 
     assert conv_layout(torch.device("cuda")) == torch.channels_last
     assert conv_layout(torch.device("cpu")) == torch.contiguous_format
@@ -164,10 +163,11 @@ def test_the_conv_branch_computes_the_same_in_either_layout(monkeypatch):
     x = torch.randn(2, 7, 5, 16, generator=torch.Generator().manual_seed(1))
     results = []
     for layout in (torch.contiguous_format, torch.channels_last):
-        monkeypatch.setattr(medmamba.model, "conv_layout", lambda device, layout=layout: layout)
         block.zero_grad()
-        out = block(x)
-        out.square().mean().backward()
+        with forced_conv_layout(layout):
+            assert conv_layout(x.device) == layout
+            out = block(x)
+            out.square().mean().backward()
         assert out.is_contiguous()
         results.append([out.detach(), *(p.grad.clone() for p in block.conv_branch.parameters())])
     for got, want in zip(*results):
