@@ -9,16 +9,17 @@ marks the arguments divisible by 16, as a launch on a GPU does.
 
 It reads each cubin's resource use (Triton's bundled cuobjdump): registers a thread and stack
 bytes, which are register spills here. More than ``MAX_STACK`` bytes fails the run as a compile
-error does. The limit is what the chosen tiles spill (at most 344 bytes, in SS2D's fp32
-backward), and a little more: on an H200 (benchmarks/gpu_check.py) 4 warps with a small spill in
-SS2D's backward were faster than 8 warps with none (0.69x the scan's time at stage 1, MedMamba-T
-1.23x the training rate). A change that spills whole tiles (2 KB at 32-step chunks) fails.
+error does. The limit is what the chosen tiles spill (at most 344 bytes, in selective_scan_fn's
+fp16 backward with a fixed B; 176 in SS2D's fp32 backward), and a little more: on an H200
+(benchmarks/gpu_check.py) 4 warps with a small spill in SS2D's backward were faster than 8
+warps with none (0.69x the scan's time at stage 1, MedMamba-T 1.23x the training rate). A
+change that spills whole tiles (2 KB at 32-step chunks) fails.
 
 And it counts the SASS instructions of each kernel's chunk loop, the work every program repeats
 L/CHUNK times, with the costly kinds among them: MUFU (exp, log), SHFL (exchanges between
 threads), BAR (barriers), RED (atomic adds), LDG (global loads), STL/LDL (spills). The run fails
 when a loop exceeds ``MAX_LOOP`` instructions (SS2D's backward took 6017 when its softplus was
-repeated on every state's thread and its adjoint used Triton's reverse scan; 2223 now) or when a
+repeated on every state's thread and its adjoint used Triton's reverse scan; 1635 now) or when a
 kernel has a memory fence (Triton's default acq_rel atomic add fences each add).
 
 Run without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions):
