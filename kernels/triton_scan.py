@@ -98,6 +98,14 @@ def _sum_states(x, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _enter(x, a, h, t):
+    """A chunk's scan inputs x with the state h carried in from the chunk before added to the first
+    step (a*h): the scan's b is then the states themselves, and its products of decays go unused, so
+    the compiler drops them (a multiply and a fused multiply-add an element)."""
+    return tl.where((t == 0)[:, None, None], x + a * h[None, :, :], x)
+
+
+@triton.jit
 def _previous(p1, c1, n1, p2, c2, n2):
     """Combine two runs of steps summarised as (the step before the last, the last, the run's
     length): a scan with it gives every step its previous one (the first its own ``p``)."""
@@ -248,8 +256,8 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         b_off, b_m = _bc_offsets(b, gb, p, lm, n, nm, dm, sB_b, sB_g, sB_l, sB_n, SHARED_B)
         c_off, c_m = _bc_offsets(b, gc, p, lm, n, nm, dm, sC_b, sC_g, sC_l, sC_n, SHARED_C)
         x = (dt * u)[:, :, None] * _load_bc(B_ptr, b_off, b_m, SHARED_B)
-        decay, hs = tl.associative_scan((_decay(dt, A), x), 0, _affine)
-        hs += decay * h[None, :, :]  # the chunk's states, (CHUNK, BLOCK_D, N)
+        a = _decay(dt, A)
+        _, hs = tl.associative_scan((a, _enter(x, a, h, t)), 0, _affine)  # the chunk's states, (CHUNK, BLOCK_D, N)
         y = _sum_states(hs * _load_bc(C_ptr, c_off, c_m, SHARED_C), SHARED_B and SHARED_C) + Dv[None, :] * u
         tl.store(y_ptr + k * sy_k + b * sy_b + p[:, None] * sy_l + d[None, :] * sy_d, y, mask=tm)
         h = _row(hs, t, CHUNK - 1)
@@ -293,8 +301,8 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         Bt = _load_bc(B_ptr, b_off, b_m, SHARED_B)
         x = (dt * u)[:, :, None] * Bt
         a = _decay(dt, A)
-        decay, hs = tl.associative_scan((a, x), 0, _affine)
-        hs += decay * tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)[None, :, :]  # states, recomputed
+        start = tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)
+        _, hs = tl.associative_scan((a, _enter(x, a, start, t)), 0, _affine)  # the states, recomputed
         gc_off, _ = _bc_offsets(b, gc, p, lm, n, nm, dm, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
         _add_bc(dC_ptr, gc_off, c_m, dy[:, :, None] * hs, SHARED_C)
         ah = hs - x  # a_l * h_(l-1)
@@ -307,18 +315,18 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         a_next, _, _ = tl.associative_scan((tl.where(first, a_later[None, :, :], 0.0), tl.flip(a, 0),
                                             tl.full(a.shape, 1.0, tl.float32)), 0, _previous)
         a_later = _row(a, t, 0)
-        carry, G = tl.associative_scan((a_next, tl.flip(dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C), 0)),
-                                       0, _affine)
-        carry, G = tl.flip(carry, 0), tl.flip(G, 0)
-        G += carry * g[None, :, :]
+        dyC = tl.flip(dy[:, :, None] * _load_bc(C_ptr, c_off, c_m, SHARED_C), 0)
+        _, G = tl.associative_scan((a_next, _enter(dyC, a_next, g, t)), 0, _affine)
+        G = tl.flip(G, 0)
         g = _row(G, t, 0)
         gB = _sum_states(G * Bt, SHARED_B and SHARED_C)  # dLoss/d(dt*u)
         tl.store(du_ptr + k * sdu_k + b * sdu_b + p[:, None] * sdu_l + d[None, :] * sdu_d,
                  gB * dt + dy * Dv[None, :], mask=tm)
         gb_off, _ = _bc_offsets(b, gb, p, lm, n, nm, dm, sgB_b, sgB_g, sgB_l, sgB_n, SHARED_B)
         _add_bc(dB_ptr, gb_off, b_m, G * (dt * u)[:, :, None], SHARED_B)
-        dA += tl.sum(G * dt[:, :, None] * ah, axis=0)
-        ddt = _sum_states(G * A[None, :, :] * ah, SHARED_B and SHARED_C) + gB * u
+        Gah = G * ah
+        dA += tl.sum(Gah * dt[:, :, None], axis=0)
+        ddt = _sum_states(Gah * A[None, :, :], SHARED_B and SHARED_C) + gB * u
         dD += tl.sum(dy * u, axis=0)
         if SOFTPLUS:
             ddt = ddt * _sigmoid(raw)
