@@ -19,7 +19,7 @@ And it counts the SASS instructions of each kernel's chunk loop, the work every 
 L/CHUNK times, with the costly kinds among them: MUFU (exp, log), SHFL (exchanges between
 threads), BAR (barriers), RED (atomic adds), LDG (global loads), STL/LDL (spills). The run fails
 when a loop exceeds ``MAX_LOOP`` instructions (SS2D's backward took 6017 when its softplus was
-repeated on every state's thread and its adjoint used Triton's reverse scan; 1635 now) or when a
+repeated on every state's thread and its adjoint used Triton's reverse scan; 1401 now) or when a
 kernel has a memory fence (Triton's default acq_rel atomic add fences each add).
 
 Run without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions):
