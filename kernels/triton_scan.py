@@ -78,21 +78,29 @@ def _decay(dt, A):
 
 
 @triton.jit
+def _sum_last(x):
+    """Sum a tile over its last axis (at most 256 long) by halving the axis with tl.split, which
+    needs both halves in one thread: Triton moves the tile once through shared memory to a layout
+    holding the whole axis in each thread, and adds in registers. tl.sum instead exchanges every
+    element between the threads the axis spans (4 shuffles and adds an element over 16 threads),
+    then between warps through shared memory, with barriers, and leaves the sum on every thread it
+    spanned. tests/compile_triton.py counts the difference: over the states, the forward's chunk
+    loop 759 -> 541 instructions, the backward's 2223 -> 1635; over the channels (dB, dC) the
+    backward's 1402 -> 1274, its barriers 55 -> 23 (Triton 3.8)."""
+    for _ in tl.static_range(8):
+        if x.shape[-1] > 1:
+            p, q = tl.split(tl.reshape(x, x.shape[:-1] + [x.shape[-1] // 2, 2]))
+            x = p + q
+    return tl.reshape(x, x.shape[:-1])
+
+
+@triton.jit
 def _sum_states(x, SPLIT: tl.constexpr):
-    """Sum a (CHUNK, BLOCK_D, N) tile over its states. With ``SPLIT``, by halving the states axis
-    with tl.split, which needs the halves in one thread: Triton then moves the tile once through
-    shared memory to a layout with all of its states in one thread, and adds them in registers.
-    tl.sum would exchange each element between the 16 threads of its channel's states, 4 shuffles
-    and adds each, and leave the sum on all 16 (tests/compile_triton.py: the forward's chunk loop
-    759 -> 541 instructions, the backward's 2223 -> 1635, on Triton 3.8). Not when B or C is loaded
-    as a (CHUNK, BLOCK_D, N) tile: its load's layout then fights the move (Triton 3.6: the
-    backward 2585 -> 5053, spilling)."""
+    """Sum a (CHUNK, BLOCK_D, N) tile over its states: by ``_sum_last`` when ``SPLIT``. Not when B
+    or C is loaded as a (CHUNK, BLOCK_D, N) tile: its load's layout then fights the move (Triton 3.6:
+    the backward 2585 -> 5053 instructions, spilling)."""
     if SPLIT:
-        for _ in tl.static_range(8):  # N up to 256
-            if x.shape[2] > 1:
-                p, q = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
-                x = p + q
-        return tl.reshape(x, (x.shape[0], x.shape[1]))
+        return _sum_last(x)
     else:
         return tl.sum(x, axis=2)
 
@@ -141,21 +149,23 @@ def _load_bc(ptr, off, m, SHARED: tl.constexpr):
 
 
 @triton.jit
-def _add_bc(dB_ptr, b_off, b_m, dB, dC_ptr, c_off, c_m, dC, SHARED_B: tl.constexpr, SHARED_C: tl.constexpr):
-    """Add a chunk's (CHUNK, BLOCK_D, N) gradients into dB and dC, each summed over the channels when
-    they share a group: when both do, as one sum of the pair, so the program's warps exchange their
-    partial sums once, not twice (the backward's chunk loop 1497 -> 1401 instructions, Triton 3.8).
-    Relaxed, as every atomic add here: only the finished kernel's sums are read, and Triton's default
-    (acq_rel) fences each add with a wait for all the thread's memory traffic and an L1 flush."""
-    if SHARED_B and SHARED_C:
-        dB, dC = tl.split(tl.sum(tl.join(dB, dC), axis=1))
-        # as new tensors: the interpreter's atomic add reads a split's strided halves as contiguous
-        dB, dC = tl.where(b_m, dB, 0.0), tl.where(c_m, dC, 0.0)
-    else:
-        if SHARED_B:
-            dB = tl.sum(dB, axis=1)
-        if SHARED_C:
-            dC = tl.sum(dC, axis=1)
+def _add_bc(ptr, off, m, value, SHARED: tl.constexpr):
+    """Add a chunk's (CHUNK, BLOCK_D, N) gradient into dB or dC, summed over the channels when they
+    share a group. Relaxed, as every atomic add here: only the finished kernel's sums are read, and
+    Triton's default (acq_rel) fences each add with a wait for all the thread's memory traffic and
+    an L1 flush."""
+    if SHARED:
+        value = tl.sum(value, axis=1)
+    tl.atomic_add(ptr + off, value, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _add_bc_pair(dB_ptr, b_off, b_m, dB, dC_ptr, c_off, c_m, dC):
+    """``_add_bc`` of dB and dC when both share a group: one ``_sum_last`` of the pair (the
+    backward's chunk loop 1497 -> 1274 instructions, Triton 3.8, from tl.sum of each)."""
+    dB, dC = tl.split(_sum_last(tl.permute(tl.join(dB, dC), (0, 2, 3, 1))))
+    # as new tensors: the interpreter's atomic add reads a split's strided halves as contiguous
+    dB, dC = tl.where(b_m, dB, 0.0), tl.where(c_m, dC, 0.0)
     tl.atomic_add(dB_ptr + b_off, dB, mask=b_m, sem="relaxed")
     tl.atomic_add(dC_ptr + c_off, dC, mask=c_m, sem="relaxed")
 
@@ -250,6 +260,7 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
         BLOCK_D, BLOCK_N, BLOCK_R)
     t = tl.arange(0, CHUNK)
+    SHARED: tl.constexpr = SHARED_B and SHARED_C  # B and C both (CHUNK, N) tiles
     state = ((b * K * DIM + c) * n_chunks)[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for ch in range(n_chunks):
@@ -267,7 +278,7 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         x = (dt * u)[:, :, None] * _load_bc(B_ptr, b_off, b_m, SHARED_B)
         a = _decay(dt, A)
         _, hs = tl.associative_scan((a, _enter(x, a, h, t)), 0, _affine)  # the chunk's states, (CHUNK, BLOCK_D, N)
-        y = _sum_states(hs * _load_bc(C_ptr, c_off, c_m, SHARED_C), SHARED_B and SHARED_C) + Dv[None, :] * u
+        y = _sum_states(hs * _load_bc(C_ptr, c_off, c_m, SHARED_C), SHARED) + Dv[None, :] * u
         tl.store(y_ptr + k * sy_k + b * sy_b + p[:, None] * sy_l + d[None, :] * sy_d, y, mask=tm)
         h = _row(hs, t, CHUNK - 1)
     tl.store(last_ptr + (b * K * DIM + c)[:, None] * N + n[None, :], h, mask=mask)
@@ -287,6 +298,7 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
         BLOCK_D, BLOCK_N, BLOCK_R)
     t = tl.arange(0, CHUNK)
+    SHARED: tl.constexpr = SHARED_B and SHARED_C  # B and C both (CHUNK, N) tiles
     row = b * K * DIM + c  # this program's rows of the per-image outputs
     state = (row * n_chunks)[:, None] * N + n[None, :]
     g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/d(state) at the first step of the later chunk
@@ -312,6 +324,9 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         a = _decay(dt, A)
         start = tl.load(start_ptr + state + ch * N, mask=mask, other=0.0)
         _, hs = tl.associative_scan((a, _enter(x, a, start, t)), 0, _affine)  # the states, recomputed
+        gc_off, _ = _bc_offsets(b, gc, p, lm, n, nm, dm, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
+        if not SHARED:  # added now: kept to dB's add, sm_80 spilled 384 bytes, not 312
+            _add_bc(dC_ptr, gc_off, c_m, dy[:, :, None] * hs, SHARED_C)
         ah = hs - x  # a_l * h_(l-1)
         # the adjoint, last step first: G_l = dy_l C_l + a_(l+1) G_(l+1), as a forward scan of the
         # steps flipped: each thread holds all of a chunk's steps, so a flip renames registers, where
@@ -326,16 +341,17 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
         _, G = tl.associative_scan((a_next, _enter(dyC, a_next, g, t)), 0, _affine)
         G = tl.flip(G, 0)
         g = _row(G, t, 0)
-        gB = _sum_states(G * Bt, SHARED_B and SHARED_C)  # dLoss/d(dt*u)
+        gB = _sum_states(G * Bt, SHARED)  # dLoss/d(dt*u)
         tl.store(du_ptr + k * sdu_k + b * sdu_b + p[:, None] * sdu_l + d[None, :] * sdu_d,
                  gB * dt + dy * Dv[None, :], mask=tm)
         gb_off, _ = _bc_offsets(b, gb, p, lm, n, nm, dm, sgB_b, sgB_g, sgB_l, sgB_n, SHARED_B)
-        gc_off, _ = _bc_offsets(b, gc, p, lm, n, nm, dm, sgC_b, sgC_g, sgC_l, sgC_n, SHARED_C)
-        _add_bc(dB_ptr, gb_off, b_m, G * (dt * u)[:, :, None], dC_ptr, gc_off, c_m, dy[:, :, None] * hs,
-                SHARED_B, SHARED_C)
+        if SHARED:
+            _add_bc_pair(dB_ptr, gb_off, b_m, G * (dt * u)[:, :, None], dC_ptr, gc_off, c_m, dy[:, :, None] * hs)
+        else:
+            _add_bc(dB_ptr, gb_off, b_m, G * (dt * u)[:, :, None], SHARED_B)
         Gah = G * ah
         dA += tl.sum(Gah * dt[:, :, None], axis=0)
-        ddt = _sum_states(Gah * A[None, :, :], SHARED_B and SHARED_C) + gB * u
+        ddt = _sum_states(Gah * A[None, :, :], SHARED) + gB * u
         dD += tl.sum(dy * u, axis=0)
         if SOFTPLUS:
             ddt = ddt * _sigmoid(raw)

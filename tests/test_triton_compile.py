@@ -51,6 +51,18 @@ for relaxed in (False, True):
 """
 
 
+def test_a_chunk_loop_over_its_budget_fails_the_compile_check(tmp_path):
+    """compile_triton.py's instruction budgets can fail: SS2D's forward held to 100 instructions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    code = ("import sys, compile_triton as c; name, call, _ = c.CALLS[2]; "
+            "c.CALLS = [(name, call, {'_scan_fwd': 100})]; sys.argv[1:] = ['--arch', '90']; sys.exit(c.main())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+    assert "instructions a chunk, over its 100" in done.stderr
+
+
 def test_the_loop_count_sees_the_fences_of_an_acq_rel_atomic_add(tmp_path):
     """compile_triton.py's fence guard can fail: Triton's default atomic add is fenced, a relaxed one not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -92,7 +104,7 @@ def test_the_gpu_checks_issue_floor_counts_every_warps_chunk_loops(tmp_path):
     launched, floor = done.stdout.splitlines()
     assert launched == "(6, 4, 2) (6, 4, 2) 196 4"  # 96 channels / 16, 4 directions, batch 2; 3136 steps / 16
     seconds, how = floor.split(" ", 1)
-    # 48 programs x 4 warps x 196 chunks x (forward + backward loop), each loop 500-4096 instructions
+    # 48 programs x 4 warps x 196 chunks x (forward + backward loop), the two 1000-8192 instructions
     warp_instructions = float(how.split(" M ")[0]) * 1e6
     assert 48 * 4 * 196 * 1000 <= warp_instructions <= 48 * 4 * 196 * 8192, how
     assert float(seconds) == pytest.approx(warp_instructions / (132 * 4 * 1.98e9), rel=0.01)
