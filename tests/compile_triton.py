@@ -60,14 +60,16 @@ def _ss2d(dtype: torch.dtype, *, low_rank: bool = True, grad: bool = True) -> No
         y.float().sum().backward()
 
 
-def _selective_scan_fn(dtype: torch.dtype) -> None:
-    """selective_scan_fn with a fixed (D, N) B and a grouped C, every option on."""
+def _selective_scan_fn(dtype: torch.dtype, fixed_b: bool) -> None:
+    """selective_scan_fn with every option on: B and C variable (batch, N, L), as in Mamba, or a
+    fixed (D, N) B and a grouped C."""
     from medmamba.kernels import triton_scan
 
     batch, dim, N, L = 2, 64, 16, 500
     leaf = lambda *shape, dtype=dtype: torch.randn(*shape, dtype=dtype, requires_grad=True)  # noqa: E731
+    B, C = (leaf(dim, N), leaf(batch, 2, N, L)) if fixed_b else (leaf(batch, N, L), leaf(batch, N, L))
     y, _ = triton_scan.selective_scan(leaf(batch, dim, L), leaf(batch, dim, L), leaf(dim, N, dtype=torch.float32),
-                                      leaf(dim, N), leaf(batch, 2, N, L), leaf(dim), leaf(dim), True)
+                                      B, C, leaf(dim), leaf(dim), True)
     y.float().sum().backward()
 
 
@@ -81,7 +83,9 @@ CALLS = [
      lambda: _ss2d(torch.bfloat16, grad=False), {"_scan_fwd": 640}),
     ("SS2D full delta, bare, fp32", lambda: _ss2d(torch.float32, low_rank=False),
      {"_scan_fwd": 480, "_scan_bwd": 1300}),
-    ("selective_scan_fn fixed B, grouped C, fp16", lambda: _selective_scan_fn(torch.float16),
+    ("selective_scan_fn variable B and C, fp32", lambda: _selective_scan_fn(torch.float32, fixed_b=False),
+     {"_scan_fwd": 540, "_scan_bwd": 1500}),
+    ("selective_scan_fn fixed B, grouped C, fp16", lambda: _selective_scan_fn(torch.float16, fixed_b=True),
      {"_scan_fwd": 1280, "_scan_bwd": 3080}),
 ]
 
