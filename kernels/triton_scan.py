@@ -21,9 +21,11 @@ the scan runs in registers, and a chunk's loads are issued together rather than 
 another. The forward writes each direction's y and the state at the start of every chunk; the
 backward walks the chunks last to first, recomputes each chunk's states from its saved start
 and runs the adjoint recurrence (G_l = dy_l C_l + a_(l+1) G_(l+1)) as a scan of the chunk's
-steps flipped, in the same way. No (batch, D, L, N) tensor exists. Gradients shared between
-programs (B and C by every channel of a group, the low-rank delta by every channel of a
-direction) are summed with relaxed fp32 atomic adds, one chunk at a time.
+steps flipped, in the same way. Sums over the states (y, du, delta's gradient) and over a
+program's channels (dB, dC) halve the axis in registers after one move of the tile
+(``_sum_last``). No (batch, D, L, N) tensor exists. Gradients shared between programs (B and C
+by every channel of a group, the low-rank delta by every channel of a direction) are summed with
+relaxed fp32 atomic adds, one chunk at a time.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def _decay(dt, A):
 
 @triton.jit
 def _sum_last(x):
-    """Sum a tile over its last axis (at most 256 long) by halving the axis with tl.split, which
+    """Sum a tile over its last axis (a power of 2, at most 256) by halving the axis with tl.split, which
     needs both halves in one thread: Triton moves the tile once through shared memory to a layout
     holding the whole axis in each thread, and adds in registers. tl.sum instead exchanges every
     element between the threads the axis spans (4 shuffles and adds an element over 16 threads),
@@ -95,11 +97,11 @@ def _sum_last(x):
 
 
 @triton.jit
-def _sum_states(x, SPLIT: tl.constexpr):
-    """Sum a (CHUNK, BLOCK_D, N) tile over its states: by ``_sum_last`` when ``SPLIT``. Not when B
-    or C is loaded as a (CHUNK, BLOCK_D, N) tile: its load's layout then fights the move (Triton 3.6:
-    the backward 2585 -> 5053 instructions, spilling)."""
-    if SPLIT:
+def _sum_states(x, SHARED: tl.constexpr):
+    """Sum a (CHUNK, BLOCK_D, N) tile over its states: by ``_sum_last`` when B and C are both
+    (CHUNK, N) tiles (``SHARED``). Not when one is loaded as a (CHUNK, BLOCK_D, N) tile: its load's
+    layout then fights the move (Triton 3.6: the backward 2585 -> 5053 instructions, spilling)."""
+    if SHARED:
         return _sum_last(x)
     else:
         return tl.sum(x, axis=2)
