@@ -47,22 +47,26 @@ BLOCK_D = 16  # channels per program
 # warps per program, measured on an H200 (benchmarks/gpu_check.py): 0.69x the time of 8 warps at
 # stage 1, 0.74x at stage 3, MedMamba-T 1.23x the training rate
 NUM_WARPS = 4
+# registers a thread may use (ptxas's maxnreg), None: as many as the kernel wants (the backward
+# takes all 255, so 2 programs share an SM; capped at 168, 3 do, with more of it spilled)
+MAX_REGISTERS: Optional[int] = None
 
 
 @contextlib.contextmanager
-def tiles(chunk: int, block_d: int, num_warps: int) -> Iterator[None]:
-    """Launch the kernels with other tile sizes (CHUNK, BLOCK_D, NUM_WARPS) inside the block, for
-    timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not thread-safe.
-    ``chunk`` and ``block_d`` are at least 16, the least dimension of the low-rank delta's dot."""
-    global CHUNK, BLOCK_D, NUM_WARPS
+def tiles(chunk: int, block_d: int, num_warps: int, max_registers: Optional[int] = None) -> Iterator[None]:
+    """Launch the kernels with other tile sizes (CHUNK, BLOCK_D, NUM_WARPS) and register cap inside
+    the block, for timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not
+    thread-safe. ``chunk`` and ``block_d`` are at least 16, the least dimension of the low-rank
+    delta's dot."""
+    global CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS
     if min(chunk, block_d) < 16:
         raise ValueError(f"triton_scan.tiles: chunk and block_d must be at least 16, got {chunk} and {block_d}")
-    saved = CHUNK, BLOCK_D, NUM_WARPS
-    CHUNK, BLOCK_D, NUM_WARPS = chunk, block_d, num_warps
+    saved = CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS
+    CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS = chunk, block_d, num_warps, max_registers
     try:
         yield
     finally:
-        CHUNK, BLOCK_D, NUM_WARPS = saved
+        CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS = saved
 
 
 @triton.jit
@@ -489,7 +493,8 @@ def _sizes(meta: dict) -> tuple[int, ...]:
 
 def _flags(meta: dict, D, bias, W) -> dict:
     """The kernels' compile-time arguments and launch options."""
-    return dict(num_warps=NUM_WARPS, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None,
+    cap = {} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}
+    return dict(num_warps=NUM_WARPS, **cap, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None,
                 SOFTPLUS=meta["softplus"], SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK,
                 BLOCK_D=BLOCK_D,
                 BLOCK_N=triton.next_power_of_2(meta["N"]),

@@ -63,6 +63,32 @@ def test_a_chunk_loop_over_its_budget_fails_the_compile_check(tmp_path):
     assert "instructions a chunk, over its 100" in done.stderr
 
 
+CAP_PROBE = """
+import sys, torch
+from triton.backends.compiler import GPUTarget
+sys.path[:0] = ["tests"]
+from compile_triton import _ss2d
+from medmamba.kernels import triton_scan
+from medmamba.kernels.triton_sass import compile_launch, launches, resource_usage
+
+for cap in (None, 168):
+    with triton_scan.tiles(16, 16, 4, cap):
+        fwd, bwd = launches(lambda: _ss2d(torch.float32))
+    print(resource_usage(compile_launch(bwd, GPUTarget("cuda", 90, 32)).asm["cubin"])["REG"])
+"""
+
+
+def test_a_register_cap_reaches_the_compiled_backward(tmp_path):
+    """gpu_check's register-capped tiles: the cap is a launch option that ptxas honours."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", CAP_PROBE], cwd=SCRIPT.parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    free, capped = map(int, done.stdout.split())
+    assert free > 168 >= capped, done.stdout
+
+
 def test_the_loop_count_sees_the_fences_of_an_acq_rel_atomic_add(tmp_path):
     """compile_triton.py's fence guard can fail: Triton's default atomic add is fenced, a relaxed one not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
