@@ -17,12 +17,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent / "compile_triton.py"
 
 
+def _compile(args: list[str], tmp_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python args`` with Triton compiling (TRITON_INTERPRET unset) into a fresh cache, so each
+    kernel is compiled now, not found in a cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_the_triton_kernels_compile_for_the_gpu(arch, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled now, not found in a cache
-    done = subprocess.run([sys.executable, str(SCRIPT), "--arch", str(arch)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _compile([str(SCRIPT), "--arch", str(arch)], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     lines = done.stdout.splitlines()
     assert len(lines) == 11 and all(line.startswith(f"sm_{arch} _scan_") and "registers" in line
@@ -53,12 +58,9 @@ for relaxed in (False, True):
 
 def test_a_chunk_loop_over_its_budget_fails_the_compile_check(tmp_path):
     """compile_triton.py's instruction budgets can fail: SS2D's forward held to 100 instructions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
     code = ("import sys, compile_triton as c; name, call, _ = c.CALLS[2]; "
             "c.CALLS = [(name, call, {'_scan_fwd': 100})]; sys.argv[1:] = ['--arch', '90']; sys.exit(c.main())")
-    done = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = _compile(["-c", code], tmp_path, cwd=SCRIPT.parent)
     assert done.returncode == 1, done.stdout + done.stderr[-2000:]
     assert "instructions a chunk, over its 100" in done.stderr
 
@@ -80,10 +82,7 @@ for cap in (None, 168):
 
 def test_a_register_cap_reaches_the_compiled_backward(tmp_path):
     """gpu_check's register-capped tiles: the cap is a launch option that ptxas honours."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", CAP_PROBE], cwd=SCRIPT.parents[1], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _compile(["-c", CAP_PROBE], tmp_path, cwd=SCRIPT.parents[1])
     assert done.returncode == 0, done.stderr[-4000:]
     free, capped = map(int, done.stdout.split())
     assert free > 168 >= capped, done.stdout
@@ -91,11 +90,9 @@ def test_a_register_cap_reaches_the_compiled_backward(tmp_path):
 
 def test_the_loop_count_sees_the_fences_of_an_acq_rel_atomic_add(tmp_path):
     """compile_triton.py's fence guard can fail: Triton's default atomic add is fenced, a relaxed one not."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
     probe = tmp_path / "fence_probe.py"  # triton.jit reads its kernel's source from a file
     probe.write_text(FENCE_PROBE)
-    done = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    done = _compile([str(probe)], tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     (_, acq_rel_fences, acq_rel_adds), (_, relaxed_fences, relaxed_adds) = (
         line.split() for line in done.stdout.splitlines())
@@ -122,10 +119,7 @@ print(seconds, how)
 def test_the_gpu_checks_issue_floor_counts_every_warps_chunk_loops(tmp_path):
     """The issue floor gpu_check.py puts beside the Triton scan's time: both kernels' chunk loops,
     for every program, warp and chunk of the launch, at MedMamba-T's stage-1 shapes (batch 2)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", ISSUE_PROBE], cwd=SCRIPT.parents[1], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _compile(["-c", ISSUE_PROBE], tmp_path, cwd=SCRIPT.parents[1])
     assert done.returncode == 0, done.stderr[-4000:]
     launched, floor = done.stdout.splitlines()
     assert launched == "(6, 4, 2) (6, 4, 2) 196 4"  # 96 channels / 16, 4 directions, batch 2; 3136 steps / 16
