@@ -262,17 +262,15 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
                             f"{seconds / floor:.1f}x | {verdict} |")
                 from medmamba.kernels import triton_scan
 
-                for config in TRITON_CONFIGS:  # the kernel's tile sizes, for the next session to pick from
-                    tiles = f"triton, chunk {config[0]}, {config[1]} channels, {config[2]} warps" + (
-                        f", at most {config[3]} registers" if len(config) > 3 else "")
+                for changes in TRITON_CONFIGS:  # other launches, for the next session to pick from
                     try:
-                        with triton_scan.tiles(*config):
+                        with triton_scan.tiles(**changes) as tiles:
                             other = median_seconds(step, steps, device)
-                    except Exception as exc:  # a tile size this GPU cannot compile or launch
-                        rows.append(failed_row("scan stage 1, other Triton tiles", tiles, exc))
+                    except Exception as exc:  # a launch this GPU cannot compile or run
+                        rows.append(failed_row("scan stage 1, other Triton tiles", f"triton, {changes}", exc))
                         continue
-                    rows.append(f"| scan stage 1, other Triton tiles | {tiles} | {other * 1e3:.2f} ms fwd+bwd | "
-                                f"{other / seconds:.2f}x the default's time |")
+                    rows.append(f"| scan stage 1, other Triton tiles | triton, {describe(tiles)} | "
+                                f"{other * 1e3:.2f} ms fwd+bwd | {other / seconds:.2f}x the default's time |")
     if totals:
         times = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in totals.items())
         rows.append(f"| scan: fastest here over both stages | {min(totals, key=totals.get)} | auto picks "
@@ -280,11 +278,21 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
     return rows
 
 
-# (CHUNK, BLOCK_D, NUM_WARPS[, registers a thread]) beside the default (16, 16, 4). Tiles that give
-# each thread 4 or more (channel, state) pairs, as (16, 16, 2), (32, 16, 4) and (16, 32, 4), spill
-# 3-4 KB in the backward (compiled here for sm_90, Triton 3.6 and 3.8), so they are not timed. The
-# register caps let 3 and 4 backward programs share an SM, not 2, spilling 520 and 856 bytes.
-TRITON_CONFIGS = [(16, 16, 8), (16, 32, 8), (32, 16, 8), (16, 32, 16), (16, 16, 4, 168), (16, 16, 4, 128)]
+# triton_scan.Tiles changed from the default (chunk 16, 16 channels, 4 warps, Triton's pipelining),
+# timed against it at stage 1 on an H200 (2026-12-04): 2 and 3 stages 1.02x and 0.98x the time (at
+# stage 3, 3 stages took 1.47x the time of 2), 32 channels at 8 warps 1.13x, 168 registers at 3
+# stages 1.13x. Dropped after timing: 1 stage 1.31x, 8 warps 1.25x, 168 registers 1.16-1.30x,
+# 32-step chunks at 8 warps 1.34x, 32 channels at 16 warps 1.79x, 128 registers 2.26x. Tiles that
+# give each thread 4 or more (channel, state) pairs, as (16, 16, 2 warps), spill 3-4 KB in the
+# backward (compiled here, Triton 3.6 and 3.8).
+TRITON_CONFIGS = [dict(stages=2), dict(stages=3), dict(block_d=32, num_warps=8), dict(max_registers=168, stages=3)]
+
+
+def describe(tiles) -> str:
+    """A triton_scan.Tiles in words, for a row."""
+    return (f"chunk {tiles.chunk}, {tiles.block_d} channels, {tiles.num_warps} warps"
+            + (f", at most {tiles.max_registers} registers" if tiles.max_registers else "")
+            + (f", {tiles.stages} stages" if tiles.stages else ", Triton's pipelining"))
 
 
 def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,

@@ -30,6 +30,7 @@ relaxed fp32 atomic adds, one chunk at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Iterator, Optional
 
@@ -42,31 +43,47 @@ from .cross_scan import scan_positions
 from .validation import check_kept, needs_grad
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels made now run on CPU tensors, interpreted
-CHUNK = 16  # steps scanned together; the state is saved at the start of each chunk
-BLOCK_D = 16  # channels per program
-# warps per program, measured on an H200 (benchmarks/gpu_check.py): 0.69x the time of 8 warps at
-# stage 1, 0.74x at stage 3, MedMamba-T 1.23x the training rate
-NUM_WARPS = 4
-# registers a thread may use (ptxas's maxnreg), None: as many as the kernel wants (the backward
-# takes all 255, so 2 programs share an SM; capped at 168, 3 do, with more of it spilled)
-MAX_REGISTERS: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """How the kernels are launched. The defaults were timed against the alternatives on an H200
+    (benchmarks/gpu_check.py's TRITON_CONFIGS)."""
+    chunk: int = 16  # steps scanned together; the state is saved at the start of each chunk
+    block_d: int = 16  # channels a program
+    # warps a program: at stage 1, 4 took 0.69x the time of 8, and MedMamba-T trained 1.23x faster
+    num_warps: int = 4
+    # registers a thread may use (ptxas's maxnreg); None: as many as the kernel wants (the backward
+    # takes all 255, so 2 programs share an SM; capped at 168, 3 do, with more of it spilled)
+    max_registers: Optional[int] = None
+    # chunks whose loads are in flight at once (tl.range's num_stages: the next chunks' inputs are
+    # copied to shared memory asynchronously while this one is scanned). None: Triton's default,
+    # which pipelines the loads that feed the low-rank delta's tl.dot. At stage 1 on an H200, 2
+    # stages took 1.02x its time (and the same in MedMamba-T's bf16 step: 2.29 ms a backward), 3
+    # stages 0.98x (but at stage 3, 1.47x the time of 2), 1 stage (nothing pipelined) 1.31x
+    stages: Optional[int] = None
+
+    def __post_init__(self):
+        if min(self.chunk, self.block_d) < 16:
+            raise ValueError(f"triton_scan.tiles: chunk and block_d must be at least 16 (the low-rank delta's "
+                             f"tl.dot), got {self.chunk} and {self.block_d}")
+        if self.stages is not None and self.stages < 1:
+            raise ValueError(f"triton_scan.tiles: stages must be at least 1, got {self.stages}")
+
+
+TILES = Tiles()  # what the entry points launch with
 
 
 @contextlib.contextmanager
-def tiles(chunk: int, block_d: int, num_warps: int, max_registers: Optional[int] = None) -> Iterator[None]:
-    """Launch the kernels with other tile sizes (CHUNK, BLOCK_D, NUM_WARPS) and register cap inside
-    the block, for timing them (benchmarks/gpu_check.py); the module's defaults come back after. Not
-    thread-safe. ``chunk`` and ``block_d`` are at least 16, the least dimension of the low-rank
-    delta's dot."""
-    global CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS
-    if min(chunk, block_d) < 16:
-        raise ValueError(f"triton_scan.tiles: chunk and block_d must be at least 16, got {chunk} and {block_d}")
-    saved = CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS
-    CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS = chunk, block_d, num_warps, max_registers
+def tiles(**changes) -> Iterator[Tiles]:
+    """Launch the kernels with some of ``Tiles``'s fields changed inside the block, for timing them
+    (benchmarks/gpu_check.py); the defaults come back after. Not thread-safe."""
+    global TILES
+    saved, TILES = TILES, dataclasses.replace(TILES, **changes)
     try:
-        yield
+        yield TILES
     finally:
-        CHUNK, BLOCK_D, NUM_WARPS, MAX_REGISTERS = saved
+        TILES = saved
 
 
 @triton.jit
@@ -260,7 +277,7 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
               su_b, su_l, su_d, sdt_k, sdt_b, sdt_l, sdt_last,
               sB_b, sB_g, sB_l, sB_n, sC_b, sC_g, sC_l, sC_n, sy_k, sy_b, sy_l, sy_d,
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr,
-              SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr,
+              SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SAVE_STARTS: tl.constexpr):
     b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
@@ -269,7 +286,7 @@ def _scan_fwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     SHARED: tl.constexpr = SHARED_B and SHARED_C  # B and C both (CHUNK, N) tiles
     state = ((b * K * DIM + c) * n_chunks)[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for ch in range(n_chunks):
+    for ch in tl.range(n_chunks, num_stages=STAGES):
         if SAVE_STARTS:  # for the backward (not when no input needs a gradient)
             tl.store(start_ptr + state + ch * N, h, mask=mask)
         l = ch * CHUNK + t
@@ -298,7 +315,7 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
               sB_b, sB_g, sB_l, sB_n, sC_b, sC_g, sC_l, sC_n, sdo_b, sdo_l, sdo_d, sdu_k, sdu_b, sdu_l, sdu_d,
               sgdt_k, sgdt_b, sgdt_l, sgdt_last, sgB_b, sgB_g, sgB_l, sgB_n, sgC_b, sgC_g, sgC_l, sgC_n,
               HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, LOW_RANK: tl.constexpr, SOFTPLUS: tl.constexpr,
-              SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr,
+              SHARED_B: tl.constexpr, SHARED_C: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     b, k, d, n, r, dm, nm, rm, mask, c, A, Dv, bias, W, gb, gc = _program(
         A_ptr, D_ptr, bias_ptr, W_ptr, DIM, N, R, rows_b, rows_c, HAS_D, HAS_BIAS, LOW_RANK, SHARED_B, SHARED_C,
@@ -313,7 +330,7 @@ def _scan_bwd(u_ptr, dt_ptr, W_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, pos_pt
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     a_later = tl.full((BLOCK_D, BLOCK_N), 1.0, tl.float32)  # the first decay of the later chunk (none: 1)
-    for cc in range(n_chunks):
+    for cc in tl.range(n_chunks, num_stages=STAGES):
         ch = n_chunks - 1 - cc
         l = ch * CHUNK + t
         lm = l < L
@@ -384,13 +401,13 @@ def _strides(t: Tensor) -> tuple[int, ...]:
 def _shared(M: Tensor, K: int, dim: int) -> bool:
     """Whether every program's BLOCK_D channels read one row of B or C (M: (batch, G, L, N))."""
     groups = M.shape[1]
-    return groups == K or (K == 1 and groups > 1 and dim // groups % BLOCK_D == 0)
+    return groups == K or (K == 1 and groups > 1 and dim // groups % TILES.block_d == 0)
 
 
 def _meta(u: Tensor, A: Tensor, B: Tensor, C: Tensor, W: Tensor | None, K: int, softplus: bool) -> dict:
     """The kernels' sizes and layout flags for these inputs."""
     _, L, dim = u.shape
-    return dict(K=K, dim=dim, N=A.shape[1], L=L, R=1 if W is None else W.shape[1], n_chunks=triton.cdiv(L, CHUNK),
+    return dict(K=K, dim=dim, N=A.shape[1], L=L, R=1 if W is None else W.shape[1], n_chunks=triton.cdiv(L, TILES.chunk),
                 rows_b=K * dim // B.shape[1], rows_c=K * dim // C.shape[1], shared_b=_shared(B, K, dim),
                 shared_c=_shared(C, K, dim), softplus=softplus)
 
@@ -425,7 +442,7 @@ def _(u, delta, A, B, C, D, bias, W, K, height, width, softplus, save):
     batch, L, dim = u.shape
     rows, N = K * dim, A.shape[1]
     return (u.new_empty(batch, L, dim, dtype=torch.float32), u.new_empty(batch, rows, N, dtype=torch.float32),
-            u.new_empty(batch, rows, triton.cdiv(L, CHUNK) if save else 0, N, dtype=torch.float32))
+            u.new_empty(batch, rows, triton.cdiv(L, TILES.chunk) if save else 0, N, dtype=torch.float32))
 
 
 @torch.library.custom_op("medmamba::triton_scan_bwd", mutates_args=())
@@ -484,7 +501,7 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
 
 
 def _grid(meta: dict, batch: int) -> tuple[int, int, int]:
-    return triton.cdiv(meta["dim"], BLOCK_D), meta["K"], batch
+    return triton.cdiv(meta["dim"], TILES.block_d), meta["K"], batch
 
 
 def _sizes(meta: dict) -> tuple[int, ...]:
@@ -493,10 +510,10 @@ def _sizes(meta: dict) -> tuple[int, ...]:
 
 def _flags(meta: dict, D, bias, W) -> dict:
     """The kernels' compile-time arguments and launch options."""
-    cap = {} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}
-    return dict(num_warps=NUM_WARPS, **cap, HAS_D=D is not None, HAS_BIAS=bias is not None, LOW_RANK=W is not None,
-                SOFTPLUS=meta["softplus"], SHARED_B=meta["shared_b"], SHARED_C=meta["shared_c"], CHUNK=CHUNK,
-                BLOCK_D=BLOCK_D,
+    cap = {} if TILES.max_registers is None else {"maxnreg": TILES.max_registers}
+    return dict(num_warps=TILES.num_warps, **cap, HAS_D=D is not None, HAS_BIAS=bias is not None,
+                LOW_RANK=W is not None, SOFTPLUS=meta["softplus"], SHARED_B=meta["shared_b"],
+                SHARED_C=meta["shared_c"], CHUNK=TILES.chunk, STAGES=TILES.stages, BLOCK_D=TILES.block_d,
                 BLOCK_N=triton.next_power_of_2(meta["N"]),
                 BLOCK_R=max(16, triton.next_power_of_2(meta["R"])) if W is not None else 1)  # 16: tl.dot's least
 

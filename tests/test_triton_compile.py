@@ -74,7 +74,7 @@ from medmamba.kernels import triton_scan
 from medmamba.kernels.triton_sass import compile_launch, launches, resource_usage
 
 for cap in (None, 168):
-    with triton_scan.tiles(16, 16, 4, cap):
+    with triton_scan.tiles(max_registers=cap):
         fwd, bwd = launches(lambda: _ss2d(torch.float32))
     print(resource_usage(compile_launch(bwd, GPUTarget("cuda", 90, 32)).asm["cubin"])["REG"])
 """

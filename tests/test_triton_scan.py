@@ -225,26 +225,31 @@ def test_the_gpu_check_runs_the_sections_named_and_refuses_unknown_ones():
 
 
 def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
-    """The other (CHUNK, BLOCK_D, NUM_WARPS[, register cap]) the GPU check times: same results, and
-    the defaults back."""
+    """The other launches (triton_scan.Tiles) the GPU check times: same results, the defaults back,
+    and sizes the kernels cannot take refused by name."""
     gpu_check = _gpu_check()
     inputs = _cross_inputs(1, 3, 7, 24, 4, torch.float32, low_rank=True, seed=11)
     want = _cross(inputs, "ref", True)
-    launch = lambda: (triton_scan.CHUNK, triton_scan.BLOCK_D, triton_scan.NUM_WARPS,  # noqa: E731
-                      triton_scan.MAX_REGISTERS)
-    defaults = launch()
-    assert defaults == (16, 16, 4, None)
-    for config in gpu_check.TRITON_CONFIGS:
-        with triton_scan.tiles(*config):
-            assert launch() == (*config, None)[:4]
+    defaults = triton_scan.TILES
+    assert defaults == triton_scan.Tiles(chunk=16, block_d=16, num_warps=4, max_registers=None, stages=None)
+    for changes in gpu_check.TRITON_CONFIGS:
+        with triton_scan.tiles(**changes) as tiles:
+            assert triton_scan.TILES == tiles and tiles != defaults
+            assert all(getattr(tiles, key) == value for key, value in changes.items())
             got = _cross(inputs, "triton", True)
         for name, g, w in zip(["out", *_leaves(inputs)], got, want):
-            assert rel_err(g, w) <= (1e-5 if name == "out" else 1e-4), (config, name)
-    assert launch() == defaults
-    with pytest.raises(ValueError, match="chunk and block_d must be at least 16, got 16 and 8"):
-        with triton_scan.tiles(16, 8, 4):
+            assert rel_err(g, w) <= (1e-5 if name == "out" else 1e-4), (changes, name)
+    assert triton_scan.TILES == defaults
+    with pytest.raises(ValueError, match="chunk and block_d must be at least 16 .*, got 16 and 8"):
+        with triton_scan.tiles(block_d=8):
             pass
-    assert launch() == defaults
+    with pytest.raises(ValueError, match="stages must be at least 1, got 0"):
+        with triton_scan.tiles(stages=0):
+            pass
+    with pytest.raises(TypeError, match="warps"):
+        with triton_scan.tiles(warps=8):
+            pass
+    assert triton_scan.TILES == defaults
 
 
 def test_an_ss2d_block_trains_under_bf16_autocast_on_the_triton_scan(monkeypatch):
