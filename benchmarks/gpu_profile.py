@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_profile.py               # on a GPU: 224 px, batch 64, bf16 autocast
     python benchmarks/gpu_profile.py --size 64 --batch 2   # CPU smoke test
+    python benchmarks/gpu_profile.py --by-shape aten::copy_   # which tensors a copy op moves
 
 Prints the profiler's table of the ops that took the most device (GPU) or CPU time over three
 training steps (forward, backward, fused AdamW) after three warm-up steps, and the scan ops'
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--by-shape", metavar="OP", action="append", default=[],
+                        help="also list OP's calls (e.g. aten::copy_) by input shapes, most time first; repeatable")
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -48,7 +51,7 @@ def main() -> None:
     if gpu:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=bool(args.by_shape)) as prof:
         for _ in range(3):
             step()
         if gpu:
@@ -64,6 +67,13 @@ def main() -> None:
     scan = sum(getattr(e, key) for e in timed if "scan" in e.key.lower())
     print(f"ops named *scan* (the selective scan's kernels and ops): {scan / max(total, 1):.0%} of the "
           f"{'device' if gpu else 'CPU'} self time ({scan / 3e3:.1f} of {total / 3e3:.1f} ms a step)")
+    if args.by_shape:
+        shaped = prof.key_averages(group_by_input_shape=True)
+    for op in args.by_shape:
+        calls = sorted((e for e in shaped if e.key == op), key=lambda e: -getattr(e, key))
+        print(f"{op} by input shapes ({len(calls)} kinds; a step's calls and time):")
+        for e in calls[:args.rows]:
+            print(f"  {e.count // 3:4d} calls {getattr(e, key) / 3e3:6.2f} ms  {e.input_shapes}")
 
 
 if __name__ == "__main__":
