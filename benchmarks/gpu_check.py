@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -292,7 +293,7 @@ def describe(tiles) -> str:
     """A triton_scan.Tiles in words, for a row."""
     return (f"chunk {tiles.chunk}, {tiles.block_d} channels, {tiles.num_warps} warps"
             + (f", at most {tiles.max_registers} registers" if tiles.max_registers else "")
-            + (f", {tiles.stages} stages" if tiles.stages else ", Triton's pipelining"))
+            + (f", {tiles.stages} stage{'s' * (tiles.stages > 1)}" if tiles.stages else ", Triton's pipelining"))
 
 
 def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
@@ -391,6 +392,10 @@ def _train(out: Path, device: str, size: int, images: int, epochs: int, resume: 
     return trainer.history
 
 
+# the killed run's one-time warning of the scan it uses (the table's header already names the pick)
+QUIET = ["-W", "ignore:selective_scan:RuntimeWarning"]
+
+
 def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) -> list[str]:
     """Section 5: a run killed after its first checkpoint and resumed, against an unbroken one."""
     try:
@@ -401,7 +406,7 @@ def resume_check(device: torch.device, size: int, images: int, epochs: int = 3) 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         straight = _train(Path(tmp) / "straight", str(device), size, images, epochs)
         killed = Path(tmp) / "killed"
-        proc = subprocess.Popen([sys.executable, __file__, "--train-into", str(killed), *args])
+        proc = subprocess.Popen([sys.executable, *QUIET, __file__, "--train-into", str(killed), *args])
         while proc.poll() is None and not (killed / "last.pt").is_file():
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -434,7 +439,11 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     steps = 3 if args.quick or not gpu else 10
     where = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a smoke test at small sizes, not a measurement)"
-    print(f"torch {torch.__version__}, {where}; scan backends here: {', '.join(backends(device))}")
+    with warnings.catch_warnings(record=True) as why:  # the one-time warning, here rather than amid the table
+        warnings.simplefilter("always")
+        picked = resolve_backend(device)
+    print(f"torch {torch.__version__}, {where}; scan backends here: {', '.join(backends(device))}; auto picks "
+          f"{picked}" + "".join(f" ({w.message})" for w in why))
     print("| check | path | result | |\n|---|---|---|---|")
     sections = {"correctness": lambda: correctness(device),
                 "scan": lambda: scan_benchmark(device, 32 if gpu else 1, steps),
