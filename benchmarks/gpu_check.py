@@ -29,7 +29,9 @@ Sections:
 3. layout: section 4's MedMamba-T with its Conv branch in NCHW and in channels-last, and which
    of them the model runs on this device (``model.conv_layout``).
 4. throughput: training (forward, backward, fused AdamW) and inference images/s at 224 px, bf16
-   autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run.
+   autocast on a GPU (fp32 on a CPU), MedMamba-T/S against ResNet-50 and ConvNeXt-T in one run:
+   steps made back to back, as the training loop makes them, and beside them the training rate
+   with the GPU synchronised after each step (the gap is the host's share of a step).
 5. resume: MedMamba-T trained by ``Trainer`` on the device (synthetic images, no dataset needed)
    in a subprocess SIGKILLed after its first checkpoint, resumed, and compared epoch by epoch
    with a run that was never stopped (equal on a CPU; on a GPU up to the scan's atomic adds).
@@ -63,7 +65,7 @@ from medmamba import create_model  # noqa: E402
 from medmamba.kernels import (BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn,  # noqa: E402
                               selective_scan_ref)
 from medmamba.model import SS2D, conv_layout, forced_conv_layout  # noqa: E402
-from timing import median_seconds, sync  # noqa: E402  (benchmarks/, the script's folder)
+from timing import back_to_back_seconds, median_seconds, sync  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def backends(device: torch.device) -> list[str]:
@@ -298,9 +300,12 @@ def describe(tiles) -> str:
 
 def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
            compiler: str | None = None) -> tuple[float, str]:
-    """Training images/s of model ``name`` (forward, backward, fused AdamW; bf16 autocast on a GPU),
-    and the row's other column: inference images/s, or with ``compiler`` (a torch.compile backend)
-    the first step's seconds, which compile (no inference)."""
+    """Training images/s of model ``name`` (forward, backward, fused AdamW; bf16 autocast on a GPU)
+    over steps made back to back, as the training loop makes them, and the row's other column: the
+    rate with the device synchronised after every step (what earlier runs measured: the host's
+    work on a step then no longer overlaps the device's on the one before, so the gap between
+    the two rates is the host's share), then inference images/s or, with ``compiler`` (a
+    torch.compile backend), the first step's seconds, which compile."""
     dtype = torch.bfloat16 if device.type == "cuda" else None
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
@@ -324,11 +329,12 @@ def _rates(name: str, device: torch.device, size: int, batch: int, steps: int,
     train_step()
     sync(device)
     first = time.perf_counter() - start
-    train = batch / median_seconds(train_step, steps, device)
+    train = batch / back_to_back_seconds(train_step, steps, device)
+    synced = f"{batch / median_seconds(train_step, steps, device):.0f} img/s synced each step"
     if compiler is not None:
-        return train, f"first step (compiling) {first:.0f} s"
+        return train, f"{synced}; first step (compiling) {first:.0f} s"
     model.eval()
-    return train, f"infer {batch / median_seconds(infer_step, steps, device):.0f} img/s"
+    return train, f"{synced}; infer {batch / back_to_back_seconds(infer_step, steps, device):.0f} img/s"
 
 
 def _setting(device: torch.device, size: int, batch: int) -> str:

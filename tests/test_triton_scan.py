@@ -178,6 +178,7 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test(monkeypatch):
     rows = gpu_check.throughput(device, 32, 2, 1, ("medmamba_t", "convnext_tiny"), "aot_eager")
     assert [row.split("|")[2].strip() for row in rows] == ["medmamba_t", "convnext_tiny", ""], rows
     assert "compiled (aot_eager)" in rows[0] and "first step (compiling)" in rows[0] and "both compiled" in rows[2]
+    assert all("img/s synced each step; " in row for row in rows[:2]), rows
 
     def torch_backend_breaks(*args, backend="auto", **kwargs):
         if backend == "torch":
@@ -188,6 +189,18 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test(monkeypatch):
     rows = gpu_check.correctness(device, batch=1, dim=8, n=4, L=20, hw=(2, 3))
     assert rows[2] == ("| correctness selective_scan_fn | torch | FAILED: RuntimeError: no kernel image is "
                        "available for execution on the device | |") and "FAILED" not in "".join(rows[:2] + rows[3:])
+
+
+def test_back_to_back_timing_is_the_mean_of_the_calls_after_a_warm_up():
+    """benchmarks/timing.py: the training rate's timer makes one warm-up call, then ``steps`` calls."""
+    import time
+
+    _gpu_check()  # which imports benchmarks/timing.py
+    from timing import back_to_back_seconds
+
+    calls = []
+    seconds = back_to_back_seconds(lambda: (calls.append(1), time.sleep(0.01)), 4)
+    assert len(calls) == 5 and 0.01 <= seconds < 0.1, (len(calls), seconds)
 
 
 def test_the_gpu_check_imports_only_what_the_gpu_machine_has_or_is_carried():
