@@ -152,12 +152,12 @@ def cross_correctness(device: torch.device, rel, batch: int, H: int, W: int, dim
             for name in backends(device)]
 
 
-def scan_shapes() -> list[tuple[int, int, int, int]]:
-    """(H, W, d_inner, d_state) of MedMamba-T's SS2D scans at 224 px, one per stage."""
+def scan_shapes() -> list[tuple[int, int, int, int, int]]:
+    """(H, W, d_inner, d_state, dt_rank) of MedMamba-T's SS2D scans at 224 px, one per stage."""
     model, shapes = create_model("medmamba_t", num_classes=2), {}
 
     def record(module, args, _out, stage: int) -> None:
-        shapes.setdefault(stage, (*args[0].shape[1:3], 2 * args[0].shape[3], module.d_state))
+        shapes.setdefault(stage, (*args[0].shape[1:3], 2 * args[0].shape[3], module.d_state, module.dt_rank))
 
     for i, stage in enumerate(model.stages):
         for m in stage.modules():
@@ -220,11 +220,11 @@ def scan_benchmark(device: torch.device, batch: int, steps: int) -> list[str]:
     totals: dict[str, float] = {}  # each backend's time over both stages
     shapes = scan_shapes()
     for stage in (0, 2):
-        H, W, d, n = shapes[stage]
+        H, W, d, n, rank = shapes[stage]
         L = H * W
         x = torch.randn(batch, H, W, d, device=device, requires_grad=True)
-        delta = (torch.rand(batch, L, 4, 6, device=device) - 4).requires_grad_()  # low rank, as SS2D
-        proj = (0.1 * torch.randn(4, d, 6, device=device)).requires_grad_()
+        delta = (torch.rand(batch, L, 4, rank, device=device) - 4).requires_grad_()  # low rank, as SS2D
+        proj = (0.1 * torch.randn(4, d, rank, device=device)).requires_grad_()
         B, C = (torch.randn(batch, L, 4, n, device=device, requires_grad=True) for _ in range(2))
         A = -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(4 * d, 1)
         Dskip, bias = torch.ones(4 * d, device=device), torch.zeros(4 * d, device=device)

@@ -43,11 +43,11 @@ LOOP_OPCODES = ("MUFU", "SHFL", "BAR", "RED", "LDG", "STL", "LDL")  # counted pe
 
 
 def _ss2d(dtype: torch.dtype, *, low_rank: bool = True, grad: bool = True) -> None:
-    """SS2D's scan at MedMamba-T's stage-1 shapes (56x56 map, d 96, N 16, rank 6), batch 2;
+    """SS2D's scan at MedMamba-T's stage-1 shapes (56x56 map, d 96, N 16, rank 3), batch 2;
     bare (full delta; no D, bias or softplus) unless ``low_rank``."""
     from medmamba.kernels import triton_scan
 
-    batch, H, W, dim, N, R = 2, 56, 56, 96, 16, 6
+    batch, H, W, dim, N, R = 2, 56, 56, 96, 16, 3
     leaf = lambda *shape, dtype=dtype: torch.randn(*shape, dtype=dtype, requires_grad=grad)  # noqa: E731
     x, A, D, bias = leaf(batch, H, W, dim), leaf(4 * dim, N, dtype=torch.float32), leaf(4 * dim), leaf(4 * dim)
     if low_rank:  # the layout of SS2D's x_proj output: (batch, L, 4, R + 2N)

@@ -165,7 +165,8 @@ def test_the_gpu_check_degrades_to_a_cpu_smoke_test(monkeypatch):
     for row in rows:
         forward, gradients = (float(part.split("err ")[1].split()[0]) for part in row.split("|")[3:5])
         assert forward <= 1e-5 and gradients <= 1e-4, row
-    assert gpu_check.scan_shapes() == [(56, 56, 96, 16), (28, 28, 192, 16), (14, 14, 384, 16), (7, 7, 768, 16)]
+    assert gpu_check.scan_shapes() == [(56, 56, 96, 16, 3), (28, 28, 192, 16, 6), (14, 14, 384, 16, 12),
+                                       (7, 7, 768, 16, 24)]
     (row,) = gpu_check.resume_check(device, size=16, images=48, epochs=2)  # killed after epoch 1, resumed
     assert "killed after epoch 1, resumed" in row and "over 2 epochs" in row, row
     assert float(row.split("|Δ train loss| ")[1].split()[0]) <= 1e-6, row
