@@ -220,7 +220,9 @@ def _delta(dt_ptr, W, b, k, p, lm, d, dm, r, rm, bias, s_k, s_b, s_l, s_last,
         # result out once an element, where the sum's layout, that of the (CHUNK, BLOCK_D, N)
         # tiles delta feeds, repeats each element on the threads of its channel's N states, and
         # the softplus and sigmoid after it with it (tests/compile_triton.py counts the
-        # instructions: the forward's chunk loop 2264 -> 762 on Triton 3.6, 2016 -> 759 on 3.8)
+        # instructions: the forward's chunk loop 2264 -> 762 on Triton 3.6, 2016 -> 759 on 3.8). So the
+        # dot stays although R (3 at stage 1) is padded to its least 16: with BLOCK_R at R's power of 2
+        # and _sum_last's halving instead, that layout came back (486 -> 1869, Triton 3.8)
         raw = tl.dot(v, tl.trans(W), input_precision="ieee") + bias[None, :]
     else:
         v = r  # unused
