@@ -48,7 +48,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -62,8 +61,8 @@ except ImportError:  # only the exp floor needs Triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, installed or not
 from medmamba import create_model  # noqa: E402
-from medmamba.kernels import (BACKENDS, cross_selective_scan, resolve_backend, selective_scan_fn,  # noqa: E402
-                              selective_scan_ref)
+from medmamba.kernels import (BACKENDS, auto_backend, cross_selective_scan, resolve_backend,  # noqa: E402
+                              selective_scan_fn, selective_scan_ref)
 from medmamba.model import SS2D, conv_layout, forced_conv_layout  # noqa: E402
 from timing import back_to_back_seconds, median_seconds, sync  # noqa: E402  (benchmarks/, the script's folder)
 
@@ -445,11 +444,9 @@ def main() -> None:
     device = torch.device("cuda" if gpu else "cpu")
     steps = 3 if args.quick or not gpu else 10
     where = torch.cuda.get_device_name() if gpu else "CPU (no GPU: a smoke test at small sizes, not a measurement)"
-    with warnings.catch_warnings(record=True) as why:  # the one-time warning, here rather than amid the table
-        warnings.simplefilter("always")
-        picked = resolve_backend(device)
+    picked, why = auto_backend(device)  # its one-time warning, here rather than amid the table
     print(f"torch {torch.__version__}, {where}; scan backends here: {', '.join(backends(device))}; auto picks "
-          f"{picked}" + "".join(f" ({w.message})" for w in why))
+          f"{picked} ({why})")
     print("| check | path | result | |\n|---|---|---|---|")
     sections = {"correctness": lambda: correctness(device),
                 "scan": lambda: scan_benchmark(device, 32 if gpu else 1, steps),

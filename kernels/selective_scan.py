@@ -117,6 +117,22 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     return "torch"
 
 
+# each automatic backend in words, for auto_backend
+_KERNELS = {"mamba": "mamba-ssm's CUDA kernel", "triton": "the Triton scan", "cpu": "the compiled CPU kernel",
+            "torch": "the chunked PyTorch scan"}
+
+
+def auto_backend(device: torch.device) -> tuple[str, str]:
+    """The backend ``"auto"`` picks for tensors on ``device`` and why, in words: the reason its
+    one-time warning gives when it falls back (for ``medmamba info`` and benchmarks/gpu_check.py's
+    header; once warned in this process, the kernel's name alone)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = resolve_backend(device)
+    reasons = [str(w.message).removeprefix("selective_scan: ") for w in caught]
+    return name, reasons[0] if reasons else _KERNELS[name]
+
+
 def selective_scan_fn(
     u: Tensor,
     delta: Tensor,

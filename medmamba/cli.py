@@ -10,9 +10,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from .config import check_new_output, load_config, set_key, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
+from .kernels import auto_backend
 from .registry import create_model, list_models
 
 # Data, metrics, training and MLflow are imported inside the commands that use them: importing
@@ -41,6 +44,10 @@ def _info(args: argparse.Namespace) -> int:
     parts = {"einsum": c.einsum_macs, "scan": c.scan_macs} if c.scan_macs else {"attention etc.": c.other_macs}
     print(f"  GFLOPs, full (all products)     {c.full_macs / 1e9:8.2f} G"
           f"   ({', '.join(f'{k} {v / 1e9:.2f} G' for k, v in parts.items())})")
+    if c.scan_macs:  # which kernel its scans would run on here
+        for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+            name, why = auto_backend(torch.device(device))
+            print(f"  {'selective scan on ' + device:<32}{name}: {why}")
     return 0
 
 

@@ -115,6 +115,20 @@ def test_cross_selective_scan_passes_mamba_ssm_its_layout(mamba, dtype):
         assert got.dtype == dtype and rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2), name
 
 
+def test_auto_backend_names_the_pick_and_why(monkeypatch):
+    """``medmamba info`` and gpu_check's header: the backend auto picks and, when it falls back, the
+    reason its one-time warning gives (the kernel's name alone once that warning is spent)."""
+    monkeypatch.setattr(selective_scan, "_warned", set())
+    selective_scan._mamba_scan.cache_clear()  # mamba-ssm is not installed here
+    try:
+        assert selective_scan.auto_backend(torch.device("cuda")) == (
+            "triton", "CUDA tensors use the Triton scan: mamba-ssm is not installed")
+        assert selective_scan.auto_backend(torch.device("cuda")) == ("triton", "the Triton scan")
+        assert selective_scan.auto_backend(torch.device("cpu")) == ("cpu", "the compiled CPU kernel")
+    finally:
+        selective_scan._mamba_scan.cache_clear()
+
+
 def test_a_mamba_ssm_build_that_does_not_import_is_named(wrapper_root, monkeypatch):
     """mamba-ssm installed without a working CUDA build (no ``selective_scan_cuda``: the recurring
     complaint): CUDA tensors fall back to the Triton scan and the warning says why; forcing

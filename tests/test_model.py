@@ -63,6 +63,7 @@ def test_info_command_prints_both_conventions(capsys):
     assert cli_main(["info", "medmamba_t", "--size", "224", "--num-classes", "1000"]) == 0
     out = capsys.readouterr().out
     assert "15.22 M" in out and "2.0 G" in out and "full" in out
+    assert "  selective scan on cpu" in out and out.rstrip().endswith("cpu: the compiled CPU kernel"), out
 
 
 @pytest.mark.parametrize("args,message", [
