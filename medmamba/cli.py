@@ -44,10 +44,10 @@ def _info(args: argparse.Namespace) -> int:
     parts = {"einsum": c.einsum_macs, "scan": c.scan_macs} if c.scan_macs else {"attention etc.": c.other_macs}
     print(f"  GFLOPs, full (all products)     {c.full_macs / 1e9:8.2f} G"
           f"   ({', '.join(f'{k} {v / 1e9:.2f} G' for k, v in parts.items())})")
-    if c.scan_macs:  # which kernel its scans would run on here
-        for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
-            name, why = auto_backend(torch.device(device))
-            print(f"  {'selective scan on ' + device:<32}{name}: {why}")
+    if c.scan_macs:  # the kernel its scans run on where training here runs (a CPU's is built on first use)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        name, why = auto_backend(torch.device(device))
+        print(f"  {'selective scan on ' + device:<32}{name}: {why}")
     return 0
 
 
