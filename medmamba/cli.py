@@ -10,13 +10,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from .config import check_new_output, load_config, set_key, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .kernels import auto_backend
 from .registry import create_model, list_models
+from .runtime import resolve_device
 
 # Data, metrics, training and MLflow are imported inside the commands that use them: importing
 # medmnist, scikit-learn and mlflow costs seconds that `medmamba info` does not need.
@@ -45,9 +44,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  GFLOPs, full (all products)     {c.full_macs / 1e9:8.2f} G"
           f"   ({', '.join(f'{k} {v / 1e9:.2f} G' for k, v in parts.items())})")
     if c.scan_macs:  # the kernel its scans run on where training here runs (a CPU's is built on first use)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        name, why = auto_backend(torch.device(device))
-        print(f"  {'selective scan on ' + device:<32}{name}: {why}")
+        device = resolve_device()  # train.device's default: the GPU if there is one
+        name, why = auto_backend(device)
+        print(f"  {'selective scan on ' + device.type:<32}{name}: {why}")
     return 0
 
 
