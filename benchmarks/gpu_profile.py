@@ -72,8 +72,7 @@ def main() -> None:
     scan = sum(getattr(e, key) for e in timed if "scan" in e.key.lower())
     print(f"ops named *scan* (the selective scan's kernels and ops): {scan / max(total, 1):.0%} of the "
           f"{'device' if gpu else 'CPU'} self time ({scan / 3e3:.1f} of {total / 3e3:.1f} ms a step)")
-    if args.by_shape:
-        shaped = prof.key_averages(group_by_input_shape=True)
+    shaped = prof.key_averages(group_by_input_shape=True) if args.by_shape else []
     for op in args.by_shape:
         calls = sorted((e for e in shaped if e.key == op), key=lambda e: -getattr(e, key))
         print(f"{op} by input shapes ({len(calls)} kinds; a step's calls and time):")
