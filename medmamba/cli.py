@@ -453,10 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output_dir(path: Path | None) -> None:
-    """ConfigError unless ``path`` is (or can become) a writable folder."""
+def _check_output_dir(path: Path | None) -> Path | None:
+    """ConfigError unless ``path`` is (or can become) a writable folder. Returns the outermost
+    folder this call created (None if ``path`` existed), for ``_drop_if_unused``."""
     if path is None:
-        return
+        return None
+    created = next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".medmamba-write-test"
@@ -464,6 +466,19 @@ def _check_output_dir(path: Path | None) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--output-dir {path} cannot be written ({exc.strerror or exc}); choose another folder") from None
+    return created
+
+
+def _drop_if_unused(created: Path | None, path: Path) -> None:
+    """Remove the folders ``_check_output_dir`` created for a command that failed before writing
+    anything there but its lock, so a mistyped command leaves no empty output folder behind."""
+    if created is None or any(p.name != ".medmamba.lock" for p in path.iterdir()):
+        return
+    (path / ".medmamba.lock").unlink(missing_ok=True)
+    for folder in [path, *path.parents]:
+        folder.rmdir()
+        if folder == created:
+            return
 
 
 @contextlib.contextmanager
@@ -488,11 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("medmamba").setLevel(logging.INFO)  # ours: a resume, early stopping, compiling; not the libraries'
+    created = None
     try:
-        _check_output_dir(getattr(args, "output_dir", None))
+        created = _check_output_dir(getattr(args, "output_dir", None))
         with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():
             return args.func(args)
     except (MedMambaError, FileNotFoundError) as exc:
+        _drop_if_unused(created, getattr(args, "output_dir", None))
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -300,6 +300,21 @@ def test_bad_inputs_are_one_line_errors(medmnist_root, tmp_path, capsys):
         ["federate", "--config", "configs/federated_quick.yaml", "--set", f"data.root={medmnist_root}",
          "--set", "data.name=breastmnist", "--set", "federated.num_sites=50", "--set", "federated.alpha=0.01",
          "--output-dir", str(tmp_path / "e"), "--no-mlflow"])
+    # none of the failed commands left its new output folder behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty.pt", "junk.pt", "npz"]
+
+
+def test_a_failed_command_removes_only_the_output_folders_it_created(tmp_path, capsys):
+    missing = str(tmp_path / "none.pt")
+    assert main(["evaluate", "--checkpoint", missing, "--output-dir", str(tmp_path / "new" / "eval")]) == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    assert main(["evaluate", "--checkpoint", missing, "--output-dir", str(tmp_path / "old" / "eval")]) == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "old"] and not any((tmp_path / "old").iterdir())
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    assert main(["evaluate", "--checkpoint", missing, "--output-dir", str(tmp_path / "old")]) == 2
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["notes.txt"]
+    assert capsys.readouterr().err.count("checkpoint not found") == 3
 
 
 def test_resume_in_another_directory_names_the_missing_mlflow_run(tmp_path):
