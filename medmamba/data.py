@@ -239,15 +239,23 @@ class ImageFolderSplit(Dataset):
                             "was built, so it changed since: restore it or remove it") from exc
 
 
+def _hidden(name: str) -> bool:
+    """Files and folders that tools leave beside images: hidden ones (.ipynb_checkpoints' copies of
+    images, macOS's ._image.png resource forks, .DS_Store) and the __MACOSX folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    """``root``'s class folders: its sub-folders, hidden ones (.cache, .ipynb_checkpoints) aside."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """``root``'s class folders: its sub-folders, hidden ones aside."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
+    """Every image under each class folder, at any depth, none in or under a hidden name."""
     files = []
     for class_dir in _class_dirs(root):
-        files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(_hidden(part) for part in f.relative_to(class_dir).parts)]
     return files
 
 

@@ -103,6 +103,21 @@ def test_corrupt_images_are_listed_or_skipped(mednist_root, tmp_path):
     assert len(d.train) + len(d.val) + len(d.test) == 40
 
 
+def test_what_notebooks_and_macs_leave_beside_images_is_not_data(mednist_root, tmp_path):
+    _copy_classes(mednist_root, tmp_path, ["CXR", "Hand"], per_class=20)
+    clean = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    for c in ("CXR", "Hand"):
+        (tmp_path / c / "._000000.jpeg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # a resource fork
+        (tmp_path / c / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (tmp_path / c / ".ipynb_checkpoints").mkdir()  # a notebook's copy of an image: a duplicate
+        shutil.copy(tmp_path / c / "000000.jpeg", tmp_path / c / ".ipynb_checkpoints" / "000000-checkpoint.jpeg")
+    _copy_classes(tmp_path, tmp_path / "__MACOSX", ["CXR"], per_class=1)  # a zip's forks, not a class
+    d = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    assert d.class_names == ["CXR", "Hand"]
+    for split in ("train", "val", "test"):
+        assert getattr(d, split).samples == getattr(clean, split).samples
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="data.root is required"):
         build_datasets(DataConfig(name="folder"))
