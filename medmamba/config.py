@@ -277,15 +277,37 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(target, name, _check_type(key, value, hints[name]))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; ConfigError in one line naming ``where``, the line and the problem."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.lr=3e-4' -> ('optim.lr', 0.0003); values are read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: {exc}") from exc
+    value = _load_yaml(raw, f"override {text!r}") if raw.strip() else None
     if isinstance(value, str):  # YAML reads 1e-3 as a string; numbers are numbers here
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
@@ -301,10 +323,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files include each other")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    raw = _load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     pairs = []

@@ -53,6 +53,15 @@ def test_bad_files(tmp_path):
     bad.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+    bad.write_text("train:\n\tepochs: 3\n")  # a tab: one line naming where and why, not YAML's four
+    with pytest.raises(ConfigError, match=r"^\S*bad.yaml is not valid YAML, line 2, column 1: found character "
+                                          r"'\\t' that cannot start any token$"):
+        load_config(bad)
+    bad.write_text("train:\n  epochs: 3\n  lr: 1\n  epochs: 30\n")  # plain YAML would train for 30
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML, line 4, column 3: key 'epochs' is given twice"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key 'train.seed' is given twice"):
+        load_config(None, ["matrix={train.seed: [0], train.seed: [1]}"])
     bad.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="section 'optim' must be a mapping"):
         load_config(bad)
