@@ -40,7 +40,7 @@ from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import complexity
 from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .registry import build_model, load_pretrained, read_checkpoint
 from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
@@ -366,7 +366,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history,
             "run_id": self.run_id, "experiment": self.experiment, "config": self.cfg.to_dict(),
-            "class_names": self.data.class_names, "rng": rng_state(self.train_loader.generator),
+            "class_names": self.data.class_names, "data_checksum": self.data.checksum,
+            "rng": rng_state(self.train_loader.generator),
         }
 
     def _restore(self, path: Path) -> None:
@@ -374,6 +375,11 @@ class Trainer:
         wrote it), then loaded into the model and optimizer on the training device."""
         state = read_checkpoint(path)
         check_resumable(state["config"], self.cfg, path)
+        then = state.get("data_checksum", self.data.checksum)  # (not kept before 2026-12-04)
+        if then != self.data.checksum:
+            raise DataError(f"--resume: {path} was trained on other images than {self.data.name} holds now (data "
+                            f"checksum {then[:8]} then, {self.data.checksum[:8]} now: files or splits changed); "
+                            "resume on the same images (data.root may move) or start a new --output-dir")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

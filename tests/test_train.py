@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,28 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breas
     longer = Trainer(_cfg(medmnist_root, "train.epochs=2", "data.num_workers=1"), breast_192, tmp_path, progress=False)
     longer.fit(resume=True, test=False)  # more epochs (and other workers) continue the run
     assert [row["epoch"] for row in longer.history] == [1, 2]
+
+
+def test_resume_refuses_images_that_changed_since_the_run_started(mednist_root, tmp_path):
+    from medmamba.errors import DataError
+
+    root = tmp_path / "images"
+    for c in ("CXR", "Hand"):
+        (root / c).mkdir(parents=True)
+        for f in sorted((mednist_root / c).iterdir())[:10]:
+            shutil.copy(f, root / c / f.name)
+    cfg = load_config(None, ["data.name=folder", f"data.root={root}", "data.size=28", "train.epochs=1",
+                             "train.batch_size=4"])
+    Trainer(cfg, build_datasets(cfg.data), tmp_path / "run", progress=False).fit(test=False)
+    shutil.copytree(root, tmp_path / "moved")  # the same images elsewhere: resumable
+    moved = load_config(None, ["data.name=folder", f"data.root={tmp_path / 'moved'}", "data.size=28",
+                               "train.epochs=2", "train.batch_size=4"])
+    Trainer(moved, build_datasets(moved.data), tmp_path / "run", progress=False).fit(resume=True, test=False)
+    shutil.copy(mednist_root / "CXR" / "000010.jpeg", tmp_path / "moved" / "CXR")  # the split is another now
+    moved.train.epochs = 3
+    with pytest.raises(DataError, match=r"run/last.pt was trained on other images than folder:moved holds now "
+                                        r"\(data checksum \w{8} then, \w{8} now: files or splits changed\)"):
+        Trainer(moved, build_datasets(moved.data), tmp_path / "run", progress=False).fit(resume=True, test=False)
 
 
 def test_a_run_that_died_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(mlflow_uri, medmnist_root,
