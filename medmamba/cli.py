@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import check_new_output, load_config, set_key, validate
+from .config import absolute_paths, check_new_output, load_config, set_key, validate
 from .errors import ConfigError, MedMambaError
 from .flops import complexity
 from .kernels import auto_backend
@@ -51,8 +51,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    """The command's config: the file and --set overrides, then --tracking-uri / --no-mlflow."""
-    cfg = load_config(args.config, args.set)
+    """The command's config: the file and --set overrides, then --tracking-uri / --no-mlflow;
+    data.root absolute, so the checkpoints' configs find the data from any folder."""
+    cfg = absolute_paths(load_config(args.config, args.set))
     if args.tracking_uri:
         cfg.mlflow.tracking_uri = args.tracking_uri
     if args.no_mlflow:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import Config, DataConfig, ModelConfig, config_from_dict
 from .data import (MEDMNIST_2D, MEDMNIST_POSITIVE, Datasets, build_datasets, labels_of, make_loader,
                    medmnist_class_names)
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .metrics import classification_metrics
 from .registry import build_model, load_state_dict, read_checkpoint
 from .reports import plot_confusion_matrix, plot_roc_curves, plot_training_curves
@@ -164,6 +164,9 @@ def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None =
             raise CheckpointError(f"the model's classes are {classes} and {data_cfg.name}'s are {target_classes}: "
                                   "test a model on a dataset with the same classes (an image folder's class names "
                                   "can be mapped with --class-map)")
+        if data_cfg.name == "folder" and "root" not in overrides and not Path(data_cfg.root).exists():
+            raise DataError(f"the checkpoint's image folder {data_cfg.root} does not exist here: give the images' "
+                            "folder with --data-root")
         data = build_datasets(data_cfg, classes if data_cfg.name == "folder" else None, class_map, whole)
     classes = data.class_names if data else classes
     model_cfg = replace(cfg.model if cfg else ModelConfig(name=model_name), num_classes=None)

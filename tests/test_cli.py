@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -75,6 +76,27 @@ def test_train_to_a_tracking_server_then_evaluate(medmnist_root, mlflow_server, 
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated.keys() <= trained.keys() | {"best_epoch"}
     assert evaluated["auc"] == pytest.approx(trained["auc"]) and evaluated["confusion_matrix"] == trained["confusion_matrix"]
+
+
+def test_a_checkpoint_finds_its_image_folder_from_any_working_directory(mednist_root, tmp_path, monkeypatch, capsys):
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml")
+    for c in ("CXR", "Hand"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for f in sorted((mednist_root / c).iterdir())[:10]:
+            shutil.copy(f, tmp_path / "images" / c / f.name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", recipe, "--set", "data.name=folder", "--set", "data.root=images",
+                 "--set", "train.epochs=1", "--output-dir", "run", "--no-mlflow"]) == 0
+    monkeypatch.chdir(tmp_path / "run")  # the config saved with the checkpoint holds the folder's absolute path
+    evaluate = ["evaluate", "--checkpoint", "best.pt", "--output-dir", "eval", "--no-mlflow"]
+    assert main(evaluate) == 0
+    (tmp_path / "images").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(evaluate) == 2
+    assert capsys.readouterr().err.strip() == (f"medmamba evaluate: error: the checkpoint's image folder "
+                                               f"{tmp_path / 'images'} does not exist here: give the images' "
+                                               "folder with --data-root")
+    assert main(evaluate + ["--data-root", str(tmp_path / "moved")]) == 0
 
 
 def test_unreachable_tracking_server_fails_before_training(medmnist_root, tmp_path, capsys):
