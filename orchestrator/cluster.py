@@ -1,4 +1,5 @@
-"""Connecting to Ray, checking that a request fits the cluster before anything starts, and a failed trial's error."""
+"""Connecting to Ray, checking that a request fits the cluster and its data loads before anything
+starts, and a failed trial's error."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ from pathlib import Path
 import ray
 from ray.train import Checkpoint
 
+from medmamba.config import DataConfig
+from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
 
@@ -34,6 +37,15 @@ def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = Fal
     if cpus > have_cpu or gpus > have_gpu:
         raise ConfigError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs but the Ray cluster has "
                           f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all (on an autoscaling cluster set ray.autoscaling=true)")
+
+
+def check_data(data: DataConfig) -> None:
+    """DataError now, once, for data that every trial or worker would fail on (a MedMNIST file
+    that is missing and cannot be downloaded, a missing folder, unreadable images): the driver
+    loads it when the cluster is this one machine. On a cluster of several nodes the data may be
+    on the workers only, and is not checked here."""
+    if sum(node["Alive"] for node in ray.nodes()) == 1:
+        build_datasets(data)
 
 
 def restore_into(checkpoint: Checkpoint | None, out: Path) -> bool:

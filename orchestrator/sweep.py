@@ -39,7 +39,7 @@ from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer
 
-from .cluster import check_resources, error_line, init_ray, restore_into
+from .cluster import check_data, check_resources, error_line, init_ray, restore_into
 from .train import EpochReport, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ def _dimension(key: str, spec: Any) -> Dimension:
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in arg)):
         raise ConfigError(f"tune.space.{key}: {kind} takes [low, high], got {arg!r}")
     low, high = arg
+    if kind == "randint" and not all(float(b).is_integer() for b in arg):
+        raise ConfigError(f"tune.space.{key}: randint takes whole numbers [low, high), got {arg!r}")
     if not low < high or (kind == "loguniform" and low <= 0):
         raise ConfigError(f"tune.space.{key}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, "
                           f"got {arg!r}")
@@ -315,6 +317,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
     init_ray(cfg.ray.address)
     check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)",
                     cfg.ray.autoscaling)
+    check_data(cfg.data)
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state is None:

@@ -25,7 +25,7 @@ from medmamba.metrics import METRIC_KEYS
 from medmamba.tracking import mlflow_run, open_tracker
 from medmamba.train import Callback, MlflowLogger, Trainer
 
-from .cluster import check_resources, init_ray, restore_into
+from .cluster import check_data, check_resources, init_ray, restore_into
 
 RUN_FILE = "ray_run.json"  # the Ray run name and storage of an output directory, for --resume
 
@@ -98,6 +98,7 @@ def train_distributed(cfg: Config, output_dir: str | Path, resume: bool = False)
     init_ray(r.address)
     check_resources(r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker,
                     f"ray.num_workers={r.num_workers} workers", r.autoscaling)
+    check_data(cfg.data)
     run_file = out / RUN_FILE
     if resume and run_file.is_file():
         run = json.loads(run_file.read_text())
