@@ -12,10 +12,13 @@ rounds x local_epochs epochs and tested on the same global test set.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 from flwr.simulation import run_simulation
-from medmamba.config import Config, absolute_paths
+from medmamba.config import Config, FederatedConfig, absolute_paths
+from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
 from medmamba.tracking import open_tracker
 
@@ -23,10 +26,23 @@ from . import client_app
 from .server_app import FederatedRun, make_server_app
 
 
+def check_site_resources(fed: FederatedConfig) -> None:
+    """ConfigError unless one site (``federated.client_cpus``, ``client_gpus``) fits on this machine,
+    where the simulation starts its Ray cluster (unless $RAY_ADDRESS names another): Flower would
+    log 'ActorPool is empty' and the ServerApp wait for sites that never start."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    cpus, gpus = len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    if fed.client_cpus > cpus or fed.client_gpus > gpus:
+        raise ConfigError(f"one site (federated.client_cpus, federated.client_gpus) asks for {fed.client_cpus:g} "
+                          f"CPUs and {fed.client_gpus:g} GPUs but this machine has {cpus} CPUs and {gpus} GPUs")
+
+
 def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict:
     """Run (or with ``resume``, continue) the federated study of ``cfg`` into ``output_dir``;
     returns the report (also in output_dir/federated_report.json). MLflow: ``cfg.mlflow``."""
     absolute_paths(cfg)
+    check_site_resources(cfg.federated)
     run = FederatedRun(cfg, Path(output_dir).resolve(), open_tracker(cfg.mlflow), resume)
     reports: list[dict] = []
     errors: list[BaseException] = []

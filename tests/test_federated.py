@@ -100,6 +100,18 @@ def test_bad_federated_configs_are_refused(medmnist_root, override, message):
         _cfg(medmnist_root, override)
 
 
+def test_a_site_larger_than_this_machine_is_refused_before_the_simulation_starts(medmnist_root, tmp_path,
+                                                                                  monkeypatch):
+    """Flower logged 'ActorPool is empty' and its ServerApp waited for the sites (5 min, killed)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    for extra, asked in ((f"federated.client_cpus={cpus + 1}", f"{cpus + 1} CPUs and 0 GPUs"),
+                         ("federated.client_gpus=64", "1 CPUs and 64 GPUs")):
+        with pytest.raises(ConfigError, match=f"one site .* asks for {asked} but this machine has {cpus} CPUs"):
+            run_federated(_cfg(medmnist_root, "federated.client_cpus=1", extra), tmp_path / "fed")
+    assert not (tmp_path / "fed").exists()
+
+
 # --- what leaves a site --------------------------------------------------------------------------
 
 @pytest.fixture
