@@ -266,6 +266,9 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     if section == "matrix":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"config key {key}: a matrix axis is a non-empty list of values, got {value!r}")
+        twice = [v for i, v in enumerate(value) if v in value[:i]]
+        if twice:  # two cells of one name would share a folder and pass for replicates
+            raise ConfigError(f"config key {key}: a matrix axis lists each value once; {twice[0]!r} is repeated")
         set_key(Config(), name, value[0])  # an axis must name a config key
         cfg.matrix[name] = list(value)
         return

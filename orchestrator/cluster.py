@@ -2,6 +2,8 @@
 starts, and a failed trial's error."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -39,12 +41,14 @@ def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = Fal
                           f"{have_cpu:g} CPUs and {have_gpu:g} GPUs in all (on an autoscaling cluster set ray.autoscaling=true)")
 
 
-def check_data(data: DataConfig) -> None:
-    """DataError now, once, for data that every trial or worker would fail on (a MedMNIST file
-    that is missing and cannot be downloaded, a missing folder, unreadable images): the driver
-    loads it when the cluster is this one machine. On a cluster of several nodes the data may be
-    on the workers only, and is not checked here."""
-    if sum(node["Alive"] for node in ray.nodes()) == 1:
+def check_data(*configs: DataConfig) -> None:
+    """DataError now, once, for data that trials, cells or workers would fail on (a MedMNIST file
+    that is missing and cannot be downloaded, a size it does not come in, a missing folder,
+    unreadable images): the driver loads each distinct one when the cluster is this one machine.
+    On a cluster of several nodes the data may be on the workers only, and is not checked here."""
+    if sum(node["Alive"] for node in ray.nodes()) > 1:
+        return
+    for data in {json.dumps(dataclasses.asdict(c), sort_keys=True): c for c in configs}.values():
         build_datasets(data)
 
 

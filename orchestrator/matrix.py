@@ -34,7 +34,7 @@ from medmamba.runtime import release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer, tracking_callbacks
 
-from .cluster import check_resources, error_line, init_ray
+from .cluster import check_data, check_resources, error_line, init_ray
 
 STATE_FILE = "matrix.json"  # the parent MLflow run of an output directory
 DONE_FILE = "cell.json"  # in a cell's folder once its run (test pass and MLflow record) is complete
@@ -145,6 +145,7 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
     init_ray(cfg.ray.address)
     check_resources(cfg.tune.cpus_per_trial, cfg.tune.gpus_per_trial,
                     "one cell (tune.cpus_per_trial, tune.gpus_per_trial)", cfg.ray.autoscaling)
+    check_data(*(cell_config(cfg, cell).data for cell in grid))
     with mlflow_run(parent, state["name"], cfg.flat(), {"kind": "matrix", "output_dir": out},
                     run_id=state["parent_run_id"]) as parent_run_id:
         state["parent_run_id"] = parent_run_id

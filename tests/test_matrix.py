@@ -18,7 +18,7 @@ from medmamba.cli import main
 from medmamba.comparison import (Cell, ReportError, Result, aggregate, details, published, read_results, table6,
                                  unified_metrics)
 from medmamba.config import load_config
-from medmamba.errors import ConfigError
+from medmamba.errors import ConfigError, DataError
 from medmamba.orchestrator.matrix import cell_name, cells, run_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,8 @@ def test_a_matrix_is_the_cross_product_of_its_axes_checked_before_anything_runs(
         load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.optim.lrate=[0.1]"])
     with pytest.raises(ConfigError, match="a matrix axis is a non-empty list"):
         load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.train.seed=3"])
+    with pytest.raises(ConfigError, match="a matrix axis lists each value once; 1 is repeated"):
+        load_config(ROOT / "configs/matrix_quick.yaml", ["matrix.train.seed=[0, 1, 1]"])  # not 2 replicates of seed 1
     with pytest.raises(ConfigError, match="no matrix section"):
         cells(load_config(ROOT / "configs/quick.yaml"))
 
@@ -95,6 +97,15 @@ def test_the_details_table_shows_a_binary_tasks_positive_class_and_macro_metrics
     table = details(aggregate(mixed), mixed, "hospital", {"28"})
     assert "macro P, Se, Sp and F1 (its runs name different positive classes: cyst, tumour)" in table.title
     assert table.rows[0][3:7] == ["0.700 ± 0.000 (2)"] * 4
+
+
+def test_cells_whose_data_cannot_load_stop_the_matrix_before_any_cell_starts(ray_cluster, medmnist_root, tmp_path):
+    """Before: the data.size=29 cells failed one by one after the others had trained (148 s); now 18 s."""
+    cfg = load_config(ROOT / "configs/matrix_quick.yaml", [f"data.root={medmnist_root}", "matrix.data.size=[28, 29]",
+                                                          "mlflow.enabled=false"])
+    with pytest.raises(DataError, match=r"MedMNIST has sizes \(28, 64, 128, 224\); data.size is 29"):
+        run_matrix(cfg, tmp_path / "matrix")
+    assert not (tmp_path / "matrix/ray").exists()
 
 
 def test_a_matrix_survives_a_killed_driver_and_a_failing_cell_then_reports(mlflow_uri, ray_cluster, medmnist_root,
