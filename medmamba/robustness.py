@@ -121,18 +121,20 @@ def evaluate_robustness(model: nn.Module, dataset: Dataset, class_names: list[st
                         perturbations: list[str], severities: list[int], batch_size: int = 128, seed: int = 0,
                         positive_class: int = 1) -> list[dict]:
     """One row per perturbation and severity: ``perturbation``, ``severity``, ``level`` and the
-    scalar metrics of metrics.json. Severity 0 is evaluated once and repeated for each."""
+    scalar metrics of metrics.json. Severity 0, the clean baseline that ``drops`` measures from,
+    is always included: evaluated once and repeated for each perturbation."""
     check(perturbations, severities)
+    severities = sorted({0, *severities})
 
     def metrics_of(data: Dataset) -> dict:
         m, _, _ = predict_metrics(model, make_loader(data, batch_size, shuffle=False), device, class_names,
                                   positive_class)
         return {k: v for k, v in m.items() if isinstance(v, (int, float))}
 
-    clean = metrics_of(dataset) if 0 in severities else None
+    clean = metrics_of(dataset)
     rows = []
     for name in perturbations:
-        for severity in sorted(severities):
+        for severity in severities:
             level = PERTURBATIONS[name].levels[severity - 1] if severity else 0
             metrics = clean if severity == 0 else metrics_of(Perturbed(dataset, name, severity, seed))
             rows.append({"perturbation": name, "severity": severity, "level": level, **metrics})

@@ -206,11 +206,14 @@ def test_embed_and_robustness_take_a_timm_resnet(breast_resnet, medmnist_root, t
     assert main(["embed", *base, "--output-dir", str(tmp_path / "e"), "--max-images", "60"]) == 0
     assert len(list(csv.DictReader((tmp_path / "e" / "embedding.csv").open()))) == 60
     assert main(["robustness", *base, "--output-dir", str(tmp_path / "r"), "--perturbation", "jpeg",
-                 "--perturbation", "scaling", "--severity", "0", "--severity", "5"]) == 0
+                 "--perturbation", "scaling", "--severity", "5"]) == 0
     rows = list(csv.DictReader((tmp_path / "r" / "robustness.csv").open()))
-    assert [(r["perturbation"], r["severity"], r["level"]) for r in rows] == [
+    assert [(r["perturbation"], r["severity"], r["level"]) for r in rows] == [  # with the clean baseline
         ("jpeg", "0", "0"), ("jpeg", "5", "10"), ("scaling", "0", "0"), ("scaling", "5", "0.5")]
     assert rows[0]["auc"] == rows[2]["auc"]  # severity 0 is evaluated once
+    summary = list(csv.DictReader((tmp_path / "r" / "robustness_summary.csv").open()))
+    assert [float(r["auc_drop"]) for r in summary] == pytest.approx(
+        [float(rows[0]["auc"]) - float(rows[1]["auc"]), float(rows[2]["auc"]) - float(rows[3]["auc"])])
 
 
 def test_umap_projects_when_umap_learn_is_installed_and_says_how_to_get_it_otherwise(monkeypatch):
@@ -287,7 +290,8 @@ def test_robustness_severity_zero_is_evaluate_and_the_table_is_complete(breast_m
     assert main([*args, "--output-dir", str(tmp_path / "again"), "--perturbation", "rotation",
                  "--perturbation", "gaussian_noise", "--severity", "5", "--no-mlflow"]) == 0
     again = list(csv.DictReader((tmp_path / "again" / "robustness.csv").open()))
-    assert again == [worst["rotation"], worst["gaussian_noise"]]
+    clean = {r["perturbation"]: r for r in rows if r["severity"] == "0"}  # always evaluated: the drops' base
+    assert again == [clean["rotation"], worst["rotation"], clean["gaussian_noise"], worst["gaussian_noise"]]
     (run,) = _runs(store, "robustness")
     history = MlflowClient(store).get_metric_history(run.info.run_id, "rotation/auc")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]
