@@ -53,14 +53,30 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "another --tracking-uri (default: sqlite:///mlruns.db)") from exc
 
 
+# the tracking stores MLflow has (a database URL may name its driver: postgresql+psycopg2://)
+STORE_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks", "databricks-uc", "uc")
+
+
 def check_store(uri: str, existing: bool = False) -> None:
     """Raise TrackingError for a store MLflow cannot use: an unreachable server, a folder path
     (MLflow 3 refuses its file store unless $MLFLOW_ALLOW_FILE_STORE is set) and, with
     ``existing`` (reading runs), a SQLite file that is not there (MLflow would create an empty one)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme and scheme not in STORE_SCHEMES:
+        raise TrackingError(f"tracking URI {uri}: MLflow has no store for {scheme}://; give sqlite:///PATH.db, an "
+                            "http(s) server or a database URL (postgresql://, mysql://, mssql://)")
+    if scheme in ("postgresql", "mysql", "mssql"):  # MLflow's SQLAlchemy store: its driver must import
+        import sqlalchemy
+
+        try:
+            sqlalchemy.create_engine(uri)  # loads the driver, connects to nothing
+        except ModuleNotFoundError as exc:
+            raise TrackingError(f"tracking URI {uri} needs the database driver {exc.name!r}, which is not installed "
+                                "here") from None
     check_reachable(uri)
     if "://" not in uri or uri.startswith("file:"):
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-            raise TrackingError(f"tracking URI {uri} is a folder, MLflow's file store, which MLflow 3 no longer "
+            raise TrackingError(f"tracking URI {uri} names a folder, MLflow's file store, which MLflow 3 no longer "
                                 "uses by default: give sqlite:///PATH.db or an http(s) server (or set "
                                 "MLFLOW_ALLOW_FILE_STORE=true to use the folder)")
     elif existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():

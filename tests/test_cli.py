@@ -1,6 +1,7 @@
 """The medmamba command: train, evaluate, bad input, and a real MLflow tracking server."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -110,8 +111,16 @@ def test_unreachable_tracking_server_fails_before_training(medmnist_root, tmp_pa
 def test_a_folder_or_missing_store_is_named_before_anything_runs(medmnist_root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", str(tmp_path / "mlruns"))) == 2
-    assert f"tracking URI {tmp_path / 'mlruns'} is a folder, MLflow's file store" in capsys.readouterr().err
+    assert f"tracking URI {tmp_path / 'mlruns'} names a folder, MLflow's file store" in capsys.readouterr().err
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert main(_train_args(medmnist_root, tmp_path / "run", "--tracking-uri", "sqllite:///runs.db")) == 2  # a typo
+    assert capsys.readouterr().err == ("medmamba train: error: tracking URI sqllite:///runs.db: MLflow has no store "
+                                       "for sqllite://; give sqlite:///PATH.db, an http(s) server or a database URL "
+                                       "(postgresql://, mysql://, mssql://)\n")  # was MLflow's traceback
+    if importlib.util.find_spec("psycopg2") is None:  # a database whose driver is missing: was a traceback too
+        assert main(["report", "--tracking-uri", "postgresql://mlflow@127.0.0.1/runs", "--experiment", "x",
+                     "--output-dir", str(tmp_path / "report")]) == 2
+        assert "needs the database driver 'psycopg2', which is not installed here" in capsys.readouterr().err
     missing = tmp_path / "typo.db"  # reading runs never creates an empty store
     assert main(["report", "--tracking-uri", f"sqlite:///{missing}", "--experiment", "x", "--output-dir",
                  str(tmp_path / "report")]) == 2
