@@ -118,7 +118,7 @@ def test_a_folder_or_missing_store_is_named_before_anything_runs(medmnist_root, 
                                        "for sqllite://; give sqlite:///PATH.db, an http(s) server or a database URL "
                                        "(postgresql://, mysql://, mssql://)\n")  # was MLflow's traceback
     if importlib.util.find_spec("psycopg2") is None:  # a database whose driver is missing: was a traceback too
-        assert main(["report", "--tracking-uri", "postgresql://mlflow@127.0.0.1/runs", "--experiment", "x",
+        assert main(["report", "--tracking-uri", "postgresql+psycopg2://mlflow@127.0.0.1/runs", "--experiment", "x",
                      "--output-dir", str(tmp_path / "report")]) == 2
         assert "needs the database driver 'psycopg2', which is not installed here" in capsys.readouterr().err
     missing = tmp_path / "typo.db"  # reading runs never creates an empty store
