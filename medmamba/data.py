@@ -388,6 +388,10 @@ def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, li
     labels = np.array([label for _, label in files])
     train_r, val_r, test_r = cfg.split_ratios
     if cfg.fold is not None:
+        counts = collections.Counter(labels.tolist())
+        if cfg.num_folds > max(counts.values()):
+            raise DataError(f"data.num_folds={cfg.num_folds} is more folds than any class has images (the most: "
+                            f"{max(counts.values())}, in {max(counts, key=counts.get)!r}); use fewer folds")
         folds = StratifiedKFold(n_splits=cfg.num_folds, shuffle=True, random_state=cfg.seed)
         rest, test = list(folds.split(idx, labels))[cfg.fold]
         rest, test = idx[rest], idx[test]

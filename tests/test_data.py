@@ -86,6 +86,14 @@ def _copy_classes(src, dst, classes, per_class=10):
             shutil.copy(f, dst / c / f.name)
 
 
+def test_more_folds_than_a_class_has_images_is_a_data_error(mednist_root, tmp_path):
+    _copy_classes(mednist_root, tmp_path, ["CXR", "Hand"], per_class=3)  # was scikit-learn's ValueError
+    with pytest.raises(DataError, match=r"data.num_folds=5 is more folds than any class has images \(the most: 3, "
+                                        r"in 'CXR'\); use fewer folds"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path), fold=0, num_folds=5))
+    assert len(build_datasets(DataConfig(name="folder", root=str(tmp_path), fold=0, num_folds=3)).test) == 2
+
+
 def test_given_split_folders_are_used(mednist_root, tmp_path):
     for split in ("train", "val", "test"):
         _copy_classes(mednist_root, tmp_path / split, ["CXR", "Hand"], per_class=4)
