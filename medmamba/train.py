@@ -402,6 +402,10 @@ class Trainer:
         self.resuming = resume
         if resume and last.is_file():
             self._restore(last)
+        elif resume and (self.out / "metrics.json").is_file():  # finished, its resume state removed
+            raise CheckpointError(f"--resume: {self.out} holds a finished run without last.pt, its resume state, so "
+                                  "it cannot continue (training again would overwrite its best.pt); start a new "
+                                  "--output-dir, with model.pretrained=<its best.pt> to fine-tune from it")
         elif self.cfg.model.pretrained:
             load_pretrained(self.model, self.cfg.model.pretrained)
         if self.is_main:

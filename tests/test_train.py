@@ -218,6 +218,19 @@ def test_resume_refuses_a_state_file_that_is_not_tensors_and_plain_data(medmnist
         trainer.fit(resume=True)
 
 
+def test_resume_never_retrains_over_a_finished_run_whose_last_pt_was_removed(medmnist_root, breast_192, tmp_path):
+    from medmamba.errors import CheckpointError
+
+    Trainer(_cfg(medmnist_root, "train.epochs=1"), breast_192, tmp_path, progress=False).fit()
+    (tmp_path / "last.pt").unlink()  # e.g. to save space: it holds the optimizer state too
+    best = (tmp_path / "best.pt").read_bytes()
+    longer = Trainer(_cfg(medmnist_root, "train.epochs=2"), breast_192, tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="holds a finished run without last.pt, its resume state, so it cannot "
+                                              "continue"):
+        longer.fit(resume=True)  # it trained from scratch and overwrote best.pt
+    assert (tmp_path / "best.pt").read_bytes() == best
+
+
 def test_resume_refuses_a_changed_config_and_names_the_keys(medmnist_root, breast_192, tmp_path):
     from medmamba.errors import ConfigError
 
