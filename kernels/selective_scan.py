@@ -99,22 +99,28 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
             raise RuntimeError(f"selective_scan: the CPU kernel could not be built: {_cpu_ext.load_error()}")
     if backend != "auto":
         return backend
+    name, why = _auto(device)
+    if why:
+        _warn_once(device.type, f"selective_scan: {why}")
+    return name
+
+
+def _auto(device: torch.device) -> tuple[str, str | None]:
+    """The backend ``"auto"`` picks for tensors on ``device``, and why when it falls back (None
+    when it picks the device's preferred kernel)."""
     if device.type == "cuda":
         if _mamba_scan() is not None:
-            return "mamba"
+            return "mamba", None
         if _triton_scan() is not None:
-            _warn_once("cuda", f"selective_scan: CUDA tensors use the Triton scan: mamba-ssm "
-                       f"{_import_errors['mamba-ssm']}")
-            return "triton"
-        _warn_once("cuda", f"selective_scan: CUDA tensors use the slower chunked PyTorch scan: mamba-ssm "
-                   f"{_import_errors['mamba-ssm']}, and triton {_import_errors['triton']}")
-        return "torch"
+            return "triton", f"CUDA tensors use the Triton scan: mamba-ssm {_import_errors['mamba-ssm']}"
+        return "torch", (f"CUDA tensors use the slower chunked PyTorch scan: mamba-ssm {_import_errors['mamba-ssm']}, "
+                         f"and triton {_import_errors['triton']}")
     if device.type == "cpu":
         if _cpu_ext.load() is not None:
-            return "cpu"
-        _warn_once("cpu", "selective_scan: the compiled CPU kernel could not be built "
-                   f"({_cpu_ext.load_error()}); using the slower chunked PyTorch scan")
-    return "torch"
+            return "cpu", None
+        return "torch", (f"the compiled CPU kernel could not be built ({_cpu_ext.load_error()}); using the slower "
+                         "chunked PyTorch scan")
+    return "torch", None
 
 
 # each automatic backend in words, for auto_backend
@@ -124,13 +130,10 @@ _KERNELS = {"mamba": "mamba-ssm's CUDA kernel", "triton": "the Triton scan", "cp
 
 def auto_backend(device: torch.device) -> tuple[str, str]:
     """The backend ``"auto"`` picks for tensors on ``device`` and why, in words: the reason its
-    one-time warning gives when it falls back (for ``medmamba info`` and benchmarks/gpu_check.py's
-    header; once warned in this process, the kernel's name alone)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        name = resolve_backend(device)
-    reasons = [str(w.message).removeprefix("selective_scan: ") for w in caught]
-    return name, reasons[0] if reasons else _KERNELS[name]
+    one-time warning gives when it falls back, else the kernel's name (for ``medmamba info`` and
+    benchmarks/gpu_check.py's header). Warns nothing."""
+    name, why = _auto(device)
+    return name, why or _KERNELS[name]
 
 
 def selective_scan_fn(

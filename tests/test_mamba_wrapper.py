@@ -117,13 +117,19 @@ def test_cross_selective_scan_passes_mamba_ssm_its_layout(mamba, dtype):
 
 def test_auto_backend_names_the_pick_and_why(monkeypatch):
     """``medmamba info`` and gpu_check's header: the backend auto picks and, when it falls back, the
-    reason its one-time warning gives (the kernel's name alone once that warning is spent)."""
+    reason its one-time warning gives, whether or not that warning was spent; it warns nothing itself."""
+    import warnings
+
     monkeypatch.setattr(selective_scan, "_warned", set())
     selective_scan._mamba_scan.cache_clear()  # mamba-ssm is not installed here
+    fallback = ("triton", "CUDA tensors use the Triton scan: mamba-ssm is not installed")
     try:
-        assert selective_scan.auto_backend(torch.device("cuda")) == (
-            "triton", "CUDA tensors use the Triton scan: mamba-ssm is not installed")
-        assert selective_scan.auto_backend(torch.device("cuda")) == ("triton", "the Triton scan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert selective_scan.auto_backend(torch.device("cuda")) == fallback
+        with pytest.warns(RuntimeWarning, match="selective_scan: " + fallback[1]):
+            assert selective_scan.resolve_backend(torch.device("cuda")) == "triton"
+        assert selective_scan.auto_backend(torch.device("cuda")) == fallback  # the warning spent
         assert selective_scan.auto_backend(torch.device("cpu")) == ("cpu", "the compiled CPU kernel")
     finally:
         selective_scan._mamba_scan.cache_clear()
