@@ -17,7 +17,6 @@ faster at MedMamba's shapes has not been measured yet: benchmarks/gpu_check.py d
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Optional
 
@@ -250,22 +249,13 @@ def cpu_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                                      channels_last, delta_softplus, CPU_CHUNK, save, want_last))
 
 
-_CPU_LANES = 16  # channels per tile of the compiled kernel (W in selective_scan_cpu.cpp)
-
-
-def _cpu_tiles(dim: int, rows: int, B: Tensor, C: Tensor) -> int:
-    """How many channel tiles the compiled kernel cuts a direction into (its make_tiles): tiles of at
-    most 16 channels that never straddle a group of a variable (4-d) B or C."""
-    segment = math.gcd(dim, *(rows // M.shape[1] for M in (B, C) if M.dim() == 4))
-    return dim // segment * -(-segment // _CPU_LANES)
-
-
 @cpu_scan.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, dt_w, K, height, width, channels_last, delta_softplus, save, want_last):
     batch, L, dim = u.shape if channels_last else (u.shape[0], u.shape[2], u.shape[1])
-    rows, N = K * dim, A.shape[1]
-    return (torch.empty_like(u), u.new_empty(batch if want_last else 0, rows, N),
-            u.new_empty(batch if save else 0, K, _cpu_tiles(dim, rows, B, C), -(-L // CPU_CHUNK), N, _CPU_LANES))
+    groups = lambda M: M.shape[1] if M.dim() == 4 else 0  # noqa: E731  (0: a fixed B or C)
+    ckpt = _cpu_ext.load().ckpt_shape(K, dim, L, A.shape[1], CPU_CHUNK, groups(B), groups(C))
+    return (torch.empty_like(u), u.new_empty(batch if want_last else 0, K * dim, A.shape[1]),
+            u.new_empty(batch if save else 0, *ckpt))
 
 
 @torch.library.custom_op("medmamba::cpu_scan_bwd", mutates_args=())

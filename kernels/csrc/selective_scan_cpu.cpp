@@ -754,8 +754,23 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   return {du, ddelta, dA.sum(0), total(dB, s.var_b), total(dC, s.var_c), dD.sum(0), dz, dbias.sum(0), dw.sum(0)};
 }
 
+// The shape of the checkpoints fwd keeps (save_ckpt), less the batch: for torch.compile's fake op.
+// groups_b, groups_c: the groups of a variable B or C, 0 for a fixed one.
+std::vector<int64_t> ckpt_shape(int64_t dirs, int64_t dim, int64_t len, int64_t nstate, int64_t chunk,
+                                int64_t groups_b, int64_t groups_c) {
+  Shape s{};
+  s.dirs = dirs;
+  s.dim = dim;
+  s.var_b = groups_b > 0;
+  s.var_c = groups_c > 0;
+  s.groups_b = std::max<int64_t>(groups_b, 1);
+  s.groups_c = std::max<int64_t>(groups_c, 1);
+  return {dirs, static_cast<int64_t>(make_tiles(s).size()), (len + chunk - 1) / chunk, nstate, W};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Selective scan for CPU tensors along one or several scan orders (forward and backward).";
   m.def("fwd", &fwd, "selective scan forward");
   m.def("bwd", &bwd, "selective scan backward");
+  m.def("ckpt_shape", &ckpt_shape, "the shape of fwd's checkpoints, less the batch");
 }
