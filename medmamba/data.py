@@ -71,6 +71,10 @@ def parse_class_map(text: str) -> dict[str, str]:
     if bad:
         raise ConfigError(f"class map {text!r}: expected SRC=DST pairs separated by commas "
                           f"(e.g. NORMAL=normal,PNEUMONIA=pneumonia); not a pair: {bad[0]!r}")
+    sources = [src.strip() for src, _, _ in pairs]
+    twice = [src for i, src in enumerate(sources) if src in sources[:i]]
+    if twice:
+        raise ConfigError(f"class map {text!r}: {twice[0]!r} is mapped twice; map each source class once")
     return {src.strip(): dst.strip() for src, _, dst in pairs}
 
 

@@ -372,6 +372,8 @@ def test_class_maps_are_parsed_and_bad_ones_refused():
     for text in ("", "NORMAL", "NORMAL=", "=normal", "a=b,=d"):
         with pytest.raises(ConfigError, match="SRC=DST"):
             parse_class_map(text)
+    with pytest.raises(ConfigError, match="'CXR' is mapped twice; map each source class once"):
+        parse_class_map("CXR=CXR,CXR=Hand")  # the last pair won, unsaid
 
 
 @pytest.mark.integration
