@@ -105,8 +105,8 @@ def create_model(name: str, num_classes: int = 1000, checkpoint: str | Path | di
                      for k, v in state.items() if k in own and v.shape != own[k].shape]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            where = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint"
-            raise CheckpointError(f"checkpoint {where} does not fit {name} with num_classes={num_classes}: "
+            where = f"checkpoint {checkpoint}" if not isinstance(checkpoint, dict) else "the checkpoint"
+            raise CheckpointError(f"{where} does not fit {name} with num_classes={num_classes}: "
                                   + "; ".join(problems[:5]) + more)
         model.load_state_dict(state, strict=True)
     return model
