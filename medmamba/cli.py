@@ -203,7 +203,8 @@ def _explain(args: argparse.Namespace) -> int:
         raise ConfigError(f"--images: no such file: {', '.join(missing)}")
     with _checkpoint_run(args, "explain", {"methods": ",".join(methods)}, with_data=not args.images) as (loaded, tracker):
         if args.images:
-            images, labels, ids = _image_files(args.images, loaded.size), None, {"paths": np.array(args.images)}
+            window = loaded.cfg.data.window if loaded.cfg else None  # the trained images' intensity window
+            images, labels, ids = _image_files(args.images, loaded.size, window), None, {"paths": np.array(args.images)}
         else:
             dataset = getattr(loaded.data, args.split)
             picked = np.sort(np.random.default_rng(args.seed).choice(len(dataset), min(args.num_images, len(dataset)),
@@ -218,15 +219,16 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_files(paths: list[str], size: int):
-    """Image files as one batch of model inputs (the evaluation transform at ``size`` px)."""
+def _image_files(paths: list[str], size: int, window: list[float] | None = None):
+    """Image files as one batch of model inputs (the evaluation transform at ``size`` px, with
+    ``data.window`` for 16-bit and floating-point images)."""
     import torch
     from PIL import Image
 
     from .data import image_transform
     from .errors import DataError
 
-    transform, images = image_transform(size), []
+    transform, images = image_transform(size, window=window), []
     for path in paths:
         try:
             with Image.open(path) as im:

@@ -65,6 +65,10 @@ class DataConfig:
     num_folds: Annotated[int, Range(ge=2)] = 5  # folder: k for k-fold cross-validation
     fold: int | None = None  # folder: which fold is the test set (None: no k-fold)
     skip_corrupt: bool = False  # folder: skip unreadable images (logged) instead of failing
+    # folder: the intensity range [low, high] of 16-bit and floating-point images that becomes 0-255
+    # (clipped), as a CT or X-ray window, e.g. [0, 4095] for 12-bit data; None: 16-bit images from
+    # their full 0-65535 range, floating-point ones from each image's min-max
+    window: list[float] | None = None
     augment: Literal["none", "autoaugment"] = "none"  # none: the paper's setting; autoaugment: MedMamba-X
     # binary tasks: the class whose precision, sensitivity, specificity and F1 are the headline metrics
     # (None: pneumoniamnist "pneumonia", breastmnist "malignant", folders the second class in sorted order)
@@ -371,6 +375,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     """Checks across keys and of allowed values."""
+    window = cfg.data.window
+    if window is not None and (len(window) != 2 or not window[0] < window[1]):
+        raise ConfigError(f"config key data.window: [low, high] with low < high, got {window}")
     if len(cfg.data.split_ratios) != 3 or abs(sum(cfg.data.split_ratios) - 1) > 1e-6 or min(cfg.data.split_ratios) < 0:
         raise ConfigError(f"config key data.split_ratios: three non-negative ratios summing to 1, got {cfg.data.split_ratios}")
     if cfg.data.fold is not None and not 0 <= cfg.data.fold < cfg.data.num_folds:

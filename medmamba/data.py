@@ -7,6 +7,7 @@ the same transforms for both sources: RGB (grayscale repeated to 3 channels), re
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import re
@@ -92,23 +93,25 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
                       pin_memory=torch.cuda.is_available())  # page-locked batches: non_blocking copies to the GPU
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image, window: list[float] | None = None) -> Image.Image:
     """8-bit RGB of an image as PIL opens it. 16- and 32-bit integer grayscale (16-bit PNG and TIFF
     exports) is scaled from the full 16-bit range, which ``convert("RGB")`` would clip at 255;
-    floating-point grayscale from its own min-max range; alpha is dropped, CMYK and palettes are
-    converted by PIL."""
-    if im.mode.startswith("I"):  # I;16, I;16B, I
-        pixels = np.asarray(im).astype(np.float64) / 257.0
-        im = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
-    elif im.mode == "F":
+    floating-point grayscale from its own min-max range; either from ``window`` [low, high]
+    (clipped) when given. Alpha is dropped, CMYK and palettes are converted by PIL."""
+    if im.mode.startswith("I") or im.mode == "F":
         pixels = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        low, span = pixels.min(), np.ptp(pixels)
-        im = Image.fromarray(np.rint((pixels - low) / (span or 1) * 255).astype(np.uint8), "L")
+        if window is not None:
+            low, span = window[0], window[1] - window[0]
+        elif im.mode == "F":
+            low, span = pixels.min(), np.ptp(pixels) or 1
+        else:  # I;16, I;16B, I
+            low, span = 0.0, 65535.0
+        im = Image.fromarray(np.rint(np.clip((pixels - low) / span, 0, 1) * 255).astype(np.uint8), "L")
     return im.convert("RGB")
 
 
-def image_transform(size: int, augment: str = "none") -> transforms.Compose:
-    steps = [transforms.Lambda(to_rgb), transforms.Resize((size, size))]
+def image_transform(size: int, augment: str = "none", window: list[float] | None = None) -> transforms.Compose:
+    steps = [transforms.Lambda(functools.partial(to_rgb, window=window)), transforms.Resize((size, size))]
     if augment == "autoaugment":
         steps.append(transforms.AutoAugment())
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
@@ -276,14 +279,17 @@ def _check_no_empty_classes(roots: list[Path], per_split: dict[str, list[tuple[P
                         "add or convert their images, or remove the folders")
 
 
-def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path, str]]:
+def _check_images(files: list[tuple[Path, str]], skip: bool) -> tuple[list[tuple[Path, str]], int]:
     """Drop (skip=True, logged) or report (DataError listing them) images PIL cannot decode
-    (decoded in full: a truncated file passes ``Image.verify``)."""
-    good, bad = [], []
+    (decoded in full: a truncated file passes ``Image.verify``). Returns the readable ones and the
+    brightest pixel of the integer images of more than 8 bits among them (0 if none)."""
+    good, bad, peak = [], [], 0
     for path, label in files:
         try:
             with Image.open(path) as im:
                 im.load()
+                if im.mode.startswith("I"):
+                    peak = max(peak, int(np.asarray(im).max()))
             good.append((path, label))
         except Exception as exc:
             bad.append(f"{path} ({type(exc).__name__})")
@@ -292,7 +298,16 @@ def _check_images(files: list[tuple[Path, str]], skip: bool) -> list[tuple[Path,
         raise DataError(f"{len(bad)} unreadable images (set data.skip_corrupt=true to skip them):\n  {listed}")
     for item in bad:
         log.warning("skipping unreadable image %s", item)
-    return good
+    return good, peak
+
+
+def _warn_of_unused_bits(root: Path, peak: int) -> None:
+    """A warning when 16-bit images use 12 bits or fewer (a CT or X-ray export, say): scaled from the
+    full 16-bit range they keep at most 16 grey levels, unless ``data.window`` says their range."""
+    if 255 < peak < 4096:
+        log.warning("the 16-bit images in %s reach only %d, so scaled from 0-65535 they keep %d grey levels: "
+                    "set data.window=[0, %d] (or a window of your own) to keep their contrast",
+                    root, peak, peak // 257 + 1, 2 ** peak.bit_length() - 1)
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
@@ -335,10 +350,11 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
     given = [s for s in SPLITS if (root / s).is_dir()]
     if given and given != list(SPLITS):
         raise DataError(f"{root} has split folders {given}; expected all of {list(SPLITS)} or none")
-    if given:
-        per_split = {s: _check_images(_scan_classes(root / s), cfg.skip_corrupt) for s in SPLITS}
-    else:
-        per_split = {"all": _check_images(_scan_classes(root), cfg.skip_corrupt)}
+    checked = {s: _check_images(_scan_classes(root / s if given else root), cfg.skip_corrupt)
+               for s in (SPLITS if given else ["all"])}
+    per_split = {s: files for s, (files, _) in checked.items()}
+    if cfg.window is None:
+        _warn_of_unused_bits(root, max(peak for _, peak in checked.values()))
     _check_no_empty_classes([root / s for s in SPLITS] if given else [root], per_split)
     unmapped = {}
     if class_map:
@@ -367,7 +383,7 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
             log.warning("%s split of %s has no images of %s", split, root, sorted(missing))
     index = {c: i for i, c in enumerate(classes)}
     listing = "\n".join(f"{p.relative_to(root)}\t{label}" for files in per_split.values() for p, label in files)
-    train_tf, eval_tf = image_transform(cfg.size, cfg.augment), image_transform(cfg.size)
+    train_tf, eval_tf = image_transform(cfg.size, cfg.augment, cfg.window), image_transform(cfg.size, window=cfg.window)
     splits = {
         s: ImageFolderSplit([(p, index[label]) for p, label in files], train_tf if s == "train" else eval_tf)
         for s, files in per_split.items()

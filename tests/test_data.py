@@ -1,6 +1,7 @@
 """Datasets on the real files in ../shared/data: MedMNIST checks, folder splits, k-fold, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from medmamba.config import DataConfig
 from medmamba.data import DataError, build_datasets
+from medmamba.errors import ConfigError
 
 
 def test_breastmnist_official_splits(medmnist_root):
@@ -210,6 +212,40 @@ def test_16_bit_pngs_in_an_image_folder_keep_their_contrast(tmp_path):
     x, y = data.train[0]
     expected = (round((8000 if data.class_names[y] == "dark" else 50000) / 257) / 255 - 0.5) / 0.5
     assert x.mean().item() == pytest.approx(expected, abs=0.01) and x.max() < 1  # was 1.0 (clipped white)
+
+
+def test_twelve_bit_images_are_named_and_a_window_keeps_their_contrast(tmp_path, caplog):
+    from PIL import Image
+
+    for label, level in (("dark", 1000), ("bright", 3000)):  # 12-bit values, as a CT or X-ray export holds
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), level + 100 * i, dtype=np.uint16)).save(tmp_path / label / f"{i}.png")
+    cfg = DataConfig(name="folder", root=str(tmp_path), size=8, split_ratios=[0.5, 0.25, 0.25])
+    data = build_datasets(cfg)
+    assert "reach only 3500, so scaled from 0-65535 they keep 14 grey levels: set data.window=[0, 4095]" in caplog.text
+    caplog.clear()
+    windowed = build_datasets(dataclasses.replace(cfg, window=[0, 4095]))
+    assert "grey levels" not in caplog.text
+    for split in ("train", "val", "test"):
+        plain, window = getattr(data, split), getattr(windowed, split)
+        for (x, _), (w, _), (path, _) in zip(plain, window, plain.samples):
+            value = int(np.asarray(Image.open(path)).max())
+            assert (x.mean().item() * 0.5 + 0.5) * 255 == pytest.approx(round(value / 257), abs=1e-4)  # near black
+            assert (w.mean().item() * 0.5 + 0.5) * 4095 == pytest.approx(value, abs=4095 / 255 / 2 + 1e-3)
+
+
+def test_a_window_maps_floating_point_images_and_bad_windows_are_refused(tmp_path):
+    from PIL import Image
+
+    from medmamba.config import load_config
+    from medmamba.data import to_rgb
+
+    hu = Image.fromarray(np.array([[-2000.0, -1000.0], [0.0, 1000.0]], dtype=np.float32))  # CT units, as mode F
+    assert np.asarray(to_rgb(hu, [-1000, 1000]))[..., 0].tolist() == [[0, 0], [128, 255]]  # clipped below the window
+    assert np.asarray(to_rgb(hu))[..., 0].tolist() == [[0, 85], [170, 255]]  # its own min-max
+    with pytest.raises(ConfigError, match=r"data.window: \[low, high\] with low < high, got \[4095.0, 0.0\]"):
+        load_config(None, ["data.window=[4095, 0]"])
 
 
 def test_a_truncated_jpeg_is_found_before_training(mednist_root, tmp_path):
