@@ -475,13 +475,16 @@ def _check_output_dir(path: Path | None) -> Path | None:
 def _drop_if_unused(created: Path | None, path: Path) -> None:
     """Remove the folders ``_check_output_dir`` created for a command that failed before writing
     anything there but its lock, so a mistyped command leaves no empty output folder behind."""
-    if created is None or any(p.name != ".medmamba.lock" for p in path.iterdir()):
+    if created is None or not path.is_dir() or any(p.name != ".medmamba.lock" for p in path.iterdir()):
         return
-    (path / ".medmamba.lock").unlink(missing_ok=True)
-    for folder in [path, *path.parents]:
-        folder.rmdir()
-        if folder == created:
-            return
+    try:
+        (path / ".medmamba.lock").unlink(missing_ok=True)
+        for folder in [path, *path.parents]:
+            folder.rmdir()
+            if folder == created:
+                return
+    except OSError:  # something else wrote there meanwhile: leave it
+        pass
 
 
 @contextlib.contextmanager

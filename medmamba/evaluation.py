@@ -164,7 +164,7 @@ def load_checkpoint(checkpoint: str | Path | dict, data_overrides: dict | None =
             raise CheckpointError(f"the model's classes are {classes} and {data_cfg.name}'s are {target_classes}: "
                                   "test a model on a dataset with the same classes (an image folder's class names "
                                   "can be mapped with --class-map)")
-        if data_cfg.name == "folder" and "root" not in overrides and not Path(data_cfg.root).exists():
+        if data_cfg.name == "folder" and data_cfg.root and "root" not in overrides and not Path(data_cfg.root).exists():
             raise DataError(f"the checkpoint's image folder {data_cfg.root} does not exist here: give the images' "
                             "folder with --data-root")
         data = build_datasets(data_cfg, classes if data_cfg.name == "folder" else None, class_map, whole)
