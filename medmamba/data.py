@@ -350,6 +350,9 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
     given = [s for s in SPLITS if (root / s).is_dir()]
     if given and given != list(SPLITS):
         raise DataError(f"{root} has split folders {given}; expected all of {list(SPLITS)} or none")
+    if given and cfg.fold is not None:  # every fold would be the given split
+        raise DataError(f"data.fold: {root} is split already (train/val/test folders), so every fold would be "
+                        "that split; k-fold needs the images in one folder per class")
     checked = {s: _check_images(_scan_classes(root / s if given else root), cfg.skip_corrupt)
                for s in (SPLITS if given else ["all"])}
     per_split = {s: files for s, (files, _) in checked.items()}

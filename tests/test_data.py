@@ -101,6 +101,8 @@ def test_given_split_folders_are_used(mednist_root, tmp_path):
         _copy_classes(mednist_root, tmp_path / split, ["CXR", "Hand"], per_class=4)
     d = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
     assert (len(d.train), len(d.val), len(d.test)) == (8, 8, 8) and d.class_names == ["CXR", "Hand"]
+    with pytest.raises(DataError, match="is split already .* so every fold would be that split"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path), fold=0))  # was 5 identical "folds", std 0
 
 
 def test_corrupt_images_are_listed_or_skipped(mednist_root, tmp_path):
