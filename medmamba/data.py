@@ -9,10 +9,12 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import io
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -279,18 +281,25 @@ def _check_no_empty_classes(roots: list[Path], per_split: dict[str, list[tuple[P
                         "add or convert their images, or remove the folders")
 
 
-def _check_images(files: list[tuple[Path, str]], skip: bool) -> tuple[list[tuple[Path, str]], int]:
+class _Checked(NamedTuple):
+    files: list[tuple[Path, str]]  # the readable images, with their class
+    peak: int  # the brightest pixel of the integer images of more than 8 bits (0 if none)
+    digests: dict[Path, str]  # each readable file's MD5
+
+
+def _check_images(files: list[tuple[Path, str]], skip: bool) -> _Checked:
     """Drop (skip=True, logged) or report (DataError listing them) images PIL cannot decode
-    (decoded in full: a truncated file passes ``Image.verify``). Returns the readable ones and the
-    brightest pixel of the integer images of more than 8 bits among them (0 if none)."""
-    good, bad, peak = [], [], 0
+    (decoded in full: a truncated file passes ``Image.verify``)."""
+    good, bad, peak, digests = [], [], 0, {}
     for path, label in files:
         try:
-            with Image.open(path) as im:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 if im.mode.startswith("I"):
                     peak = max(peak, int(np.asarray(im).max()))
             good.append((path, label))
+            digests[path] = hashlib.md5(data).hexdigest()
         except Exception as exc:
             bad.append(f"{path} ({type(exc).__name__})")
     if bad and not skip:
@@ -298,7 +307,19 @@ def _check_images(files: list[tuple[Path, str]], skip: bool) -> tuple[list[tuple
         raise DataError(f"{len(bad)} unreadable images (set data.skip_corrupt=true to skip them):\n  {listed}")
     for item in bad:
         log.warning("skipping unreadable image %s", item)
-    return good, peak
+    return _Checked(good, peak, digests)
+
+
+def _warn_of_copies(per_split: dict[str, list[tuple[Path, str]]], digests: dict[Path, str]) -> None:
+    """A warning for each evaluation split holding byte-identical copies of training images (the same
+    image exported twice, or under two names): its metrics would be optimistic."""
+    seen = {digests[p]: p for p, _ in per_split["train"]}
+    for split in ("val", "test"):
+        copies = [(p, seen[digests[p]]) for p, _ in per_split[split] if digests[p] in seen]
+        if copies:
+            log.warning("%d of the %s split's %d images are byte-identical to training images (e.g. %s = %s), so "
+                        "its metrics will be optimistic: remove the copies", len(copies), split,
+                        len(per_split[split]), copies[0][0], copies[0][1])
 
 
 def _warn_of_unused_bits(root: Path, peak: int) -> None:
@@ -355,9 +376,9 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
                         "that split; k-fold needs the images in one folder per class")
     checked = {s: _check_images(_scan_classes(root / s if given else root), cfg.skip_corrupt)
                for s in (SPLITS if given else ["all"])}
-    per_split = {s: files for s, (files, _) in checked.items()}
+    per_split = {s: c.files for s, c in checked.items()}
     if cfg.window is None:
-        _warn_of_unused_bits(root, max(peak for _, peak in checked.values()))
+        _warn_of_unused_bits(root, max(c.peak for c in checked.values()))
     _check_no_empty_classes([root / s for s in SPLITS] if given else [root], per_split)
     unmapped = {}
     if class_map:
@@ -376,8 +397,10 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
         raise DataError(f"{root}: found {len(found)} class folders with images; need at least 2 (root/<class>/*)")
     if whole:
         per_split = {"train": [], "val": [], "test": [f for files in per_split.values() for f in files]}
-    elif not given:
-        per_split = _split_files(per_split["all"], cfg)
+    else:
+        if not given:
+            per_split = _split_files(per_split["all"], cfg)
+        _warn_of_copies(per_split, {p: d for c in checked.values() for p, d in c.digests.items()})
     for split, files in per_split.items():
         if not files and not (whole and split != "test"):
             raise DataError(f"{root}: the {split} split is empty")

@@ -96,11 +96,22 @@ def test_more_folds_than_a_class_has_images_is_a_data_error(mednist_root, tmp_pa
     assert len(build_datasets(DataConfig(name="folder", root=str(tmp_path), fold=0, num_folds=3)).test) == 2
 
 
-def test_given_split_folders_are_used(mednist_root, tmp_path):
-    for split in ("train", "val", "test"):
-        _copy_classes(mednist_root, tmp_path / split, ["CXR", "Hand"], per_class=4)
-    d = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+def test_given_split_folders_are_used(mednist_root, tmp_path, caplog):
+    for i, split in enumerate(("train", "val", "test")):
+        for c in ("CXR", "Hand"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for f in sorted((mednist_root / c).iterdir())[4 * i:4 * i + 4]:
+                shutil.copy(f, tmp_path / split / c / f.name)
+    with caplog.at_level("WARNING"):
+        d = build_datasets(DataConfig(name="folder", root=str(tmp_path)))
     assert (len(d.train), len(d.val), len(d.test)) == (8, 8, 8) and d.class_names == ["CXR", "Hand"]
+    assert "byte-identical" not in caplog.text
+    for f in sorted((tmp_path / "train" / "CXR").iterdir())[:3]:  # the same image exported again, renamed
+        shutil.copy(f, tmp_path / "test" / "CXR" / f"copy-{f.name}")
+    with caplog.at_level("WARNING"):
+        build_datasets(DataConfig(name="folder", root=str(tmp_path)))
+    assert "3 of the test split's 11 images are byte-identical to training images (e.g. " in caplog.text
+    assert "so its metrics will be optimistic" in caplog.text and "val split" not in caplog.text
     with pytest.raises(DataError, match="is split already .* so every fold would be that split"):
         build_datasets(DataConfig(name="folder", root=str(tmp_path), fold=0))  # was 5 identical "folds", std 0
 
