@@ -398,9 +398,10 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
     if whole:
         per_split = {"train": [], "val": [], "test": [f for files in per_split.values() for f in files]}
     else:
-        if not given:
-            per_split = _split_files(per_split["all"], cfg)
-        _warn_of_copies(per_split, {p: d for c in checked.values() for p, d in c.digests.items()})
+        digests = {p: d for c in checked.values() for p, d in c.digests.items()}
+        if not given:  # copies stay together: none straddles two splits
+            per_split = _split_files(per_split["all"], cfg, digests)
+        _warn_of_copies(per_split, digests)
     for split, files in per_split.items():
         if not files and not (whole and split != "test"):
             raise DataError(f"{root}: the {split} split is empty")
@@ -428,10 +429,19 @@ def stratified_split(idx: np.ndarray, size: float, labels: np.ndarray, seed: int
         return train_test_split(idx, test_size=size, random_state=seed)
 
 
-def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, list[tuple[Path, str]]]:
-    """Deterministic stratified train/val/test split (ratios), or fold ``cfg.fold`` of k as test."""
-    idx = np.arange(len(files))
-    labels = np.array([label for _, label in files])
+def _split_files(files: list[tuple[Path, str]], cfg: DataConfig,
+                 digests: dict[Path, str]) -> dict[str, list[tuple[Path, str]]]:
+    """Deterministic stratified train/val/test split (ratios), or fold ``cfg.fold`` of k as test.
+    Byte-identical files (``digests``) are one image: they go to the same split together."""
+    copies: dict[str, list[int]] = {}
+    for i, (path, _) in enumerate(files):
+        copies.setdefault(digests[path], []).append(i)
+    groups = list(copies.values())  # each distinct image's files: one, unless it was copied
+    for group in groups:
+        if len({files[i][1] for i in group}) > 1:
+            log.warning("one image is in several classes: %s", ", ".join(f"{files[i][0]} ({files[i][1]})" for i in group))
+    idx = np.arange(len(groups))
+    labels = np.array([files[group[0]][1] for group in groups])
     train_r, val_r, test_r = cfg.split_ratios
     if cfg.fold is not None:
         counts = collections.Counter(labels.tolist())
@@ -444,4 +454,5 @@ def _split_files(files: list[tuple[Path, str]], cfg: DataConfig) -> dict[str, li
     else:
         rest, test = stratified_split(idx, test_r, labels, cfg.seed)
     train, val = stratified_split(rest, val_r / (train_r + val_r), labels[rest], cfg.seed)
-    return {name: [files[i] for i in sorted(part)] for name, part in (("train", train), ("val", val), ("test", test))}
+    return {name: [files[i] for i in sorted(i for g in part for i in groups[g])]
+            for name, part in (("train", train), ("val", val), ("test", test))}
