@@ -149,10 +149,11 @@ def _cross_validate(cfg, args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _checkpoint_run(args: argparse.Namespace, kind: str, params: dict | None = None, with_data: bool = True):
+def _checkpoint_run(args: argparse.Namespace, kind: str, params: dict | None = None, with_data: bool = True,
+                    federated: bool = False):
     """The checkpoint of ``args`` loaded with its data, inside one MLflow run of the evaluation
     experiment tagged with its kind, the datasets and the run that trained the checkpoint.
-    Yields (Loaded, Tracker or None)."""
+    ``federated``: refuse a checkpoint that no federation saved. Yields (Loaded, Tracker or None)."""
     from .config import MlflowConfig
     from .data import parse_class_map
     from .evaluation import load_checkpoint
@@ -163,6 +164,8 @@ def _checkpoint_run(args: argparse.Namespace, kind: str, params: dict | None = N
     tracker = open_tracker(MlflowConfig(enabled=not args.no_mlflow, tracking_uri=args.tracking_uri,
                                         experiment=EVALUATE_EXPERIMENT))
     state = read_checkpoint(args.checkpoint)  # read once: its config and its weights
+    if federated and "round" not in state:  # (a federation's best.pt and final.pt name their round)
+        raise ConfigError(f"{args.checkpoint} is not from a federation (medmamba federate), so it has no sites")
     overrides = {k: v for k, v in (("name", args.dataset), ("root", args.data_root), ("size", args.size)) if v}
     source = {"source_run_id": state.get("run_id"), "source_experiment": state.get("experiment")}
     with mlflow_run(tracker, None, {"checkpoint": args.checkpoint, "split": args.split, **(params or {})},
@@ -247,7 +250,8 @@ def _embed(args: argparse.Namespace) -> int:
     methods = args.method or ["tsne"]
     check_projections(methods)  # before any data is read
     params = {"methods": ",".join(methods), "by_site": args.by_site}
-    with _checkpoint_run(args, "embed", params, with_data=not args.by_site) as (loaded, tracker):
+    with _checkpoint_run(args, "embed", params, with_data=not args.by_site, federated=args.by_site) as (loaded,
+                                                                                                     tracker):
         parts = {}
         for name, data in _embedding_groups(args, loaded):
             dataset = getattr(data, args.split)

@@ -192,6 +192,10 @@ def test_embed_by_site_colours_a_federations_sites(breast_medmamba, medmnist_roo
     state = torch.load(breast_medmamba, weights_only=True)
     state["config"]["data"].update(name="folder", root=str(tmp_path / "sites"))
     state["config"]["federated"]["partition"] = "natural"
+    torch.save(state, tmp_path / "trained.pt")
+    assert main(["embed", "--checkpoint", str(tmp_path / "trained.pt"), "--by-site", "--output-dir",
+                 str(tmp_path / "x"), "--no-mlflow"]) == 2  # was embedded as sites its config never had
+    state["round"] = 3  # as a federation's best.pt holds it
     torch.save(state, tmp_path / "federated.pt")
     assert main(["embed", "--checkpoint", str(tmp_path / "federated.pt"), "--by-site", "--split", "all",
                  "--output-dir", str(tmp_path / "e"), "--no-mlflow"]) == 0
