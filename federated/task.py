@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from medmamba.config import Config, config_from_dict
-from medmamba.data import Datasets, build_datasets, labels_of, make_loader, stratified_split
+from medmamba.data import (IMAGE_SUFFIXES, Datasets, build_datasets, labels_of, make_loader, stratified_split,
+                           subfolders)
 from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
@@ -84,9 +85,14 @@ def all_site_names(cfg: Config) -> list[str]:
     if cfg.data.name != "folder" or not cfg.data.root:
         raise ConfigError("federated.partition=natural needs data.name=folder and data.root with one folder per site")
     root = Path(cfg.data.root).expanduser()
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not names:
+    sites = subfolders(root) if root.is_dir() else []
+    if not sites:
         raise DataError(f"{root}: expected one folder per site (root/<site>/<class>/*)")
+    if any(f.suffix.lower() in IMAGE_SUFFIXES for site in sites for f in site.iterdir()):
+        raise DataError(f"{root} holds images in {', '.join(p.name for p in sites)}, so it is one dataset's class "
+                        "folders, not sites: partition natural reads root/<site>/<class>/*; to split one dataset "
+                        "into simulated sites, use federated.partition iid, dirichlet or quantity")
+    names = [p.name for p in sites]
     if len(names) < fed.min_clients:
         raise ConfigError(f"{root} has {len(names)} site folders but federated.min_clients is {fed.min_clients}")
     return names

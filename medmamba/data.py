@@ -254,15 +254,15 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    """``root``'s class folders: its sub-folders, hidden ones aside."""
+def subfolders(root: Path) -> list[Path]:
+    """``root``'s sub-folders, hidden ones aside: an image folder's classes, or a federation's sites."""
     return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
     """Every image under each class folder, at any depth, none in or under a hidden name."""
     files = []
-    for class_dir in _class_dirs(root):
+    for class_dir in subfolders(root):
         files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
                   and not any(_hidden(part) for part in f.relative_to(class_dir).parts)]
     return files
@@ -271,7 +271,7 @@ def _scan_classes(root: Path) -> list[tuple[Path, str]]:
 def _check_no_empty_classes(roots: list[Path], per_split: dict[str, list[tuple[Path, str]]]) -> None:
     """DataError naming the class folders (hidden ones aside) with no readable image in any split,
     and what they hold instead (DICOM files, say), rather than training without those classes."""
-    folders = {d.name for r in roots for d in _class_dirs(r)}
+    folders = {d.name for r in roots for d in subfolders(r)}
     empty = sorted(folders - {label for files in per_split.values() for _, label in files})
     if empty:
         other = collections.Counter(f.suffix.lower() or f.name for name in empty for r in roots if (r / name).is_dir()

@@ -80,6 +80,12 @@ def test_natural_sites_are_checked_before_anything_trains(mednist_root, tmp_path
     with pytest.raises(ConfigError, match="has 3 site folders but federated.min_clients is 4"):
         site_names(_cfg(root, *sets, "federated.min_clients=4"))
     assert len(site_names(_cfg(root, *sets, "federated.min_clients=3", "federated.num_sites=1"))) == 3
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are not sites (nor __MACOSX)
+    (root / "__MACOSX").mkdir()
+    assert site_names(_cfg(root, *sets)) == ["hospital_a", "hospital_b", "hospital_c"]
+    with pytest.raises(DataError, match=r"mednist_sample holds images in AbdomenCT, BreastMRI, .*, so it is one "
+                                        r"dataset's class folders, not sites"):  # was 'no site could be read'
+        site_names(_cfg(mednist_root, *sets))
     (root / "hospital_a" / "Ultrasound").mkdir()  # a class no other site has, and no images
     (root / "hospital_b" / "Ultrasound").mkdir()
     (root / "hospital_b" / "Ultrasound" / "x.jpeg").symlink_to(next((mednist_root / "CXR").iterdir()))
