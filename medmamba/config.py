@@ -6,6 +6,7 @@ values of the wrong type are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -424,6 +427,9 @@ def check_new_output(out: Path, what: str, markers: tuple[str, ...], resume: boo
     if held and not resume:
         raise ConfigError(f"{out} already holds a {what} ({held[0]}); continue it with --resume or choose "
                           "another --output-dir")
+    if resume and not held:  # killed before its first checkpoint, or a mistyped folder: say so
+        log.warning("--resume: %s holds no %s to continue (no %s): starting it from the beginning", out, what,
+                    " or ".join(markers))
 
 
 def check_resumable(saved: dict, cfg: Config, what: str | Path) -> None:

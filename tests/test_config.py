@@ -139,3 +139,16 @@ def test_out_of_range_and_non_finite_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
     assert load_config(None, ["model.num_classes=2", "model.drop_path_rate=0"]).model.num_classes == 2
+
+
+def test_a_resume_with_nothing_to_continue_says_so(tmp_path, caplog):
+    from medmamba.config import check_new_output
+
+    check_new_output(tmp_path / "typo", "sweep", ("sweep_state.json",), resume=True)  # a mistyped folder trains anew
+    assert "--resume: " + str(tmp_path / "typo") + " holds no sweep to continue (no sweep_state.json)" in caplog.text
+    caplog.clear()
+    (tmp_path / "sweep_state.json").write_text("{}")
+    check_new_output(tmp_path, "sweep", ("sweep_state.json",), resume=True)
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match="already holds a sweep"):
+        check_new_output(tmp_path, "sweep", ("sweep_state.json",), resume=False)
