@@ -206,7 +206,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise ConfigError(f"--images: no such file: {', '.join(missing)}")
     with _checkpoint_run(args, "explain", {"methods": ",".join(methods)}, with_data=not args.images) as (loaded, tracker):
         if args.images:
-            window = loaded.cfg.data.window if loaded.cfg else None  # the trained images' intensity window
+            window = loaded.config.data.window if loaded.config else None  # the trained images' intensity window
             images, labels, ids = _image_files(args.images, loaded.size, window), None, {"paths": np.array(args.images)}
         else:
             dataset = getattr(loaded.data, args.split)
