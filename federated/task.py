@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from medmamba.config import Config, config_from_dict
-from medmamba.data import (IMAGE_SUFFIXES, Datasets, build_datasets, labels_of, make_loader, stratified_split,
-                           subfolders)
+from medmamba.data import (IMAGE_SUFFIXES, Datasets, build_datasets, is_hidden, labels_of, make_loader,
+                           stratified_split, subfolders)
 from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
@@ -88,7 +88,7 @@ def all_site_names(cfg: Config) -> list[str]:
     sites = subfolders(root) if root.is_dir() else []
     if not sites:
         raise DataError(f"{root}: expected one folder per site (root/<site>/<class>/*)")
-    if any(f.suffix.lower() in IMAGE_SUFFIXES for site in sites for f in site.iterdir()):
+    if any(f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.name) for site in sites for f in site.iterdir()):
         raise DataError(f"{root} holds images in {', '.join(p.name for p in sites)}, so it is one dataset's class "
                         "folders, not sites: partition natural reads root/<site>/<class>/*; to split one dataset "
                         "into simulated sites, use federated.partition iid, dirichlet or quantity")

@@ -248,7 +248,7 @@ class ImageFolderSplit(Dataset):
                             "was built, so it changed since: restore it or remove it") from exc
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     """Files and folders that tools leave beside images: hidden ones (.ipynb_checkpoints' copies of
     images, macOS's ._image.png resource forks, .DS_Store) and the __MACOSX folder of a zip made on a Mac."""
     return name.startswith(".") or name == "__MACOSX"
@@ -256,7 +256,7 @@ def _hidden(name: str) -> bool:
 
 def subfolders(root: Path) -> list[Path]:
     """``root``'s sub-folders, hidden ones aside: an image folder's classes, or a federation's sites."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
 def _scan_classes(root: Path) -> list[tuple[Path, str]]:
@@ -264,7 +264,7 @@ def _scan_classes(root: Path) -> list[tuple[Path, str]]:
     files = []
     for class_dir in subfolders(root):
         files += [(f, class_dir.name) for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(_hidden(part) for part in f.relative_to(class_dir).parts)]
+                  and not any(is_hidden(part) for part in f.relative_to(class_dir).parts)]
     return files
 
 
@@ -311,8 +311,8 @@ def _check_images(files: list[tuple[Path, str]], skip: bool) -> _Checked:
 
 
 def _warn_of_copies(per_split: dict[str, list[tuple[Path, str]]], digests: dict[Path, str]) -> None:
-    """A warning for each evaluation split holding byte-identical copies of training images (the same
-    image exported twice, or under two names): its metrics would be optimistic."""
+    """A warning for each given evaluation split holding byte-identical copies of training images (the
+    same image exported twice, or under two names): its metrics would be optimistic."""
     seen = {digests[p]: p for p, _ in per_split["train"]}
     for split in ("val", "test"):
         copies = [(p, seen[digests[p]]) for p, _ in per_split[split] if digests[p] in seen]
@@ -399,9 +399,10 @@ def _folder_datasets(cfg: DataConfig, classes: list[str] | None = None, class_ma
         per_split = {"train": [], "val": [], "test": [f for files in per_split.values() for f in files]}
     else:
         digests = {p: d for c in checked.values() for p, d in c.digests.items()}
-        if not given:  # copies stay together: none straddles two splits
+        if given:  # the user's split: copies may straddle it
+            _warn_of_copies(per_split, digests)
+        else:  # copies stay together: none straddles two splits
             per_split = _split_files(per_split["all"], cfg, digests)
-        _warn_of_copies(per_split, digests)
     for split, files in per_split.items():
         if not files and not (whole and split != "test"):
             raise DataError(f"{root}: the {split} split is empty")
