@@ -120,30 +120,36 @@ def test_medmamba_compiles_to_one_graph_with_the_eager_gradients(monkeypatch):
 
 
 @pytest.mark.integration
-def test_train_compile_trains_with_inductor_as_eager_does(medmnist_root, tmp_path):
+def test_train_compile_trains_with_inductor_as_eager_does(medmnist_root, tmp_path, monkeypatch):
     """train.compile=true: one epoch with the inductor-compiled step (the CPU kernel's ops inside
     generated code) has the eager epoch's loss; checkpoints keep the plain model's keys. MedMamba
     compiled first at another size in this process (as a reused Tune actor would): with dynamic
-    shapes that made the image size symbolic and inductor failed on it."""
+    shapes that made the image size symbolic and inductor failed on it. The model is MedMamba-T's
+    first two stages with one block each (patch embedding, an SS-Conv-SSM block, PatchMerging with
+    its padding at 28 px, the head): inductor's CPU code generation grows with the blocks, and
+    MedMamba-T's ten took 2.5 min on 2 cores, these two 45 s."""
     from torch.utils.data import Subset
 
     from medmamba.data import build_datasets
+    from medmamba.model import MedMamba
+    from medmamba.registry import _REGISTRY
     from medmamba.train import Trainer
     from test_train import _cfg
 
-    torch.compile(create_model("medmamba_t", num_classes=2), backend="aot_eager")(torch.randn(2, 3, 32, 32))
+    monkeypatch.setitem(_REGISTRY, "medmamba_two_stages", lambda **kw: MedMamba(depths=(1, 1), dims=(96, 192), **kw))
+    torch.compile(create_model("medmamba_two_stages", num_classes=2), backend="aot_eager")(torch.randn(2, 3, 32, 32))
     data = build_datasets(_cfg(medmnist_root).data)
     data = dataclasses.replace(data, train=Subset(data.train, range(128)))
     losses = []
     for compiled in ("false", "true"):
-        cfg = _cfg(medmnist_root, "train.epochs=1", f"train.compile={compiled}")
+        cfg = _cfg(medmnist_root, "model.name=medmamba_two_stages", "train.epochs=1", f"train.compile={compiled}")
         trainer = Trainer(cfg, data, tmp_path / compiled, progress=False)
         trainer.fit(test=False)
         losses.append(trainer.history[0]["train_loss"])
     assert isinstance(trainer.train_model, torch._dynamo.eval_frame.OptimizedModule)
     assert abs(losses[1] - losses[0]) <= 1e-3 * losses[0], losses
     state = torch.load(tmp_path / "true" / "last.pt", weights_only=False)["model"]
-    assert state.keys() == create_model("medmamba_t", num_classes=2).state_dict().keys()
+    assert state.keys() == create_model("medmamba_two_stages", num_classes=2).state_dict().keys()
 
 
 def test_a_model_that_cannot_compile_is_a_one_line_config_error(medmnist_root, tmp_path, monkeypatch):
