@@ -242,7 +242,8 @@ def test_the_gpu_check_runs_the_sections_named_and_refuses_unknown_ones():
 
 def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
     """The other launches (triton_scan.Tiles) the GPU check times: same results, the defaults back,
-    and sizes the kernels cannot take refused by name."""
+    and sizes the kernels cannot take refused by name. Only other tile sizes change what the
+    interpreter computes (it ignores warps, stages and registers), so only those are run."""
     gpu_check = _gpu_check()
     inputs = _cross_inputs(1, 3, 7, 24, 4, torch.float32, low_rank=True, seed=11)
     want = _cross(inputs, "ref", True)
@@ -252,6 +253,8 @@ def test_the_tile_sizes_the_gpu_check_times_are_correct_too():
         with triton_scan.tiles(**changes) as tiles:
             assert triton_scan.TILES == tiles and tiles != defaults
             assert all(getattr(tiles, key) == value for key, value in changes.items())
+            if (tiles.chunk, tiles.block_d) == (defaults.chunk, defaults.block_d):
+                continue
             got = _cross(inputs, "triton", True)
         for name, g, w in zip(["out", *_leaves(inputs)], got, want):
             assert rel_err(g, w) <= (1e-5 if name == "out" else 1e-4), (changes, name)
