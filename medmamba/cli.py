@@ -6,12 +6,13 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .config import absolute_paths, check_new_output, load_config, set_key, validate
-from .errors import ConfigError, MedMambaError
+from .errors import ConfigError, MedMambaError, Terminated
 from .flops import complexity
 from .kernels import auto_backend
 from .registry import create_model, list_models
@@ -509,23 +510,44 @@ def _sole_run_in(path: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so that a
+    stopped command ends as after Ctrl-C; Python's default would end the process where it stands,
+    leaving its MLflow run RUNNING for good. The previous handler comes back on the way out."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("medmamba").setLevel(logging.INFO)  # ours: a resume, early stopping, compiling; not the libraries'
     created = None
     try:
-        created = _check_output_dir(getattr(args, "output_dir", None))
-        with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():
-            return args.func(args)
+        with _sigterm_interrupts():
+            created = _check_output_dir(getattr(args, "output_dir", None))
+            with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():
+                return args.func(args)
     except (MedMambaError, FileNotFoundError) as exc:
         _drop_if_unused(created, getattr(args, "output_dir", None))
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         again = " (run the same command with --resume to continue)" if hasattr(args, "resume") else ""
-        print(f"medmamba {args.command}: interrupted{again}", file=sys.stderr)
-        return 130
+        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"medmamba {args.command}: {how}{again}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -27,3 +27,8 @@ class FederationError(MedMambaError, RuntimeError):
 
 class TrainingError(MedMambaError, FloatingPointError):
     """Training that cannot go on as configured (e.g. the loss stopped being finite)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a scheduler, `ray job stop`, `docker stop` or `timeout` sends it: a command
+    ends as after Ctrl-C (its MLflow run KILLED, its checkpoints kept for --resume)."""

@@ -169,32 +169,46 @@ def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, c
 
 
 @pytest.mark.integration
-def test_a_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root, tmp_path, caplog):
-    """SIGKILL mid-training, then --resume: finished epochs are kept, the same MLflow run finishes,
-    and the CLI says where it resumed from."""
+def test_a_stopped_then_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root, tmp_path, caplog):
+    """SIGTERM after epoch 1 (a scheduler's or `ray job stop`'s stop): exit 143, the MLflow run
+    KILLED, not left RUNNING; a --resume, SIGKILLed after epoch 2; a --resume again: the finished
+    epochs are kept, the same MLflow run finishes, and the CLI says where it resumed from."""
+    import signal
+
     import torch
+
+    def epochs_done() -> int:
+        return torch.load(out / "last.pt", weights_only=False)["epoch"] if (out / "last.pt").is_file() else 0
 
     out, uri = tmp_path / "run", mlflow_uri
     args = _train_args(medmnist_root, out, "--tracking-uri", uri)
-    args[args.index("train.epochs=1")] = "train.epochs=2"
-    proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    assert (out / "last.pt").is_file(), "no checkpoint was written before the kill"
-    done = torch.load(out / "last.pt", weights_only=False)["epoch"]
-    assert done < 2
-    assert main(args + ["--resume"]) == 0
-    assert f"resumed from {out / 'last.pt'} after epoch 1" in caplog.text
-    state = torch.load(out / "last.pt", weights_only=False)
-    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    args[args.index("train.epochs=1")] = "train.epochs=4"
     client = MlflowClient(uri)
+    done = 0
+    for signum, extra in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
+        proc = subprocess.Popen([sys.executable, "-m", "medmamba.cli", *args, *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and epochs_done() <= done:
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert done < epochs_done() < 4, "the run ended before the signal, or wrote no checkpoint"
+        done = epochs_done()
+        (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
+        if signum == signal.SIGTERM:
+            assert proc.returncode == 128 + signal.SIGTERM, err
+            assert "medmamba train: terminated (SIGTERM) (run the same command with --resume to continue)" in err
+            assert run.info.status == "KILLED"
+        else:
+            assert proc.returncode == -signal.SIGKILL and run.info.status == "RUNNING"
+    assert main(args + ["--resume"]) == 0
+    assert f"resumed from {out / 'last.pt'} after epoch {done}" in caplog.text
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.integration
