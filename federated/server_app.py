@@ -30,9 +30,11 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
 from medmamba.comparison import SITE_MATRIX
 from medmamba.config import Config, absolute_paths, check_new_output, check_resumable, load_config
 from medmamba.data import make_loader
-from medmamba.errors import ConfigError, FederationError
+from medmamba.errors import ConfigError, FederationError, Terminated
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint, predict_metrics
 from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
@@ -514,6 +516,33 @@ def _atomic(write, obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class StoppableGrid:
+    """``grid`` whose waits for the sites' replies end when ``stop`` is set, raising ``Terminated``:
+    a simulation stopped by Ctrl-C or SIGTERM stops its sites, but would leave the ServerApp's
+    thread waiting for their replies (up to federated.round_timeout a round), and the process
+    with it."""
+
+    def __init__(self, grid: Grid, stop: threading.Event):
+        self._grid, self._stop = grid, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        waiting = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting and (end is None or time.monotonic() < end):
+            if self._stop.is_set():
+                raise Terminated()
+            got = list(self._grid.pull_messages(waiting))
+            replies += got
+            waiting -= {msg.metadata.reply_to_message_id for msg in got}
+            if waiting:
+                self._stop.wait(0.1)
+        return replies
+
+
 def run_study(run: FederatedRun, grid: Grid) -> dict:
     """One study, start to end, on ``grid``: the rounds, the centralised baseline if asked (the
     server needs the sites' data for it: simulation only) and the report."""
@@ -544,18 +573,30 @@ def study_from_run_config(run_config: dict) -> tuple[Config, Path, bool]:
     return absolute_paths(cfg), out, bool(run_config.get("resume", False))
 
 
-def make_server_app(run: FederatedRun, reports: list[dict], errors: list[BaseException]) -> ServerApp:
-    """A ServerApp whose main runs the study ``run`` (``medmamba federate``: its report goes in
-    ``reports``, exceptions in ``errors``, for the caller)."""
+@dataclass
+class Outcome:
+    """What the simulation's ServerApp thread hands the thread that started it."""
+    reports: list[dict] = field(default_factory=list)  # the study's report, once it ends
+    errors: list[BaseException] = field(default_factory=list)  # (the simulation engine would only log them)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: end at the next wait for the sites
+    ended: threading.Event = field(default_factory=threading.Event)  # set by the thread as it ends
+
+
+def make_server_app(run: FederatedRun, outcome: Outcome) -> ServerApp:
+    """A ServerApp whose main runs the study ``run`` for ``medmamba federate``; an ``outcome.stop``
+    ends it (the MLflow run KILLED)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            reports.append(run_study(run, grid))
-        except BaseException as exc:  # the simulation engine would only log it
-            errors.append(exc)
-            raise
+            outcome.reports.append(run_study(run, StoppableGrid(grid, outcome.stop)))
+        except BaseException as exc:
+            outcome.errors.append(exc)
+            if not outcome.stop.is_set():
+                raise
+        finally:
+            outcome.ended.set()
 
     return server
 

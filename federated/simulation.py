@@ -12,18 +12,24 @@ rounds x local_epochs epochs and tested on the same global test set.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+import ray
 import torch
 from flwr.simulation import run_simulation
 from medmamba.config import Config, FederatedConfig, absolute_paths
 from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
+from medmamba.runtime import sigterm_kept
 from medmamba.tracking import open_tracker
 
 from . import client_app
-from .server_app import FederatedRun, make_server_app
+from .server_app import FederatedRun, Outcome, make_server_app
+
+log = logging.getLogger(__name__)
+STOP_WAIT_S = 30  # after Ctrl-C or SIGTERM, for the ServerApp to end its MLflow run
 
 
 def check_site_resources(fed: FederatedConfig) -> None:
@@ -44,17 +50,25 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
     absolute_paths(cfg)
     check_site_resources(cfg.federated)
     run = FederatedRun(cfg, Path(output_dir).resolve(), open_tracker(cfg.mlflow), resume)
-    reports: list[dict] = []
-    errors: list[BaseException] = []
+    outcome = Outcome()
     fed = cfg.federated
     reap_on_exit()  # the simulation's Ray cluster goes away with this process, even when it is killed
-    run_simulation(server_app=make_server_app(run, reports, errors), client_app=client_app.app,
-                   num_supernodes=len(run.names),
-                   backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus,
-                                                        "max_restarts": fed.rounds, "max_task_retries": 1}})
-    if errors:
-        raise errors[0]
-    if not reports:
+    with sigterm_kept():  # started here, as Flower would (it uses a running one, and shuts it down)
+        ray.init(include_dashboard=False, configure_logging=False)
+    try:
+        run_simulation(server_app=make_server_app(run, outcome), client_app=client_app.app,
+                       num_supernodes=len(run.names),
+                       backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus,
+                                                            "max_restarts": fed.rounds, "max_task_retries": 1}})
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, in this (the simulation engine's) thread
+        outcome.stop.set()  # the ServerApp's thread ends too, at its next wait for the sites
+        if not outcome.ended.wait(STOP_WAIT_S):
+            log.warning("the ServerApp did not end within %d s of the interrupt (a centralised or local "
+                        "baseline still training?); its MLflow run may stay RUNNING", STOP_WAIT_S)
+        raise
+    if outcome.errors:
+        raise outcome.errors[0]
+    if not outcome.reports:
         raise RuntimeError(f"the simulation ended after {len(run.rounds)} of {fed.rounds} rounds; "
                            "see the Flower log above")
-    return reports[0]
+    return outcome.reports[0]

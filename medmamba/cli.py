@@ -511,11 +511,14 @@ def _sole_run_in(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def _sigterm_interrupts(received: list[int]) -> Iterator[None]:
     """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so that a
     stopped command ends as after Ctrl-C; Python's default would end the process where it stands,
-    leaving its MLflow run RUNNING for good. The previous handler comes back on the way out."""
+    leaving its MLflow run RUNNING for good. The signal is also noted in ``received`` (Ray Tune
+    ends on it and raises a KeyboardInterrupt of its own). The previous handler comes back on
+    the way out."""
     def terminate(signum, frame):
+        received.append(signum)
         raise Terminated()
 
     try:
@@ -533,9 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("medmamba").setLevel(logging.INFO)  # ours: a resume, early stopping, compiling; not the libraries'
-    created = None
+    created, signals = None, []
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(signals):
             created = _check_output_dir(getattr(args, "output_dir", None))
             with _sole_run_in(args.output_dir) if hasattr(args, "resume") else contextlib.nullcontext():
                 return args.func(args)
@@ -545,10 +548,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         again = " (run the same command with --resume to continue)" if hasattr(args, "resume") else ""
-        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(exc, Terminated) else ("interrupted", 130)
+        stopped = isinstance(exc, Terminated) or signals
+        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if stopped else ("interrupted", 130)
         print(f"medmamba {args.command}: {how}{again}", file=sys.stderr)
         return code
 
 
+def entry() -> None:
+    """The ``medmamba`` command: ``main``, then exit with its code. After Ctrl-C or SIGTERM, once
+    the command has ended its runs, threads a library left waiting (Flower's simulation workers,
+    blocked on a Ray it has shut down) do not keep the process alive: it exits at once."""
+    code = main()
+    if code in (130, 128 + signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,4 +1,5 @@
-"""Process-level state a run depends on: the device, the distributed world, seeds and RNG states.
+"""Process-level state a run depends on: the device, the distributed world, seeds and RNG states,
+and who handles SIGTERM.
 
 Nothing here depends on which device a run trains on in a way a CPU test cannot see: RNG states
 are captured and restored as CPU tensors and plain data (a checkpoint loads with
@@ -12,6 +13,10 @@ import gc
 import logging
 import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -123,3 +128,16 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 def _as_tuples(value):
     """random.setstate wants tuples where a checkpoint round trip may give lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """Around ``ray.init()``: Ray's core worker takes SIGTERM over with a C++ handler that aborts
+    the driver (exit 134, a stack dump, its MLflow runs left RUNNING); the Python handler set
+    before (the CLI's, which ends a command as Ctrl-C does) is put back on the way out."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)

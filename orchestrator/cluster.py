@@ -15,6 +15,7 @@ from medmamba.config import DataConfig
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
+from medmamba.runtime import sigterm_kept
 
 
 def init_ray(address: str | None = None) -> None:
@@ -26,7 +27,8 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "", "local"):
         reap_on_exit()
-    ray.init(address=address, configure_logging=False)
+    with sigterm_kept():
+        ray.init(address=address, configure_logging=False)
 
 
 def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = False) -> None:

@@ -1,6 +1,7 @@
 """Federated learning: real Flower simulations on CPU with the real datasets, MLflow read back."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -328,6 +329,35 @@ def test_differential_privacy_and_the_centralised_baseline(mlflow_uri, medmnist_
     assert run.data.metrics["centralized/auc"] == pytest.approx(central["auc"]) and 0 <= central["auc"] <= 1
     assert json.loads((tmp_path / "fed/centralized/history.json").read_text())[-1]["epoch"] == 1
     assert sum(map(sum, central["confusion_matrix"])) == 156  # the same global test set
+
+
+def test_a_federation_stopped_by_sigterm_ends_at_once_and_its_mlflow_run_is_killed(mlflow_uri, medmnist_root,
+                                                                                    tmp_path):
+    """SIGTERM to the driver after round 1 (a scheduler's stop, `ray job stop`): the process exits
+    143 within seconds, not aborted by Ray's signal handler (134) nor hanging on Flower's threads
+    that wait for results from the Ray it shut down; the MLflow run is KILLED and the rounds done
+    are kept for --resume."""
+    out = tmp_path / "fed"
+    args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
+            "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
+            "--output-dir", str(out), "--tracking-uri", mlflow_uri]
+    proc = start_medmamba(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stopped = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a process that did not end, and the Ray processes it started
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert time.time() - stopped < 30 and "medmamba federate: terminated (SIGTERM)" in err
+    assert 1 <= len(torch.load(out / "federated_state.pt", weights_only=False)["rounds"]) < 3
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "KILLED"
 
 
 @pytest.mark.slow  # (CI time; 1.3 min)

@@ -269,13 +269,16 @@ def test_workers_per_trial_must_each_get_a_cpu_and_whole_gpus(medmnist_root):
 def test_a_local_cluster_goes_away_with_its_killed_driver(tmp_path):
     """A driver that started its own Ray cluster (as `tune`, `matrix`, `train --workers` do),
     SIGKILLed: every process it started is gone within seconds (Ray's DashboardAgent and
-    RuntimeEnvAgent used to listen on for a minute)."""
+    RuntimeEnvAgent used to listen on for a minute). Before that, its SIGTERM handler (the CLI's)
+    still handles SIGTERM: Ray's own, which aborts the driver, is not left in its place."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver_code = ("import time; from medmamba.orchestrator.cluster import init_ray; init_ray('local'); "
-                   "print('up', flush=True); time.sleep(600)")
+    driver_code = ("import os, signal, time; from medmamba.orchestrator.cluster import init_ray; "
+                   "signal.signal(signal.SIGTERM, lambda *_: print('handled', flush=True)); init_ray('local'); "
+                   "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5); print('up', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", driver_code], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
+        assert proc.stdout.readline().strip() == "handled"
         assert proc.stdout.readline().strip() == "up"
         driver, deadline = psutil.Process(proc.pid), time.time() + 120
         agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
