@@ -290,6 +290,13 @@ def _trial_runs(parent: Tracker) -> dict[str, Any]:
     return {run.data.tags.get("trial_id"): run for run in runs}
 
 
+def _end_running_trials(parent: Tracker) -> None:
+    """End the trial runs still RUNNING as KILLED (a --resume sets those it continues RUNNING again)."""
+    for run in _trial_runs(parent).values():
+        if run.info.status == "RUNNING":
+            parent.client.set_terminated(run.info.run_id, "KILLED")
+
+
 def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, parent: Tracker | None,
                run_id: str | None) -> dict:
     """The best trial's best epoch on the test split, written like a training run's output; its
@@ -327,7 +334,12 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
                     run_id=state["parent_run_id"]) as parent_run_id:
         state["parent_run_id"] = parent_run_id
         state_file.write_text(json.dumps(state))
-        results = _fit(cfg, space, state, parent, resume)
+        try:
+            results = _fit(cfg, space, state, parent, resume)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Ray ends the running trials, which cannot end their runs
+            if parent:
+                _end_running_trials(parent)
+            raise
         rows = leaderboard(results, cfg)
         if math.isnan(rows[0][t.metric]):
             raise _no_result(results, t.metric)
@@ -349,7 +361,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
                 parent.client.set_tag(best_run.info.run_id, "best_trial", "true")
             trials = {row["trial"] for row in rows}
             for trial_id, run in trial_runs.items():
-                if trial_id not in trials and run.info.status == "RUNNING":
+                if trial_id not in trials and run.info.status in ("RUNNING", "KILLED"):
                     # a trial started just before an interruption that the restored experiment never saved
                     parent.client.set_tag(run.info.run_id, "lost_in_interruption", "true")
                     parent.client.set_terminated(run.info.run_id, "KILLED")

@@ -164,6 +164,31 @@ def test_a_sweep_stops_trials_early_and_logs_nested_mlflow_runs(mlflow_uri, ray_
         run_sweep(tracked(_sweep_cfg(medmnist_root), mlflow_uri), out)
 
 
+def test_a_sweep_stopped_by_sigterm_ends_its_runs_killed(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
+    """SIGTERM to the sweep's driver once a trial finished (a scheduler's stop, `ray job stop`):
+    exit 143, not Ray's abort (134); the sweep's run and the trials Ray stopped end KILLED, none
+    is left RUNNING; the finished trials stay FINISHED."""
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
+            "--set", f"data.root={medmnist_root}", "--set", "tune.num_samples=4", "--set", "train.epochs=3",
+            "--output-dir", str(out), "--tracking-uri", mlflow_uri]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=ray_cluster["env"])
+    client, deadline, done = MlflowClient(mlflow_uri), time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not done:
+        if (out / "sweep.json").is_file():
+            parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+            done = [c for c in child_runs(client, parent_id) if c.info.status == "FINISHED"]
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert done, "no trial finished before the signal"
+    assert proc.returncode == 128 + signal.SIGTERM and "medmamba tune: terminated (SIGTERM)" in err, err[-3000:]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    statuses = {c.info.run_id: c.info.status for c in child_runs(client, parent_id)}
+    assert "RUNNING" not in statuses.values() and all(statuses[c.info.run_id] == "FINISHED" for c in done)
+
+
 @pytest.mark.slow  # 1.5 min (one worker per trial) and 4 min (two); make test-all
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker-trials", "two-worker-trials"])
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(mlflow_uri, ray_cluster, medmnist_root, tmp_path,
