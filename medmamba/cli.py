@@ -514,9 +514,9 @@ def _sole_run_in(path: Path) -> Iterator[None]:
 def _sigterm_interrupts(received: list[int]) -> Iterator[None]:
     """Inside, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so that a
     stopped command ends as after Ctrl-C; Python's default would end the process where it stands,
-    leaving its MLflow run RUNNING for good. The signal is also noted in ``received`` (Ray Tune
-    ends on it and raises a KeyboardInterrupt of its own). The previous handler comes back on
-    the way out."""
+    leaving its MLflow run RUNNING for good. The signal is noted in ``received``, which tells the
+    two apart afterwards (Ray Tune ends on it and raises a KeyboardInterrupt of its own). The
+    previous handler comes back on the way out."""
     def terminate(signum, frame):
         received.append(signum)
         raise Terminated()
@@ -546,10 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         _drop_if_unused(created, getattr(args, "output_dir", None))
         print(f"medmamba {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt:
         again = " (run the same command with --resume to continue)" if hasattr(args, "resume") else ""
-        stopped = isinstance(exc, Terminated) or signals
-        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if stopped else ("interrupted", 130)
+        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if signals else ("interrupted", 130)
         print(f"medmamba {args.command}: {how}{again}", file=sys.stderr)
         return code
 
