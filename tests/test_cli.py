@@ -170,19 +170,21 @@ def test_kfold_on_an_image_folder_reports_mean_and_std(mednist_root, tmp_path, c
 
 @pytest.mark.integration
 def test_a_stopped_then_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, medmnist_root, tmp_path, caplog):
-    """SIGTERM after epoch 1 (a scheduler's or `ray job stop`'s stop): exit 143, the MLflow run
-    KILLED, not left RUNNING; a --resume, SIGKILLed after epoch 2; a --resume again: the finished
-    epochs are kept, the same MLflow run finishes, and the CLI says where it resumed from."""
+    """SIGTERM once a checkpoint is on disk (a scheduler's or `ray job stop`'s stop): exit 143, the
+    MLflow run KILLED, not left RUNNING; a --resume, SIGKILLed once it has checkpointed a further
+    epoch; a --resume again: the finished epochs are kept, the same MLflow run finishes, and the
+    CLI says where it resumed from. Six epochs: on a busy CPU, last.pt lags an epoch behind
+    training (CheckpointWriter), so a run of four could end before a kill it has earned."""
     import signal
 
     import torch
 
     def epochs_done() -> int:
-        return torch.load(out / "last.pt", weights_only=False)["epoch"] if (out / "last.pt").is_file() else 0
+        return torch.load(out / "last.pt", weights_only=False, mmap=True)["epoch"] if (out / "last.pt").is_file() else 0
 
     out, uri = tmp_path / "run", mlflow_uri
     args = _train_args(medmnist_root, out, "--tracking-uri", uri)
-    args[args.index("train.epochs=1")] = "train.epochs=4"
+    args[args.index("train.epochs=1")] = "train.epochs=6"
     client = MlflowClient(uri)
     done = 0
     for signum, extra in ((signal.SIGTERM, []), (signal.SIGKILL, ["--resume"])):
@@ -193,7 +195,7 @@ def test_a_stopped_then_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, 
             time.sleep(0.2)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-        assert done < epochs_done() < 4, "the run ended before the signal, or wrote no checkpoint"
+        assert done < epochs_done() < 6, f"{signum!r}: the run ended before it, or wrote no checkpoint: {err[-2000:]}"
         done = epochs_done()
         (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
         if signum == signal.SIGTERM:
@@ -205,10 +207,10 @@ def test_a_stopped_then_killed_run_resumes_from_its_last_checkpoint(mlflow_uri, 
     assert main(args + ["--resume"]) == 0
     assert f"resumed from {out / 'last.pt'} after epoch {done}" in caplog.text
     state = torch.load(out / "last.pt", weights_only=False)
-    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4, 5, 6]
     (run,) = client.search_runs([client.get_experiment_by_name("medmamba-quick").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id == state["run_id"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.integration
