@@ -7,8 +7,9 @@ What differs between the entry points plugs in as callbacks: MLflow logging (``M
 early stopping (``EarlyStopping``, from ``train.early_stopping_patience``), reporting to Ray
 Train or Tune (in ``medmamba.orchestrator``).
 
-Checkpoints are written on a background thread (``CheckpointWriter``), each file atomically:
-after a kill, a resume loses at most the epoch in progress and the one being written.
+Checkpoints are written atomically by ``CheckpointWriter``: when training on a GPU, on a background
+thread (after a kill, a resume loses at most the epoch in progress and the one being written); on
+the CPU, before the next epoch starts (a resume loses at most the epoch in progress).
 """
 from __future__ import annotations
 
@@ -183,27 +184,40 @@ def _snapshot(obj):
 
 
 class CheckpointWriter:
-    """Writes an epoch's checkpoint files on a background thread, each atomically, one epoch at a
-    time (submitting waits for the previous epoch). ``persisted`` is the last epoch on disk."""
+    """Writes an epoch's checkpoint files, each atomically. With ``background``, on a thread, one
+    epoch at a time (submitting waits for the previous epoch); else before ``submit`` returns.
+    ``persisted`` is the last epoch on disk.
 
-    def __init__(self):
+    Background writing pays off only while the CPU idles (the GPU trains). On a CPU-bound run the
+    writer must not take the cores from training, so it would lag a whole epoch behind it, for no
+    gain: a save is a few percent of an epoch (benchmarks/checkpoint.py)."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
         self.persisted = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def submit(self, epoch: int, files: list[tuple[dict, Path]]) -> None:
         self.wait()
+        if not self.background:
+            self._save(epoch, files)
+            return
         files = [(_snapshot(obj), path) for obj, path in files]
         self._thread = threading.Thread(target=self._write, args=(epoch, files), name="checkpoint-writer",
                                         daemon=True)
         self._thread.start()
 
+    def _save(self, epoch: int, files: list[tuple[dict, Path]]) -> None:
+        for obj, path in files:
+            _atomic_save(obj, path)
+        self.persisted = epoch
+
     def _write(self, epoch: int, files: list[tuple[dict, Path]]) -> None:
+        """The background thread's work."""
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # training keeps the cores
         try:
-            for obj, path in files:
-                _atomic_save(obj, path)
-            self.persisted = epoch
+            self._save(epoch, files)
         except BaseException as exc:  # raised in the training thread by wait()
             self._error = exc
 
@@ -352,7 +366,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         if t.early_stopping_patience is not None:
             self.callbacks.append(EarlyStopping(t.early_stopping_patience))
-        self.checkpoints = CheckpointWriter()
+        self.checkpoints = CheckpointWriter(background=self.device.type != "cpu")
         self.is_main = rank == 0
         self.epoch, self.best, self.best_epoch, self.history = 0, None, 0, []
         self.run_id: str | None = None  # the MLflow run, kept in every checkpoint

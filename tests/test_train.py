@@ -313,6 +313,40 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_cpu_run_has_each_epochs_checkpoint_on_disk_before_the_next_epoch(medmnist_root, breast_192, tmp_path):
+    """On the CPU, a kill loses at most the epoch in progress: a background writer, kept from the
+    cores training uses, would still be writing last.pt an epoch later."""
+    from medmamba.train import Callback
+
+    seen = []
+
+    class OnDisk(Callback):
+        def on_epoch_end(self, trainer, row):
+            state = torch.load(trainer.out / "last.pt", weights_only=False, mmap=True)
+            seen.append((row["epoch"], trainer.checkpoints.persisted, state["epoch"]))
+
+    cfg = _cfg(medmnist_root, "train.epochs=2", "model.name=mobilenetv3_small_050", "model.drop_path_rate=0.0")
+    Trainer(cfg, breast_192, tmp_path, callbacks=[OnDisk()], progress=False).fit(test=False)
+    assert seen == [(1, 1, 1), (2, 2, 2)]
+
+
+def test_the_background_checkpoint_writer_writes_in_order_and_reraises_a_failed_write(tmp_path):
+    from medmamba.errors import CheckpointError
+    from medmamba.train import CheckpointWriter
+
+    writer = CheckpointWriter(background=True)
+    for epoch in (1, 2):
+        weights = {"w": torch.full((4,), float(epoch))}
+        writer.submit(epoch, [(weights, tmp_path / "last.pt")])
+        weights["w"].zero_()  # training goes on: the writer holds its own copy
+    writer.wait()
+    assert writer.persisted == 2 and torch.load(tmp_path / "last.pt")["w"].tolist() == [2.0] * 4
+    writer.submit(3, [({"w": torch.zeros(1)}, tmp_path / "gone" / "last.pt")])
+    with pytest.raises(CheckpointError, match="gone/last.pt"):
+        writer.wait()
+    assert writer.persisted == 2
+
+
 class _LateNaN(Dataset):
     """Finite images, then NaN ones from index 40 (batch 8: step 5)."""
 
