@@ -279,6 +279,18 @@ class Tracker:
                                      pip_requirements=["torch", "medmamba"],
                                      serialization_format="pickle")  # pt2 would trace the C++ scan
 
+    def children(self, where: str = "") -> list:
+        """The runs nested under this one (a sweep's trials, a matrix's cells), those matching the
+        MLflow filter ``where`` if given."""
+        query = f"tags.`mlflow.parentRunId` = '{self.run_id}'" + (f" and {where}" if where else "")
+        return self.client.search_runs([self.experiment_id], query)
+
+    def end_running_children(self, status: str = "KILLED") -> None:
+        """End the nested runs still RUNNING with ``status``: after Ctrl-C or SIGTERM, Ray ends the
+        workers that opened them, and they cannot (a --resume sets those it continues RUNNING again)."""
+        for run in self.children("attributes.status = 'RUNNING'"):
+            self.client.set_terminated(run.info.run_id, status)
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is None:
             return

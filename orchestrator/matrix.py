@@ -150,7 +150,12 @@ def run_matrix(cfg: Config, output_dir: str | Path, resume: bool = False) -> dic
                     run_id=state["parent_run_id"]) as parent_run_id:
         state["parent_run_id"] = parent_run_id
         state_file.write_text(json.dumps(state))
-        results = _fit(cfg, grid, out, parent_run_id)
+        try:
+            results = _fit(cfg, grid, out, parent_run_id)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Ray ends the running cells, which cannot end their runs
+            if parent:
+                parent.end_running_children()
+            raise
         rows = [_cell_row(out, cell, results) for cell in grid]
         summary = summarise(rows, axes)
         files = [write_csv(rows, out / "matrix.csv"), write_csv(summary, out / "summary.csv")]

@@ -284,19 +284,6 @@ def _optuna_plots(rows: list[dict], cfg: Config, space: dict[str, Dimension], ou
     return paths
 
 
-def _trial_runs(parent: Tracker) -> dict[str, Any]:
-    """The MLflow runs of the sweep's trials by trial id."""
-    runs = parent.client.search_runs([parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
-    return {run.data.tags.get("trial_id"): run for run in runs}
-
-
-def _end_running_trials(parent: Tracker) -> None:
-    """End the trial runs still RUNNING as KILLED (a --resume sets those it continues RUNNING again)."""
-    for run in _trial_runs(parent).values():
-        if run.info.status == "RUNNING":
-            parent.client.set_terminated(run.info.run_id, "KILLED")
-
-
 def _test_best(cfg: Config, checkpoint: tune.Checkpoint, out: Path, parent: Tracker | None,
                run_id: str | None) -> dict:
     """The best trial's best epoch on the test split, written like a training run's output; its
@@ -338,7 +325,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
             results = _fit(cfg, space, state, parent, resume)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Ray ends the running trials, which cannot end their runs
             if parent:
-                _end_running_trials(parent)
+                parent.end_running_children()
             raise
         rows = leaderboard(results, cfg)
         if math.isnan(rows[0][t.metric]):
@@ -349,7 +336,7 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
         save_config(apply_params(cfg, best_params), out / "best_config.yaml")
         files = [_write_leaderboard(rows, out, f"sweep: {len(rows)} trials, by best {t.metric}"),
                  out / "best_config.yaml", *_optuna_plots(rows, cfg, space, out)]
-        trial_runs = _trial_runs(parent) if parent else {}
+        trial_runs = {run.data.tags.get("trial_id"): run for run in parent.children()} if parent else {}
         best_run = trial_runs.get(best_row["trial"])
         test = _test_best(cfg, trial_checkpoint(best), out, parent, best_run.info.run_id if best_run else None)
         if parent:

@@ -286,6 +286,30 @@ def test_sweeps_and_federated_runs_get_their_own_summaries(mlflow_uri, tmp_path)
     assert matrix.rows == [["federated", "0.700", "–"], ["local/hospital_a", "0.900", "0.600"]]
 
 
+def test_a_matrix_stopped_by_sigterm_ends_its_runs_killed(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
+    """SIGTERM to the matrix's driver once a cell finished (a scheduler's stop, `ray job stop`):
+    exit 143; the matrix's run and the cells Ray stopped end KILLED, none is left RUNNING (the
+    cells' runs are opened in Ray workers, which Ray ends without a word); finished cells stay
+    FINISHED."""
+    out = tmp_path / "matrix"
+    args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
+            "--set", "train.epochs=2", "--output-dir", str(out), "--tracking-uri", mlflow_uri]
+    proc = start_medmamba(args, env=ray_cluster["env"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/cell.json")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "medmamba matrix: terminated (SIGTERM)" in err, err[-3000:]
+    client = MlflowClient(mlflow_uri)
+    parent_id = json.loads((out / "matrix.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "KILLED"
+    finished = {json.loads(p.read_text())["run_id"] for p in out.glob("cells/*/cell.json")}
+    statuses = {c.info.run_id: c.info.status for c in child_runs(client, parent_id)}
+    assert finished and all(statuses[run_id] == "FINISHED" for run_id in finished)
+    assert set(statuses.values()) == {"FINISHED", "KILLED"}, statuses
+
+
 def test_a_cell_that_errored_is_failed_and_one_the_stopped_matrix_never_ended_is_unfinished(tmp_path, capsys):
     from medmamba.orchestrator.matrix import _cell_row
     from medmamba.reports import print_table
