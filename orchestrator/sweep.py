@@ -311,7 +311,8 @@ def run_sweep(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict
     init_ray(cfg.ray.address)
     check_resources(t.cpus_per_trial, t.gpus_per_trial, "one trial (tune.cpus_per_trial, tune.gpus_per_trial)",
                     cfg.ray.autoscaling)
-    check_data(cfg.data)
+    check_data(cfg.data, *(apply_params(cfg, {d.key: value}).data for d in space.values() if d.key.startswith("data.")
+                           for value in d.extremes()))  # what the trials may draw: every choice, a range's ends
     state_file = out / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.is_file() else None
     if state is None:

@@ -237,9 +237,14 @@ def test_a_sweep_whose_every_trial_fails_names_the_trials_error(ray_cluster, med
         run_sweep(tracked(cfg, None), tmp_path / "sweep")
 
 
-def test_data_that_every_trial_would_miss_fails_before_any_starts(ray_cluster, tmp_path):
+def test_data_that_every_trial_would_miss_fails_before_any_starts(ray_cluster, medmnist_root, tmp_path):
     """On a one-node cluster the driver loads the data first: one error, not one a trial (and a
-    download attempt each: 2 min 40 s for the 8 trials of sweep_quick.yaml offline, 19 s now)."""
+    download attempt each: 2 min 40 s for the 8 trials of sweep_quick.yaml offline, 19 s now);
+    the data a searched data.* key can draw is checked too."""
+    searched = _sweep_cfg(medmnist_root, "tune.space={data.size: {choice: [28, 29]}}", "tune.num_samples=2")
+    with pytest.raises(DataError, match=r"MedMNIST has sizes \(28, 64, 128, 224\); data.size is 29"):
+        run_sweep(tracked(searched, None), tmp_path / "sweep")
+    assert not (tmp_path / "sweep/ray").exists()
     cfg = _sweep_cfg(tmp_path / "no-data", "data.download=false", "tune.num_samples=2", "train.epochs=1")
     with pytest.raises(DataError, match=r"no-data/breastmnist\.npz not found and data\.download is false"):
         run_sweep(tracked(cfg, None), tmp_path / "sweep")
