@@ -52,6 +52,7 @@ from medmamba.metrics import METRIC_KEYS, is_better
 from medmamba.registry import build_model, read_checkpoint
 from medmamba.reports import plot_federated_curves, write_csv
 from medmamba.tracking import Tracker, git_commit, mlflow_run, open_tracker
+from medmamba.train import StopWhenSet
 
 from .client_app import CLASSES_KEY, CONFIG_KEY, STATE_DIR_KEY, STUDY_KEY
 from .privacy import privacy_budget
@@ -543,15 +544,17 @@ class StoppableGrid:
         return replies
 
 
-def run_study(run: FederatedRun, grid: Grid) -> dict:
+def run_study(run: FederatedRun, grid: Grid, stop: threading.Event | None = None) -> dict:
     """One study, start to end, on ``grid``: the rounds, the centralised baseline if asked (the
-    server needs the sites' data for it: simulation only) and the report."""
+    server needs the sites' data for it: simulation only) and the report. Once ``stop`` is set, a
+    baseline ends at its next epoch end (``Terminated``)."""
     with run.tracking() as run.run_id:
         run.catch_up()
         run.run(grid)
         fed = run.cfg.federated  # (baselines need the sites' data here: simulation only, checked by the config)
-        centralized = centralized_baseline(run.cfg, run.out / "centralized") if fed.centralized_baseline else None
-        local = local_baselines(run.cfg, run.out / "local") if fed.local_baselines else None
+        halt = [StopWhenSet(stop)] if stop else []
+        centralized = centralized_baseline(run.cfg, run.out / "centralized", halt) if fed.centralized_baseline else None
+        local = local_baselines(run.cfg, run.out / "local", halt) if fed.local_baselines else None
         return run.finish(centralized, local)
 
 
@@ -590,7 +593,7 @@ def make_server_app(run: FederatedRun, outcome: Outcome) -> ServerApp:
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome.reports.append(run_study(run, StoppableGrid(grid, outcome.stop)))
+            outcome.reports.append(run_study(run, StoppableGrid(grid, outcome.stop), outcome.stop))
         except BaseException as exc:
             outcome.errors.append(exc)
             if not outcome.stop.is_set():

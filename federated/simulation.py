@@ -61,10 +61,12 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
                        backend_config={"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus,
                                                             "max_restarts": fed.rounds, "max_task_retries": 1}})
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, in this (the simulation engine's) thread
-        outcome.stop.set()  # the ServerApp's thread ends too, at its next wait for the sites
+        outcome.stop.set()  # the ServerApp's thread ends too, at its next wait for the sites or epoch end
         if not outcome.ended.wait(STOP_WAIT_S):
-            log.warning("the ServerApp did not end within %d s of the interrupt (a centralised or local "
-                        "baseline still training?); its MLflow run may stay RUNNING", STOP_WAIT_S)
+            log.warning("the ServerApp did not end within %d s of the interrupt (a long baseline epoch?); "
+                        "its MLflow run is ended KILLED from here", STOP_WAIT_S)
+            if run.tracker:
+                run.tracker.end("KILLED")
         raise
     if outcome.errors:
         raise outcome.errors[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from medmamba.errors import ConfigError, DataError
 from medmamba.evaluation import load_checkpoint, predict_metrics, run_checkpoint
 from medmamba.metrics import METRIC_KEYS
 from medmamba.runtime import resolve_device, seed_everything
-from medmamba.train import (Trainer, compile_failures, for_training, make_optimizer, train_one_epoch,
+from medmamba.train import (Callback, Trainer, compile_failures, for_training, make_optimizer, train_one_epoch,
                             train_precision)
 
 log = logging.getLogger(__name__)
@@ -273,12 +274,12 @@ def device_for(cfg: Config) -> torch.device:
     return resolve_device(cfg.train.device)
 
 
-def centralized_baseline(cfg: Config, output_dir: Path) -> dict:
+def centralized_baseline(cfg: Config, output_dir: Path, callbacks: Sequence[Callback] = ()) -> dict:
     """The model trained on the pooled sites' train/val splits for rounds x local_epochs epochs,
     tested on the federation's global test set; returns its test metrics."""
     epochs = cfg.federated.rounds * cfg.federated.local_epochs
     pooled_cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
-    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, progress=False).fit()
+    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, callbacks, progress=False).fit()
 
 
 def trained_model(output_dir: Path, cfg: Config) -> nn.Module:
@@ -298,13 +299,14 @@ def test_on_sites(model: nn.Module, cfg: Config) -> dict[str, dict[str, float]]:
     return out
 
 
-def local_baselines(cfg: Config, output_dir: Path) -> dict[str, dict[str, dict[str, float]]]:
+def local_baselines(cfg: Config, output_dir: Path,
+                    callbacks: Sequence[Callback] = ()) -> dict[str, dict[str, dict[str, float]]]:
     """Each training site's model trained on its own data alone for the federation's budget (rounds
     x local_epochs epochs) and tested on every site's test split: {trained at: {tested at: metrics}}."""
     local_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs))
     matrix = {}
     for i, name in enumerate(site_names(cfg)):
         site = build_site(cfg, i)
-        Trainer(local_cfg, site, output_dir / name, progress=False).fit()
+        Trainer(local_cfg, site, output_dir / name, callbacks, progress=False).fit()
         matrix[name] = test_on_sites(trained_model(output_dir / name, cfg), cfg)
     return matrix

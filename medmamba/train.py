@@ -41,7 +41,7 @@ from .evaluation import evaluate_model, predict_metrics, shard
 from .flops import complexity
 from .model import MedMamba
 from .metrics import METRIC_KEYS, is_better
-from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, Terminated, TrainingError
 from .registry import build_model, load_pretrained, read_checkpoint
 from .runtime import autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state, world
 from .tracking import Tracker, finishing, git_commit, open_tracker
@@ -262,6 +262,19 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         self._check(trainer)
+
+
+class StopWhenSet(Callback):
+    """End the run at the first epoch end after ``event`` is set, as Ctrl-C would (``Terminated``:
+    checkpoints kept, the run KILLED): a stop for a Trainer in a thread that signals cannot reach.
+    Put it after the other callbacks, which then see that epoch's end first."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        if self.event.is_set():
+            raise Terminated()
 
 
 class MlflowLogger(Callback):

@@ -360,6 +360,36 @@ def test_a_federation_stopped_by_sigterm_ends_at_once_and_its_mlflow_run_is_kill
     assert run.info.status == "KILLED"
 
 
+def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_and_is_killed(mlflow_uri, medmnist_root,
+                                                                                       tmp_path):
+    """SIGTERM while the centralised baseline trains (in the ServerApp's thread, where no signal
+    reaches): the baseline ends at its epoch's end, so the process exits 143 at once with the
+    MLflow run KILLED; it used to finish the baseline and the study (the run FINISHED) or, with
+    a longer baseline, leave the run RUNNING."""
+    out = tmp_path / "fed"
+    args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
+            "--set", "data.name=breastmnist", "--set", "federated.rounds=1", "--set", "federated.local_epochs=3",
+            "--set", "federated.num_sites=2", "--output-dir", str(out), "--tracking-uri", mlflow_uri]
+    proc = start_medmamba(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "centralized/config.yaml").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stopped = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert time.time() - stopped < 20 and "did not end within" not in err, err[-3000:]
+    assert "centralized" not in json.loads((out / "federated_report.json").read_text())  # the study never ended
+    assert torch.load(out / "centralized/last.pt", weights_only=False)["epoch"] < 3
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "KILLED"
+
+
 @pytest.mark.slow  # (CI time; 1.3 min)
 def test_an_interrupted_federation_resumes_after_its_last_round(mlflow_uri, medmnist_root, tmp_path):
     out = tmp_path / "fed"
