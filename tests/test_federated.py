@@ -331,6 +331,29 @@ def test_differential_privacy_and_the_centralised_baseline(mlflow_uri, medmnist_
     assert sum(map(sum, central["confusion_matrix"])) == 156  # the same global test set
 
 
+def _federate_then_sigterm(args: list[str], ready: Path, mlflow_uri: str) -> tuple[str, float]:
+    """`medmamba federate ARGS`, sent SIGTERM once ``ready`` exists: its stderr and the seconds it
+    took to end. It must exit 143, saying so, with its MLflow run KILLED."""
+    proc = start_medmamba(args, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ready.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stopped = time.time()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a process that did not end, and the Ray processes it started
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.time() - stopped
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "medmamba federate: terminated (SIGTERM)" in err
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "KILLED"
+    return err, took
+
+
 def test_a_federation_stopped_by_sigterm_ends_at_once_and_its_mlflow_run_is_killed(mlflow_uri, medmnist_root,
                                                                                     tmp_path):
     """SIGTERM to the driver after round 1 (a scheduler's stop, `ray job stop`): the process exits
@@ -341,23 +364,9 @@ def test_a_federation_stopped_by_sigterm_ends_at_once_and_its_mlflow_run_is_kill
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.centralized_baseline=false",
             "--output-dir", str(out), "--tracking-uri", mlflow_uri]
-    proc = start_medmamba(args, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "federated_state.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    stopped = time.time()
-    try:
-        _, err = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # a process that did not end, and the Ray processes it started
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert time.time() - stopped < 30 and "medmamba federate: terminated (SIGTERM)" in err
+    _, took = _federate_then_sigterm(args, out / "federated_state.pt", mlflow_uri)
+    assert took < 30
     assert 1 <= len(torch.load(out / "federated_state.pt", weights_only=False)["rounds"]) < 3
-    client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
-    assert run.info.status == "KILLED"
 
 
 def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_and_is_killed(mlflow_uri, medmnist_root,
@@ -370,24 +379,10 @@ def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_and_is
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.rounds=1", "--set", "federated.local_epochs=3",
             "--set", "federated.num_sites=2", "--output-dir", str(out), "--tracking-uri", mlflow_uri]
-    proc = start_medmamba(args, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "centralized/config.yaml").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    stopped = time.time()
-    try:
-        _, err = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert time.time() - stopped < 20 and "did not end within" not in err, err[-3000:]
+    err, took = _federate_then_sigterm(args, out / "centralized/config.yaml", mlflow_uri)
+    assert took < 20 and "did not end within" not in err, err[-3000:]
     assert "centralized" not in json.loads((out / "federated_report.json").read_text())  # the study never ended
     assert torch.load(out / "centralized/last.pt", weights_only=False)["epoch"] < 3
-    client = MlflowClient(mlflow_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
-    assert run.info.status == "KILLED"
 
 
 @pytest.mark.slow  # (CI time; 1.3 min)
