@@ -295,19 +295,29 @@ def test_a_matrix_stopped_by_sigterm_ends_its_runs_killed(mlflow_uri, ray_cluste
     args = ["matrix", "--config", str(ROOT / "configs/matrix_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "train.epochs=2", "--output-dir", str(out), "--tracking-uri", mlflow_uri]
     proc = start_medmamba(args, env=ray_cluster["env"], stderr=subprocess.PIPE, text=True)
+
+    def cells_by_state() -> tuple[set[Path], set[Path]]:  # (finished, started and not finished)
+        started = {p.parent for p in out.glob("cells/*/mlflow_run.json")}
+        finished = {p.parent for p in out.glob("cells/*/cell.json")}
+        return finished, started - finished
+
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/cell.json")):
-        time.sleep(0.2)
+    while time.time() < deadline and proc.poll() is None and not all(cells_by_state()):
+        time.sleep(0.1)
+    _, running = cells_by_state()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "medmamba matrix: terminated (SIGTERM)" in err, err[-3000:]
     client = MlflowClient(mlflow_uri)
     parent_id = json.loads((out / "matrix.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "KILLED"
-    finished = {json.loads(p.read_text())["run_id"] for p in out.glob("cells/*/cell.json")}
+    finished, _ = cells_by_state()
     statuses = {c.info.run_id: c.info.status for c in child_runs(client, parent_id)}
-    assert finished and all(statuses[run_id] == "FINISHED" for run_id in finished)
-    assert set(statuses.values()) == {"FINISHED", "KILLED"}, statuses
+    run_of = lambda cell: json.loads((cell / "mlflow_run.json").read_text())["run_id"]  # noqa: E731
+    assert finished and running, "no cell had finished while another ran when the signal came"
+    assert all(statuses[run_of(cell)] == "FINISHED" for cell in finished)
+    assert all(statuses[run_of(cell)] == "KILLED" for cell in running - finished)
+    assert "RUNNING" not in statuses.values(), statuses
 
 
 def test_a_cell_that_errored_is_failed_and_one_the_stopped_matrix_never_ended_is_unfinished(tmp_path, capsys):
