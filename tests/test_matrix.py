@@ -287,7 +287,7 @@ def test_sweeps_and_federated_runs_get_their_own_summaries(mlflow_uri, tmp_path)
 
 
 def test_a_matrix_stopped_by_sigterm_ends_its_runs_killed(mlflow_uri, ray_cluster, medmnist_root, tmp_path):
-    """SIGTERM to the matrix's driver once a cell finished (a scheduler's stop, `ray job stop`):
+    """SIGTERM to the matrix's driver once a cell has finished while another runs (a scheduler's stop):
     exit 143; the matrix's run and the cells Ray stopped end KILLED, none is left RUNNING (the
     cells' runs are opened in Ray workers, which Ray ends without a word); finished cells stay
     FINISHED."""
