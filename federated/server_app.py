@@ -222,7 +222,7 @@ class FederatedRun:
     """
 
     def __init__(self, cfg: Config, output_dir: Path, tracker: Tracker | None, resume: bool):
-        self.cfg, self.out, self.tracker = cfg, Path(output_dir), tracker
+        self.cfg, self.out, self.tracker, self.resume = cfg, Path(output_dir), tracker, resume
         self.out.mkdir(parents=True, exist_ok=True)
         check_new_output(self.out, "federated study", (STATE_FILE, REPORT_FILE), resume)
         self.deployed = cfg.federated.partition == "deployed"
@@ -547,14 +547,15 @@ class StoppableGrid:
 def run_study(run: FederatedRun, grid: Grid, stop: threading.Event | None = None) -> dict:
     """One study, start to end, on ``grid``: the rounds, the centralised baseline if asked (the
     server needs the sites' data for it: simulation only) and the report. Once ``stop`` is set, a
-    baseline ends at its next epoch end (``Terminated``)."""
+    baseline ends at its next epoch end (``Terminated``); a resumed study continues it from there."""
     with run.tracking() as run.run_id:
         run.catch_up()
         run.run(grid)
         fed = run.cfg.federated  # (baselines need the sites' data here: simulation only, checked by the config)
-        halt = [StopWhenSet(stop)] if stop else []
-        centralized = centralized_baseline(run.cfg, run.out / "centralized", halt) if fed.centralized_baseline else None
-        local = local_baselines(run.cfg, run.out / "local", halt) if fed.local_baselines else None
+        halt, resume = [StopWhenSet(stop)] if stop else [], run.resume
+        centralized = (centralized_baseline(run.cfg, run.out / "centralized", halt, resume)
+                       if fed.centralized_baseline else None)
+        local = local_baselines(run.cfg, run.out / "local", halt, resume) if fed.local_baselines else None
         return run.finish(centralized, local)
 
 

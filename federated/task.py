@@ -274,12 +274,14 @@ def device_for(cfg: Config) -> torch.device:
     return resolve_device(cfg.train.device)
 
 
-def centralized_baseline(cfg: Config, output_dir: Path, callbacks: Sequence[Callback] = ()) -> dict:
-    """The model trained on the pooled sites' train/val splits for rounds x local_epochs epochs,
-    tested on the federation's global test set; returns its test metrics."""
+def centralized_baseline(cfg: Config, output_dir: Path, callbacks: Sequence[Callback] = (),
+                         resume: bool = False) -> dict:
+    """The model trained on the pooled sites' train/val splits for rounds x local_epochs epochs
+    (with ``resume``, continued from what ``output_dir`` holds), tested on the federation's global
+    test set; returns its test metrics."""
     epochs = cfg.federated.rounds * cfg.federated.local_epochs
     pooled_cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
-    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, callbacks, progress=False).fit()
+    return Trainer(pooled_cfg, pooled_datasets(cfg), output_dir, callbacks, progress=False).fit(resume=resume)
 
 
 def trained_model(output_dir: Path, cfg: Config) -> nn.Module:
@@ -299,14 +301,15 @@ def test_on_sites(model: nn.Module, cfg: Config) -> dict[str, dict[str, float]]:
     return out
 
 
-def local_baselines(cfg: Config, output_dir: Path,
-                    callbacks: Sequence[Callback] = ()) -> dict[str, dict[str, dict[str, float]]]:
+def local_baselines(cfg: Config, output_dir: Path, callbacks: Sequence[Callback] = (),
+                    resume: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """Each training site's model trained on its own data alone for the federation's budget (rounds
-    x local_epochs epochs) and tested on every site's test split: {trained at: {tested at: metrics}}."""
+    x local_epochs epochs; with ``resume``, continued from what ``output_dir`` holds) and tested on
+    every site's test split: {trained at: {tested at: metrics}}."""
     local_cfg = replace(cfg, train=replace(cfg.train, epochs=cfg.federated.rounds * cfg.federated.local_epochs))
     matrix = {}
     for i, name in enumerate(site_names(cfg)):
         site = build_site(cfg, i)
-        Trainer(local_cfg, site, output_dir / name, callbacks, progress=False).fit()
+        Trainer(local_cfg, site, output_dir / name, callbacks, progress=False).fit(resume=resume)
         matrix[name] = test_on_sites(trained_model(output_dir / name, cfg), cfg)
     return matrix

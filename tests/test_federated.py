@@ -369,12 +369,13 @@ def test_a_federation_stopped_by_sigterm_ends_at_once_and_its_mlflow_run_is_kill
     assert 1 <= len(torch.load(out / "federated_state.pt", weights_only=False)["rounds"]) < 3
 
 
-def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_and_is_killed(mlflow_uri, medmnist_root,
-                                                                                       tmp_path):
+def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_then_resumes_it(mlflow_uri, medmnist_root,
+                                                                                         tmp_path, caplog):
     """SIGTERM while the centralised baseline trains (in the ServerApp's thread, where no signal
     reaches): the baseline ends at its epoch's end, so the process exits 143 at once with the
     MLflow run KILLED; it used to finish the baseline and the study (the run FINISHED) or, with
-    a longer baseline, leave the run RUNNING."""
+    a longer baseline, leave the run RUNNING. A --resume continues the baseline where it stopped
+    (it used to train it again from scratch) and finishes the study in the same run."""
     out = tmp_path / "fed"
     args = ["federate", "--config", str(ROOT / "configs/federated_quick.yaml"), "--set", f"data.root={medmnist_root}",
             "--set", "data.name=breastmnist", "--set", "federated.rounds=1", "--set", "federated.local_epochs=3",
@@ -382,7 +383,17 @@ def test_a_federation_stopped_in_its_centralised_baseline_ends_that_epoch_and_is
     err, took = _federate_then_sigterm(args, out / "centralized/config.yaml", mlflow_uri)
     assert took < 20 and "did not end within" not in err, err[-3000:]
     assert "centralized" not in json.loads((out / "federated_report.json").read_text())  # the study never ended
-    assert torch.load(out / "centralized/last.pt", weights_only=False)["epoch"] < 3
+    done = torch.load(out / "centralized/last.pt", weights_only=False)["epoch"]
+    assert done < 3
+
+    assert main(args + ["--resume"]) == 0
+    assert f"resumed from {out / 'centralized/last.pt'} after epoch {done}" in caplog.text
+    history = torch.load(out / "centralized/last.pt", weights_only=False)["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert "centralized" in json.loads((out / "federated_report.json").read_text())
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("medmamba-federated").experiment_id])
+    assert run.info.status == "FINISHED" and "centralized/auc" in run.data.metrics
 
 
 @pytest.mark.slow  # (CI time; 1.3 min)
