@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import ray
@@ -18,17 +19,36 @@ from medmamba.reaper import reap_on_exit
 from medmamba.runtime import sigterm_kept
 
 
+CONNECT_TIMEOUT_S = 10.0  # for a cluster address to answer before ray.init is tried
+
+
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS, which `ray job submit` sets); without
     either, the one `ray start` runs on this machine, else a new local one (``"local"``: always
     a new one), which goes away with this process however it ends. Idempotent."""
     if ray.is_initialized():
         return
+    named = "ray.address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address in (None, "", "local"):
         reap_on_exit()
+    else:
+        _check_reachable(address, named)
     with sigterm_kept():
         ray.init(address=address, configure_logging=False)
+
+
+def _check_reachable(address: str, named: str) -> None:
+    """ConfigError at once for a ``host:port`` (or ``ray://host:port``) that nothing answers at:
+    ray.init would retry for minutes, printing only its C++ client's warnings."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return  # "auto" and the like: Ray's own error
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()  # [IPv6]:port
+    except OSError as exc:
+        raise ConfigError(f"{named} is {address}, but no Ray cluster answers there ({exc.strerror or exc}); start "
+                          "one (`ray start --head`), fix the address, or leave ray.address unset for a local cluster") from exc
 
 
 def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = False) -> None:
