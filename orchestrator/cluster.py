@@ -35,7 +35,10 @@ def init_ray(address: str | None = None) -> None:
     else:
         _check_reachable(address, named)
     with sigterm_kept():
-        ray.init(address=address, configure_logging=False)
+        try:
+            ray.init(address=address, configure_logging=False)
+        except ConnectionError as exc:  # "auto" with no cluster running, say: Ray's message, without its traceback
+            raise ConfigError(f"{named} is {address}: {exc}" if address else f"cannot start or join Ray: {exc}") from exc
 
 
 def _check_reachable(address: str, named: str) -> None:
