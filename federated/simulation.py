@@ -22,7 +22,7 @@ from flwr.simulation import run_simulation
 from medmamba.config import Config, FederatedConfig, absolute_paths
 from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
-from medmamba.runtime import sigterm_kept
+from medmamba.runtime import check_ray_reachable, sigterm_kept
 from medmamba.tracking import open_tracker
 
 from . import client_app
@@ -49,6 +49,8 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
     returns the report (also in output_dir/federated_report.json). MLflow: ``cfg.mlflow``."""
     absolute_paths(cfg)
     check_site_resources(cfg.federated)
+    if os.environ.get("RAY_ADDRESS"):  # (`ray job submit` sets it) the simulation runs on that cluster
+        check_ray_reachable(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS")
     run = FederatedRun(cfg, Path(output_dir).resolve(), open_tracker(cfg.mlflow), resume)
     outcome = Outcome()
     fed = cfg.federated

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +129,23 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 def _as_tuples(value):
     """random.setstate wants tuples where a checkpoint round trip may give lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0  # for a Ray cluster's address to answer before ray.init is tried
+
+
+def check_ray_reachable(address: str, named: str) -> None:
+    """ConfigError at once for a Ray ``host:port`` (or ``ray://host:port``) that nothing answers
+    at, ``named`` by where it came from: ray.init would retry it for minutes, printing only its
+    C++ client's warnings. Other forms ("auto") are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()  # [IPv6]:port
+    except OSError as exc:
+        raise ConfigError(f"{named} is {address}, but no Ray cluster answers there ({exc.strerror or exc}); start "
+                          "one (`ray start --head`), fix the address, or leave ray.address unset for a local cluster") from exc
 
 
 @contextmanager

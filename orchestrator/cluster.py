@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import ray
@@ -16,10 +15,7 @@ from medmamba.config import DataConfig
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.reaper import reap_on_exit
-from medmamba.runtime import sigterm_kept
-
-
-CONNECT_TIMEOUT_S = 10.0  # for a cluster address to answer before ray.init is tried
+from medmamba.runtime import check_ray_reachable, sigterm_kept
 
 
 def init_ray(address: str | None = None) -> None:
@@ -33,25 +29,12 @@ def init_ray(address: str | None = None) -> None:
     if address in (None, "", "local"):
         reap_on_exit()
     else:
-        _check_reachable(address, named)
+        check_ray_reachable(address, named)
     with sigterm_kept():
         try:
             ray.init(address=address, configure_logging=False)
         except ConnectionError as exc:  # "auto" with no cluster running, say: Ray's message, without its traceback
             raise ConfigError(f"{named} is {address}: {exc}" if address else f"cannot start or join Ray: {exc}") from exc
-
-
-def _check_reachable(address: str, named: str) -> None:
-    """ConfigError at once for a ``host:port`` (or ``ray://host:port``) that nothing answers at:
-    ray.init would retry for minutes, printing only its C++ client's warnings."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not (sep and host and port.isdigit()):
-        return  # "auto" and the like: Ray's own error
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()  # [IPv6]:port
-    except OSError as exc:
-        raise ConfigError(f"{named} is {address}, but no Ray cluster answers there ({exc.strerror or exc}); start "
-                          "one (`ray start --head`), fix the address, or leave ray.address unset for a local cluster") from exc
 
 
 def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = False) -> None:

@@ -256,23 +256,25 @@ def test_data_that_every_trial_would_miss_fails_before_any_starts(ray_cluster, m
     assert not (tmp_path / "ddp/ray").exists()
 
 
-@pytest.mark.parametrize("where", ["ray.address", "$RAY_ADDRESS"])
-def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(medmnist_root, tmp_path, where):
+@pytest.mark.parametrize("command, where", [("tune", "ray.address"), ("tune", "$RAY_ADDRESS"),
+                                            ("federate", "$RAY_ADDRESS")])
+def test_a_cluster_address_nothing_answers_at_is_one_line_at_once(medmnist_root, tmp_path, command, where):
     """ray.init retried such an address for minutes (over 200 s), printing only C++ warnings."""
     from conftest import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    args = [sys.executable, "-m", "medmamba.cli", "tune", "--config", str(ROOT / "configs/sweep_quick.yaml"),
-            "--set", f"data.root={medmnist_root}", "--output-dir", str(tmp_path / "sweep"), "--no-mlflow"]
+    recipe = {"tune": "sweep_quick.yaml", "federate": "federated_quick.yaml"}[command]
+    args = [sys.executable, "-m", "medmamba.cli", command, "--config", str(ROOT / "configs" / recipe),
+            "--set", f"data.root={medmnist_root}", "--output-dir", str(tmp_path / "out"), "--no-mlflow"]
     env = dict(os.environ, RAY_ADDRESS=address) if where == "$RAY_ADDRESS" else None
     if env is None:
         args += ["--set", f"ray.address={address}"]
     start = time.time()
     done = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 2 and time.time() - start < 60
+    assert done.returncode == 2 and time.time() - start < 60, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
-        f"medmamba tune: error: {where} is {address}, but no Ray cluster answers there (Connection refused)")
-    assert not (tmp_path / "sweep").exists()
+        f"medmamba {command}: error: {where} is {address}, but no Ray cluster answers there (Connection refused)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_trial_larger_than_the_cluster_is_refused_before_it_starts(ray_cluster, medmnist_root, tmp_path):
