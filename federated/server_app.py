@@ -552,10 +552,10 @@ def run_study(run: FederatedRun, grid: Grid, stop: threading.Event | None = None
         run.catch_up()
         run.run(grid)
         fed = run.cfg.federated  # (baselines need the sites' data here: simulation only, checked by the config)
-        halt, resume = [StopWhenSet(stop)] if stop else [], run.resume
-        centralized = (centralized_baseline(run.cfg, run.out / "centralized", halt, resume)
+        halt = [StopWhenSet(stop)] if stop else []
+        centralized = (centralized_baseline(run.cfg, run.out / "centralized", halt, run.resume)
                        if fed.centralized_baseline else None)
-        local = local_baselines(run.cfg, run.out / "local", halt, resume) if fed.local_baselines else None
+        local = local_baselines(run.cfg, run.out / "local", halt, run.resume) if fed.local_baselines else None
         return run.finish(centralized, local)
 
 

@@ -16,13 +16,11 @@ import logging
 import os
 from pathlib import Path
 
-import ray
 import torch
 from flwr.simulation import run_simulation
 from medmamba.config import Config, FederatedConfig, absolute_paths
 from medmamba.errors import ConfigError
-from medmamba.reaper import reap_on_exit
-from medmamba.runtime import check_ray_reachable, sigterm_kept
+from medmamba.runtime import init_ray
 from medmamba.tracking import open_tracker
 
 from . import client_app
@@ -49,14 +47,10 @@ def run_federated(cfg: Config, output_dir: str | Path, resume: bool = False) -> 
     returns the report (also in output_dir/federated_report.json). MLflow: ``cfg.mlflow``."""
     absolute_paths(cfg)
     check_site_resources(cfg.federated)
-    if os.environ.get("RAY_ADDRESS"):  # (`ray job submit` sets it) the simulation runs on that cluster
-        check_ray_reachable(os.environ["RAY_ADDRESS"], "$RAY_ADDRESS")
     run = FederatedRun(cfg, Path(output_dir).resolve(), open_tracker(cfg.mlflow), resume)
     outcome = Outcome()
     fed = cfg.federated
-    reap_on_exit()  # the simulation's Ray cluster goes away with this process, even when it is killed
-    with sigterm_kept():  # started here, as Flower would (it uses a running one, and shuts it down)
-        ray.init(include_dashboard=False, configure_logging=False)
+    init_ray(include_dashboard=False)  # here, as Flower would start it (it uses a running one, and shuts it down)
     try:
         run_simulation(server_app=make_server_app(run, outcome), client_app=client_app.app,
                        num_supernodes=len(run.names),

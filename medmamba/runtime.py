@@ -1,5 +1,5 @@
 """Process-level state a run depends on: the device, the distributed world, seeds and RNG states,
-and who handles SIGTERM.
+and joining Ray (``init_ray``, for the orchestrator and the federation alike) with SIGTERM still ours.
 
 Nothing here depends on which device a run trains on in a way a CPU test cannot see: RNG states
 are captured and restored as CPU tensors and plain data (a checkpoint loads with
@@ -134,7 +134,7 @@ def _as_tuples(value):
 RAY_CONNECT_TIMEOUT_S = 10.0  # for a Ray cluster's address to answer before ray.init is tried
 
 
-def check_ray_reachable(address: str, named: str) -> None:
+def _check_ray_reachable(address: str, named: str) -> None:
     """ConfigError at once for a Ray ``host:port`` (or ``ray://host:port``) that nothing answers
     at, ``named`` by where it came from: ray.init would retry it for minutes, printing only its
     C++ client's warnings. Other forms ("auto") are left to Ray."""
@@ -149,7 +149,7 @@ def check_ray_reachable(address: str, named: str) -> None:
 
 
 @contextmanager
-def sigterm_kept() -> Iterator[None]:
+def _sigterm_kept() -> Iterator[None]:
     """Around ``ray.init()``: Ray's core worker takes SIGTERM over with a C++ handler that aborts
     the driver (exit 134, a stack dump, its MLflow runs left RUNNING); the Python handler set
     before (the CLI's, which ends a command as Ctrl-C does) is put back on the way out."""
@@ -159,3 +159,28 @@ def sigterm_kept() -> Iterator[None]:
     finally:
         if callable(handler) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
+
+
+def init_ray(address: str | None = None, **options) -> None:
+    """Join the Ray cluster at ``address`` (or $RAY_ADDRESS, which `ray job submit` sets); without
+    either, the one `ray start` runs on this machine, else a new local one (``"local"``: always
+    a new one), which goes away with this process however it ends. ``options`` go to ray.init.
+    Idempotent. An address nothing answers at is a ConfigError at once, and SIGTERM keeps the
+    handler it had (``_sigterm_kept``)."""
+    import ray
+
+    from .reaper import reap_on_exit
+
+    if ray.is_initialized():
+        return
+    named = "ray.address" if address else "$RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address in (None, "", "local"):
+        reap_on_exit()
+    else:
+        _check_ray_reachable(address, named)
+    with _sigterm_kept():
+        try:
+            ray.init(address=address, configure_logging=False, **options)
+        except ConnectionError as exc:  # "auto" with no cluster running, say: Ray's message, without its traceback
+            raise ConfigError(f"{named} is {address}: {exc}" if address else f"cannot start or join Ray: {exc}") from exc

@@ -1,10 +1,9 @@
-"""Connecting to Ray, checking that a request fits the cluster and its data loads before anything
+"""Checking that a request fits the Ray cluster and its data loads before anything
 starts, and a failed trial's error."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -14,27 +13,6 @@ from ray.train import Checkpoint
 from medmamba.config import DataConfig
 from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
-from medmamba.reaper import reap_on_exit
-from medmamba.runtime import check_ray_reachable, sigterm_kept
-
-
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster at ``address`` (or $RAY_ADDRESS, which `ray job submit` sets); without
-    either, the one `ray start` runs on this machine, else a new local one (``"local"``: always
-    a new one), which goes away with this process however it ends. Idempotent."""
-    if ray.is_initialized():
-        return
-    named = "ray.address" if address else "$RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address in (None, "", "local"):
-        reap_on_exit()
-    else:
-        check_ray_reachable(address, named)
-    with sigterm_kept():
-        try:
-            ray.init(address=address, configure_logging=False)
-        except ConnectionError as exc:  # "auto" with no cluster running, say: Ray's message, without its traceback
-            raise ConfigError(f"{named} is {address}: {exc}" if address else f"cannot start or join Ray: {exc}") from exc
 
 
 def check_resources(cpus: float, gpus: float, what: str, autoscaling: bool = False) -> None:

@@ -30,11 +30,11 @@ from medmamba.data import build_datasets
 from medmamba.errors import ConfigError
 from medmamba.registry import check_model_name
 from medmamba.reports import print_table, write_csv
-from medmamba.runtime import release_freed_memory
+from medmamba.runtime import init_ray, release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer, tracking_callbacks
 
-from .cluster import check_data, check_resources, error_line, init_ray
+from .cluster import check_data, check_resources, error_line
 
 STATE_FILE = "matrix.json"  # the parent MLflow run of an output directory
 DONE_FILE = "cell.json"  # in a cell's folder once its run (test pass and MLflow record) is complete

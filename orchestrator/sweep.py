@@ -35,11 +35,11 @@ from medmamba.errors import ConfigError, MedMambaError
 from medmamba.evaluation import evaluate_checkpoint, load_checkpoint
 from medmamba.registry import check_model_name, read_checkpoint
 from medmamba.reports import print_table, write_csv
-from medmamba.runtime import release_freed_memory
+from medmamba.runtime import init_ray, release_freed_memory
 from medmamba.tracking import Tracker, mlflow_run, open_tracker
 from medmamba.train import Trainer
 
-from .cluster import check_data, check_resources, error_line, init_ray, restore_into
+from .cluster import check_data, check_resources, error_line, restore_into
 from .train import EpochReport, train_loop_per_worker
 
 log = logging.getLogger(__name__)

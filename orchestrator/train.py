@@ -22,10 +22,11 @@ from ray.train.torch import TorchTrainer, get_device
 from medmamba.config import Config, absolute_paths, config_from_dict
 from medmamba.data import build_datasets
 from medmamba.metrics import METRIC_KEYS
+from medmamba.runtime import init_ray
 from medmamba.tracking import mlflow_run, open_tracker
 from medmamba.train import Callback, MlflowLogger, Trainer
 
-from .cluster import check_data, check_resources, init_ray, restore_into
+from .cluster import check_data, check_resources, restore_into
 
 RUN_FILE = "ray_run.json"  # the Ray run name and storage of an output directory, for --resume
 

@@ -323,7 +323,7 @@ def test_a_local_cluster_goes_away_with_its_killed_driver(tmp_path):
     RuntimeEnvAgent used to listen on for a minute). Before that, its SIGTERM handler (the CLI's)
     still handles SIGTERM: Ray's own, which aborts the driver, is not left in its place."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver_code = ("import os, signal, time; from medmamba.orchestrator.cluster import init_ray; "
+    driver_code = ("import os, signal, time; from medmamba.runtime import init_ray; "
                    "signal.signal(signal.SIGTERM, lambda *_: print('handled', flush=True)); init_ray('local'); "
                    "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5); print('up', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", driver_code], env=env, stdout=subprocess.PIPE,
